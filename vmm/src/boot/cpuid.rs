@@ -1,0 +1,200 @@
+//! Per-vCPU CPUID, derived from what KVM supports on this host: APIC ids, topology
+//! (one socket, `n` cores, one thread each) and the hypervisor bit.
+
+use kvm_bindings::CpuId;
+
+/// Leaf 1 ECX: running under a hypervisor.
+const ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX: TSC deadline timer.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// Leaf 1 EDX: hyper-threading (the logical-processor count field is valid).
+const EDX_HTT: u32 = 1 << 28;
+
+/// Leaf 7 ECX: protection keys (PKU) and OS support for them (OSPKE).
+const ECX_PKU_OSPKE: u32 = (1 << 3) | (1 << 4);
+/// XCR0 bit of the PKRU state component.
+const XFEATURE_PKRU: u32 = 1 << 9;
+/// Size of the legacy XSAVE area plus header.
+const XSAVE_LEGACY_SIZE: u32 = 576;
+
+fn bits_for(n: u32) -> u32 {
+    32 - (n.max(1) - 1).leading_zeros()
+}
+
+/// Adjusts `cpuid` (KVM's supported set) for vCPU `index` of `count`.
+pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, tsc_deadline: bool) {
+    normalize_xsave(cpuid);
+    let count = u32::from(count);
+    let apic_id = u32::from(index);
+    let core_bits = bits_for(count);
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            0x1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (count << 16) | (8 << 8);
+                e.ecx |= ECX_HYPERVISOR;
+                if tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                }
+                if count > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            0x4 => {
+                // Deterministic cache parameters: cores per package and sharing.
+                let cache_level = (e.eax >> 5) & 0x7;
+                let sharing = if cache_level >= 3 { count - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((count - 1) << 26);
+            }
+            0x7 if e.index == 0 => e.ecx &= !ECX_PKU_OSPKE,
+            0x6 => {
+                // No power management (APERF/MPERF, turbo) inside the guest.
+                e.eax = 0;
+                e.ecx &= !1;
+            }
+            0xa => {
+                // No architectural PMU.
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            0xb | 0x1f => {
+                e.edx = apic_id;
+                match e.index {
+                    0 => {
+                        // SMT level: one thread per core.
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = 1 << 8;
+                    }
+                    1 => {
+                        e.eax = core_bits;
+                        e.ebx = count;
+                        e.ecx = (2 << 8) | 1;
+                    }
+                    i => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = i;
+                    }
+                }
+            }
+            0x8000_0008 => {
+                // AMD: number of cores minus one, and the APIC-id width.
+                e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Makes leaf 0xD describe exactly the state components the guest will enable.
+///
+/// KVM reports EBX of leaf 0xD.0 for the XCR0 in force at reset (576 bytes) and does not
+/// always refresh it when the guest sets XCR0, so Linux warns "XSAVE consistency problem"
+/// and falls back to FXSAVE. skiff hides PKRU (the guest sees no PKU) and sets EBX to the
+/// size of every remaining supported component, which is what Linux enables.
+fn normalize_xsave(cpuid: &mut CpuId) {
+    let entries = cpuid.as_mut_slice();
+    let Some(mask) = entries
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map(|e| e.eax & !XFEATURE_PKRU)
+    else {
+        return;
+    };
+    let size = entries
+        .iter()
+        .filter(|e| e.function == 0xd && e.index >= 2 && e.index < 32 && mask & (1 << e.index) != 0)
+        .map(|e| e.ebx + e.eax)
+        .fold(XSAVE_LEGACY_SIZE, u32::max);
+    for e in entries.iter_mut().filter(|e| e.function == 0xd) {
+        match e.index {
+            0 => {
+                e.eax = mask;
+                e.ebx = size;
+            }
+            9 => {
+                e.eax = 0;
+                e.ebx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn apic_id_and_topology() {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
+        ];
+        let mut cpuid = CpuId::from_entries(&entries).unwrap();
+        configure(&mut cpuid, 3, 4, true);
+        let e = cpuid.as_slice();
+        assert_eq!(e[0].ebx >> 24, 3);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 4);
+        assert!(e[0].ecx & ECX_HYPERVISOR != 0);
+        assert_eq!(e[1].edx, 3);
+        assert_eq!(e[2].ebx, 4);
+        assert_eq!(e[2].eax, 2);
+    }
+
+    #[test]
+    fn xsave_size_matches_advertised_components() {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: 0xd,
+                index: 0,
+                eax: 0x207,
+                ebx: 576,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xd,
+                index: 2,
+                eax: 256,
+                ebx: 576,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xd,
+                index: 9,
+                eax: 8,
+                ebx: 0xa80,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 7,
+                index: 0,
+                ecx: 0x18,
+                ..Default::default()
+            },
+        ];
+        let mut cpuid = CpuId::from_entries(&entries).unwrap();
+        configure(&mut cpuid, 0, 1, false);
+        let e = cpuid.as_slice();
+        assert_eq!((e[0].eax, e[0].ebx), (0x7, 832));
+        assert_eq!(e[2].eax, 0);
+        assert_eq!(e[3].ecx, 0);
+    }
+}

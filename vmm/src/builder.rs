@@ -1,0 +1,382 @@
+//! Builds a running microVM from a [`VmConfig`]: KVM VM, guest RAM, device processes,
+//! devices, kernel, boot information and vCPUs.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{cpuid, loader, mptable, regs};
+use crate::config::{ConsoleConfig, DriveBackend, VmConfig};
+use crate::device_process::{find_binary, DeviceProcess, DeviceProcessError};
+use crate::devices::bus::IoBus;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{ConsoleOut, ConsoleSink, SerialDevice};
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::vhost_user::{
+    connect_with_retry, DeviceKind, VhostUserDevice, VhostUserError,
+};
+use crate::devices::IrqLine;
+use crate::exit::VmExit;
+use crate::layout::*;
+use crate::memory::{create_guest_ram, GuestRam, MemoryError};
+use crate::vcpu::Vcpu;
+
+/// Errors building the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A KVM VM-level ioctl failed.
+    #[error("KVM refused to {0}")]
+    KvmVm(&'static str, #[source] kvm_ioctls::Error),
+    /// Configuration rejected.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Loader(#[from] loader::LoaderError),
+    /// MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// vCPU registers.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// A device process could not be started.
+    #[error(transparent)]
+    DeviceProcess(#[from] DeviceProcessError),
+    /// A vhost-user backend failed during setup.
+    #[error("{0}")]
+    Backend(String, #[source] VhostUserError),
+    /// Too many devices for the IOAPIC pins.
+    #[error("{0} virtio devices are more than the {max} interrupt lines skiff has for them", max = IRQ_MAX - VIRTIO_IRQ_BASE + 1)]
+    TooManyDevices(usize),
+    /// An eventfd or other host resource.
+    #[error("cannot create {0}")]
+    Host(&'static str, #[source] std::io::Error),
+    /// The console file.
+    #[error("cannot open console file {0}")]
+    ConsoleFile(String, #[source] std::io::Error),
+}
+
+/// A built, not yet running, VM.
+pub struct BuiltVm {
+    /// KVM VM (kept alive for the vCPUs).
+    pub vm: VmFd,
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// Devices.
+    pub bus: Arc<IoBus>,
+    /// vCPUs, ready to run.
+    pub vcpus: Vec<Vcpu>,
+    /// Device processes skiff started.
+    pub processes: Vec<DeviceProcess>,
+    /// The VM's end latch.
+    pub exit: Arc<VmExit>,
+    /// Set to stop the vCPUs.
+    pub stop: Arc<AtomicBool>,
+    /// Signalled when the console holds a partial line to write out.
+    pub console_flush: EventFd,
+    /// The first panic line seen on the console.
+    pub panic: Arc<Mutex<Option<String>>>,
+    /// Private directory of the device sockets.
+    pub runtime_dir: PathBuf,
+}
+
+/// Where to find device binaries and put sockets.
+pub struct BuildOptions {
+    /// Directory of skiff-blk / skiff-net (None: next to skiff, then PATH).
+    pub device_bin_dir: Option<PathBuf>,
+}
+
+struct PendingDevice {
+    kind: DeviceKind,
+    name: String,
+    socket: PathBuf,
+    process: Option<usize>,
+    max_queues: usize,
+}
+
+fn runtime_dir() -> Result<PathBuf, BuildError> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("skiff-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| BuildError::Host("the runtime directory for device sockets", e))?;
+    Ok(dir)
+}
+use std::os::unix::fs::DirBuilderExt;
+
+/// Starts one device process per drive and network interface.
+fn start_device_processes(
+    cfg: &VmConfig,
+    opts: &BuildOptions,
+    dir: &Path,
+    processes: &mut Vec<DeviceProcess>,
+) -> Result<Vec<PendingDevice>, BuildError> {
+    let mut pending = Vec::new();
+    let blk = find_binary("skiff-blk", opts.device_bin_dir.as_deref());
+    let net = find_binary("skiff-net", opts.device_bin_dir.as_deref());
+    for (i, d) in cfg.drives.iter().enumerate() {
+        let name = format!("skiff-blk for drive '{}'", d.id);
+        let (socket, process) = match &d.backend {
+            DriveBackend::Socket(s) => (s.clone(), None),
+            DriveBackend::Image(image) => {
+                let socket = dir.join(format!("blk{i}.sock"));
+                let mut args = vec![
+                    "--socket".to_string(),
+                    socket.display().to_string(),
+                    "--image".to_string(),
+                    image.display().to_string(),
+                ];
+                if d.read_only {
+                    args.push("--read-only".into());
+                }
+                processes.push(DeviceProcess::spawn(
+                    name.clone(),
+                    &blk,
+                    &args,
+                    socket.clone(),
+                )?);
+                (socket, Some(processes.len() - 1))
+            }
+        };
+        pending.push(PendingDevice {
+            kind: DeviceKind::Block,
+            name,
+            socket,
+            process,
+            max_queues: cfg.vcpus.max(1) as usize,
+        });
+    }
+    for (i, n) in cfg.nets.iter().enumerate() {
+        let name = format!("skiff-net for interface '{}' (TAP {})", n.id, n.tap);
+        let socket = dir.join(format!("net{i}.sock"));
+        let mut args = vec![
+            "--socket".to_string(),
+            socket.display().to_string(),
+            "--tap".to_string(),
+            n.tap.clone(),
+        ];
+        if let Some(mac) = &n.mac {
+            args.push("--mac".into());
+            args.push(mac.clone());
+        }
+        processes.push(DeviceProcess::spawn(
+            name.clone(),
+            &net,
+            &args,
+            socket.clone(),
+        )?);
+        pending.push(PendingDevice {
+            kind: DeviceKind::Net,
+            name,
+            socket,
+            process: Some(processes.len() - 1),
+            max_queues: 2,
+        });
+    }
+    Ok(pending)
+}
+
+fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, BuildError> {
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| BuildError::KvmVm("create a VM", e))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(|e| BuildError::KvmVm("set the TSS address", e))?;
+    if let Err(e) = vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
+        log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e} (needed on Intel only)");
+    }
+    vm.create_irq_chip()
+        .map_err(|e| BuildError::KvmVm("create the in-kernel irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| BuildError::KvmVm("create the PIT", e))?;
+    for (slot, region) in ram.mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping of guest RAM that outlives the VM (BuiltVm
+        // owns both and drops the VM's vCPUs first).
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| BuildError::KvmVm("map guest memory", e))?;
+    }
+    Ok(vm)
+}
+
+fn console_sink(c: &ConsoleConfig) -> Result<ConsoleSink, BuildError> {
+    Ok(match c {
+        ConsoleConfig::Stdio => ConsoleSink::Stdout(std::io::stdout()),
+        ConsoleConfig::None => ConsoleSink::Null,
+        ConsoleConfig::File(p) => ConsoleSink::File(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| BuildError::ConsoleFile(p.display().to_string(), e))?,
+        ),
+    })
+}
+
+fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine, BuildError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| BuildError::Host("an interrupt eventfd", e))?;
+    vm.register_irqfd(&evt, gsi)
+        .map_err(|e| BuildError::KvmVm("register an irqfd", e))?;
+    Ok(IrqLine(evt))
+}
+
+/// Builds the VM. On error everything created so far is released by the caller through
+/// the returned partial state in `processes` (device processes are reaped).
+pub fn build(
+    cfg: &VmConfig,
+    opts: &BuildOptions,
+    processes: &mut Vec<DeviceProcess>,
+    runtime: &mut Option<PathBuf>,
+) -> Result<BuiltVm, BuildError> {
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    cfg.validate(kvm.get_max_vcpus(), crate::host::host_memory_bytes())?;
+    let n_dev = cfg.drives.len() + cfg.nets.len();
+    if n_dev > (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize {
+        return Err(BuildError::TooManyDevices(n_dev));
+    }
+
+    // Device processes start first so that their start-up overlaps the kernel load.
+    let dir = runtime_dir()?;
+    *runtime = Some(dir.clone());
+    let pending = start_device_processes(cfg, opts, &dir, processes)?;
+
+    let mem_bytes = cfg.mem_mib << 20;
+    let ram = create_guest_ram(mem_bytes)?;
+    let vm = create_vm(&kvm, &ram)?;
+    let kernel = loader::load_kernel(&ram.mem, &cfg.kernel, cfg.initrd.as_deref())?;
+
+    let exit = Arc::new(VmExit::new().map_err(|e| BuildError::Host("the exit eventfd", e))?);
+    let panic = Arc::new(Mutex::new(None));
+    let console_flush =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Host("the console eventfd", e))?;
+    let serial = SerialDevice::new(
+        irq_line(&vm, SERIAL_IRQ)?,
+        ConsoleOut::new(
+            console_sink(&cfg.console)?,
+            panic.clone(),
+            Some(
+                console_flush
+                    .try_clone()
+                    .map_err(|e| BuildError::Host("the console eventfd", e))?,
+            ),
+        ),
+    );
+    let i8042 = I8042::new(irq_line(&vm, 1)?);
+
+    let mut transports = Vec::new();
+    let mut mmio_args = Vec::new();
+    for (i, p) in pending.iter().enumerate() {
+        let stream = {
+            let procs = &mut *processes;
+            connect_with_retry(&p.socket, Duration::from_secs(10), || match p.process {
+                Some(idx) => procs[idx].check_alive(),
+                None => Ok(()),
+            })
+            .map_err(|e| BuildError::Backend(format!("{} is not reachable", p.name), e))?
+        };
+        let dev =
+            VhostUserDevice::new(p.kind, stream, p.max_queues, ram.mem.clone()).map_err(|e| {
+                BuildError::Backend(format!("{}: vhost-user negotiation failed", p.name), e)
+            })?;
+        let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
+        let gsi = VIRTIO_IRQ_BASE + i as u32;
+        vm.register_irqfd(dev.call_fd(), gsi)
+            .map_err(|e| BuildError::KvmVm("register a virtio irqfd", e))?;
+        for (q, kick) in dev.kick_fds().iter().enumerate() {
+            vm.register_ioevent(
+                kick,
+                &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                q as u32,
+            )
+            .map_err(|e| BuildError::KvmVm("register a virtio ioeventfd", e))?;
+        }
+        mmio_args.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        transports.push(Mutex::new(MmioTransport::new(
+            Box::new(dev),
+            p.name.clone(),
+        )));
+    }
+
+    let cmdline = cfg.cmdline(&mmio_args);
+    log::debug!("kernel command line: {cmdline}");
+    loader::load_cmdline(&ram.mem, &cmdline)?;
+    loader::write_boot_info(&ram.mem, &kernel, cmdline.len(), mem_bytes)?;
+    mptable::setup(&ram.mem, cfg.vcpus as u8)?;
+
+    let bus = Arc::new(IoBus {
+        serial: Mutex::new(serial),
+        i8042: Mutex::new(i8042),
+        virtio: transports,
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| BuildError::KvmVm("report its supported CPUID", e))?;
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+    let mut vcpus = Vec::new();
+    for i in 0..cfg.vcpus as u8 {
+        let fd = vm
+            .create_vcpu(u64::from(i))
+            .map_err(|e| BuildError::KvmVm("create a vCPU", e))?;
+        let mut c = supported.clone();
+        cpuid::configure(&mut c, i, cfg.vcpus as u8, tsc_deadline);
+        fd.set_cpuid2(&c)
+            .map_err(|e| BuildError::KvmVm("set CPUID", e))?;
+        regs::setup_msrs(&fd)?;
+        regs::setup_fpu(&fd)?;
+        regs::setup_lapic(&fd)?;
+        if i == 0 {
+            regs::setup_sregs(&ram.mem, &fd, kernel.entry)?;
+            regs::setup_regs(&fd, kernel.entry)?;
+        }
+        vcpus.push(Vcpu {
+            index: i,
+            fd,
+            bus: bus.clone(),
+            exit: exit.clone(),
+            stop: stop.clone(),
+        });
+    }
+    Ok(BuiltVm {
+        vm,
+        ram,
+        bus,
+        vcpus,
+        processes: std::mem::take(processes),
+        exit,
+        stop,
+        console_flush,
+        panic,
+        runtime_dir: dir,
+    })
+}

@@ -1,0 +1,387 @@
+//! The VM description skiff boots, built from a Firecracker config file or from
+//! `skiff run` arguments, and checked before any resource is created.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use api_server::models::VmConfigFile;
+
+/// Errors in a VM description.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {0}")]
+    Read(String, #[source] std::io::Error),
+    /// The config file is not valid.
+    #[error("config file {0}")]
+    Parse(String, #[source] api_server::models::ModelsError),
+    /// A value is out of range or inconsistent.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file the VM needs is missing or unreadable.
+    #[error("{what} {path} cannot be opened")]
+    File {
+        /// What the file is.
+        what: String,
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the guest console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// stdin/stdout (raw mode on a terminal).
+    Stdio,
+    /// Output to a file, no input.
+    File(PathBuf),
+    /// No console.
+    None,
+}
+
+impl std::str::FromStr for ConsoleConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(ConsoleConfig::Stdio),
+            "none" => Ok(ConsoleConfig::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(ConsoleConfig::File(p.into())),
+                _ => Err(format!(
+                    "console must be stdio, none or file:PATH, not '{s}'"
+                )),
+            },
+        }
+    }
+}
+
+/// How a drive is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DriveBackend {
+    /// A raw image served by a `skiff-blk` that skiff starts.
+    Image(PathBuf),
+    /// An externally started vhost-user-blk backend listening on this socket.
+    Socket(PathBuf),
+}
+
+/// One block device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// Drive id.
+    pub id: String,
+    /// Backend.
+    pub backend: DriveBackend,
+    /// Root device (becomes /dev/vda).
+    pub is_root: bool,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+/// One network interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Interface id.
+    pub id: String,
+    /// Host TAP name.
+    pub tap: String,
+    /// Guest MAC.
+    pub mac: Option<String>,
+}
+
+/// The default base of the kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off acpi=off \
+8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Everything needed to boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initrd.
+    pub initrd: Option<PathBuf>,
+    /// Command-line base (replaces [`DEFAULT_CMDLINE`]).
+    pub boot_args: Option<String>,
+    /// Appended to the command line.
+    pub extra_args: Option<String>,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// RAM in MiB.
+    pub mem_mib: u64,
+    /// Drives, root first.
+    pub drives: Vec<DriveConfig>,
+    /// Network interfaces.
+    pub nets: Vec<NetConfig>,
+    /// Console.
+    pub console: ConsoleConfig,
+}
+
+impl VmConfig {
+    /// From a Firecracker config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(p.clone(), e))?;
+        let file = VmConfigFile::from_json(&text).map_err(|e| ConfigError::Parse(p, e))?;
+        let drives = file
+            .drives
+            .iter()
+            .map(|d| DriveConfig {
+                id: d.drive_id.clone(),
+                backend: match (&d.path_on_host, &d.socket) {
+                    (_, Some(s)) => DriveBackend::Socket(s.into()),
+                    (Some(p), None) => DriveBackend::Image(p.into()),
+                    // check_supported() rejected drives with neither.
+                    (None, None) => DriveBackend::Image(PathBuf::new()),
+                },
+                is_root: d.is_root_device,
+                read_only: d.is_read_only.unwrap_or(false),
+            })
+            .collect();
+        let nets = file
+            .network_interfaces
+            .iter()
+            .map(|n| NetConfig {
+                id: n.iface_id.clone(),
+                tap: n.host_dev_name.clone(),
+                mac: n.guest_mac.clone(),
+            })
+            .collect();
+        let mut cfg = VmConfig {
+            kernel: file.boot_source.kernel_image_path.into(),
+            initrd: file.boot_source.initrd_path.map(Into::into),
+            boot_args: file.boot_source.boot_args,
+            extra_args: None,
+            vcpus: file.machine_config.vcpu_count,
+            mem_mib: file.machine_config.mem_size_mib,
+            drives,
+            nets,
+            console: ConsoleConfig::Stdio,
+        };
+        cfg.order_drives();
+        Ok(cfg)
+    }
+
+    /// Puts the root drive first so that it becomes /dev/vda, as Firecracker does.
+    pub fn order_drives(&mut self) {
+        self.drives.sort_by_key(|d| !d.is_root);
+    }
+
+    /// The full kernel command line for this VM with `mmio` device declarations.
+    pub fn cmdline(&self, mmio: &[String]) -> String {
+        let mut parts: Vec<String> = vec![self
+            .boot_args
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string())];
+        if let Some(root) = self.drives.first().filter(|d| d.is_root) {
+            parts.push(format!(
+                "root=/dev/vda {}",
+                if root.read_only { "ro" } else { "rw" }
+            ));
+        }
+        parts.extend(mmio.iter().cloned());
+        if let Some(extra) = &self.extra_args {
+            parts.push(extra.clone());
+        }
+        parts.join(" ")
+    }
+
+    /// Checks everything that can be checked without KVM.
+    pub fn validate(&self, max_vcpus: usize, host_mem: Option<u64>) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.vcpus == 0 {
+            return invalid("vcpu_count is 0: a VM needs at least one vCPU".into());
+        }
+        let limit = max_vcpus.min(254);
+        if self.vcpus as usize > limit {
+            return invalid(format!(
+                "vcpu_count {} is more than this host's KVM allows ({limit})",
+                self.vcpus
+            ));
+        }
+        if self.mem_mib == 0 {
+            return invalid("mem_size_mib is 0: a VM needs memory".into());
+        }
+        let bytes = self.mem_mib.checked_mul(1 << 20);
+        if let (Some(host), b) = (host_mem, bytes) {
+            if b.is_none_or(|b| b > host) {
+                return invalid(format!(
+                    "mem_size_mib {} is more than the host has ({} MiB of RAM and swap)",
+                    self.mem_mib,
+                    host >> 20
+                ));
+            }
+        }
+        let open = |what: &str, p: &PathBuf| {
+            std::fs::File::open(p).map_err(|source| ConfigError::File {
+                what: what.into(),
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        open("kernel image", &self.kernel)?;
+        if let Some(i) = &self.initrd {
+            open("initrd", i)?;
+        }
+        if self.drives.iter().filter(|d| d.is_root).count() > 1 {
+            return invalid("more than one drive has is_root_device set".into());
+        }
+        let mut seen_ids = HashMap::new();
+        let mut seen_images: HashMap<(u64, u64), (&str, bool)> = HashMap::new();
+        for d in &self.drives {
+            if seen_ids.insert(d.id.as_str(), ()).is_some() {
+                return invalid(format!("drive id '{}' is used twice", d.id));
+            }
+            if let DriveBackend::Image(p) = &d.backend {
+                let meta = open(&format!("drive '{}' image", d.id), p)?
+                    .metadata()
+                    .map_err(|source| ConfigError::File {
+                        what: format!("drive '{}' image", d.id),
+                        path: p.display().to_string(),
+                        source,
+                    })?;
+                let key = (meta.dev(), meta.ino());
+                if let Some((other, other_ro)) = seen_images.get(&key) {
+                    if !(d.read_only && *other_ro) {
+                        return invalid(format!(
+                            "drives '{other}' and '{}' use the same image {}; only read-only drives may share an image",
+                            d.id,
+                            p.display()
+                        ));
+                    }
+                }
+                seen_images.insert(key, (d.id.as_str(), d.read_only));
+            }
+        }
+        let mut seen_taps = HashMap::new();
+        for n in &self.nets {
+            if seen_ids.insert(n.id.as_str(), ()).is_some() {
+                return invalid(format!("device id '{}' is used twice", n.id));
+            }
+            if n.tap.is_empty() || n.tap.len() > 15 {
+                return invalid(format!(
+                    "network interface '{}': host_dev_name '{}' must be 1 to 15 characters",
+                    n.id, n.tap
+                ));
+            }
+            if seen_taps.insert(n.tap.as_str(), ()).is_some() {
+                return invalid(format!("TAP device {} is used by two interfaces", n.tap));
+            }
+            if let Some(mac) = &n.mac {
+                if parse_mac(mac).is_none() {
+                    return invalid(format!(
+                        "network interface '{}': guest_mac '{mac}' is not a MAC address",
+                        n.id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> VmConfig {
+        VmConfig {
+            kernel: "/proc/self/exe".into(),
+            initrd: None,
+            boot_args: None,
+            extra_args: Some("quiet".into()),
+            vcpus: 1,
+            mem_mib: 128,
+            drives: vec![],
+            nets: vec![],
+            console: ConsoleConfig::Stdio,
+        }
+    }
+
+    #[test]
+    fn limits_are_named() {
+        let mut c = base();
+        c.vcpus = 0;
+        assert!(c
+            .validate(8, None)
+            .unwrap_err()
+            .to_string()
+            .contains("vcpu_count is 0"));
+        c.vcpus = 9;
+        assert!(c
+            .validate(8, None)
+            .unwrap_err()
+            .to_string()
+            .contains("more than"));
+        c.vcpus = 1;
+        c.mem_mib = 0;
+        assert!(c
+            .validate(8, None)
+            .unwrap_err()
+            .to_string()
+            .contains("mem_size_mib is 0"));
+        c.mem_mib = 1 << 20;
+        assert!(c
+            .validate(8, Some(1 << 30))
+            .unwrap_err()
+            .to_string()
+            .contains("more than the host"));
+    }
+
+    #[test]
+    fn same_image_twice_rw_is_refused() {
+        let mut c = base();
+        for id in ["a", "b"] {
+            c.drives.push(DriveConfig {
+                id: id.into(),
+                backend: DriveBackend::Image("/proc/self/exe".into()),
+                is_root: false,
+                read_only: false,
+            });
+        }
+        assert!(c
+            .validate(8, None)
+            .unwrap_err()
+            .to_string()
+            .contains("same image"));
+        c.drives[0].read_only = true;
+        c.drives[1].read_only = true;
+        c.validate(8, None).unwrap();
+    }
+
+    #[test]
+    fn cmdline_has_root_devices_and_extra() {
+        let mut c = base();
+        c.drives.push(DriveConfig {
+            id: "root".into(),
+            backend: DriveBackend::Image("x".into()),
+            is_root: true,
+            read_only: false,
+        });
+        let line = c.cmdline(&["virtio_mmio.device=4K@0xd0000000:5".into()]);
+        assert!(line.starts_with(DEFAULT_CMDLINE));
+        assert!(line.contains("root=/dev/vda rw virtio_mmio.device=4K@0xd0000000:5 quiet"));
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("AA:fc:00:00:00:01"),
+            Some([0xaa, 0xfc, 0, 0, 0, 1])
+        );
+        assert_eq!(parse_mac("aa:fc:00:00:00"), None);
+        assert_eq!(parse_mac("aa:fc:00:00:00:01:02"), None);
+    }
+}

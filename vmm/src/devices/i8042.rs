@@ -1,0 +1,163 @@
+//! A minimal i8042 keyboard controller: enough for Linux's driver to probe it quickly and
+//! for `reboot=k` (command 0xFE) to reset the machine, which ends the VMM.
+//!
+//! vm-superio's `I8042Device` answers every read with 0x00, which makes Linux believe a
+//! controller is present and then wait for replies to its self-test commands (about half a
+//! second each), so skiff answers the controller commands itself.
+
+use std::collections::VecDeque;
+
+use vm_superio::Trigger;
+
+use super::IrqLine;
+
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_DISABLE_AUX: u8 = 0xa7;
+const CMD_ENABLE_AUX: u8 = 0xa8;
+const CMD_TEST_AUX: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_KBD_TEST: u8 = 0xab;
+const CMD_DISABLE_KBD: u8 = 0xad;
+const CMD_ENABLE_KBD: u8 = 0xae;
+const CMD_WRITE_OUTPUT: u8 = 0xd1;
+const CMD_RESET_CPU: u8 = 0xfe;
+
+const SB_OUT_FULL: u8 = 0x01;
+const SB_SYSTEM: u8 = 0x04;
+const SB_CMD_DATA: u8 = 0x08;
+const SB_KBD_ENABLED: u8 = 0x10;
+const CTR_KBD_INT: u8 = 0x01;
+const CTR_SYSTEM: u8 = 0x04;
+
+const KBD_ACK: u8 = 0xfa;
+const KBD_RESET: u8 = 0xff;
+const KBD_GET_ID: u8 = 0xf2;
+const KBD_SET_LEDS: u8 = 0xed;
+const KBD_SET_RATE: u8 = 0xf3;
+
+/// Offset of the status/command port from the data port (0x64 - 0x60).
+pub const COMMAND_OFFSET: u8 = 4;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Command,
+    CtrByte,
+    OutputPort,
+    KbdArgument,
+}
+
+/// The controller.
+pub struct I8042 {
+    kbd_irq: IrqLine,
+    ctr: u8,
+    status: u8,
+    out: VecDeque<u8>,
+    expect: Expect,
+}
+
+impl I8042 {
+    /// A controller that raises `kbd_irq` (IRQ 1); a reset is reported by [`I8042::write`].
+    pub fn new(kbd_irq: IrqLine) -> Self {
+        I8042 {
+            kbd_irq,
+            ctr: CTR_KBD_INT | CTR_SYSTEM,
+            status: SB_SYSTEM | SB_KBD_ENABLED,
+            out: VecDeque::with_capacity(4),
+            expect: Expect::Command,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.out.extend(bytes);
+        if self.ctr & CTR_KBD_INT != 0 {
+            if let Err(e) = self.kbd_irq.trigger() {
+                log::warn!("i8042: cannot raise IRQ 1: {e}");
+            }
+        }
+    }
+
+    /// A read from data port + `offset`.
+    pub fn read(&mut self, offset: u8) -> u8 {
+        if offset == COMMAND_OFFSET {
+            let full = if self.out.is_empty() { 0 } else { SB_OUT_FULL };
+            self.status | full
+        } else {
+            let v = self.out.pop_front().unwrap_or(0);
+            if !self.out.is_empty() && self.ctr & CTR_KBD_INT != 0 {
+                let _ = self.kbd_irq.trigger();
+            }
+            v
+        }
+    }
+
+    /// A write to data port + `offset`. Returns `true` when the guest asked for a reset.
+    pub fn write(&mut self, offset: u8, value: u8) -> bool {
+        if offset == COMMAND_OFFSET {
+            self.status |= SB_CMD_DATA;
+            self.expect = Expect::Command;
+            match value {
+                CMD_READ_CTR => self.push(&[self.ctr]),
+                CMD_WRITE_CTR => self.expect = Expect::CtrByte,
+                CMD_WRITE_OUTPUT => self.expect = Expect::OutputPort,
+                CMD_SELF_TEST => self.push(&[0x55]),
+                CMD_KBD_TEST | CMD_TEST_AUX => self.push(&[0x00]),
+                CMD_DISABLE_KBD => self.status &= !SB_KBD_ENABLED,
+                CMD_ENABLE_KBD => self.status |= SB_KBD_ENABLED,
+                CMD_DISABLE_AUX | CMD_ENABLE_AUX => {}
+                CMD_RESET_CPU => return true,
+                other => log::debug!("i8042: ignoring controller command {other:#x}"),
+            }
+            return false;
+        }
+        self.status &= !SB_CMD_DATA;
+        match std::mem::replace(&mut self.expect, Expect::Command) {
+            Expect::CtrByte => self.ctr = value,
+            Expect::OutputPort => {}
+            Expect::KbdArgument => self.push(&[KBD_ACK]),
+            Expect::Command => match value {
+                KBD_RESET => self.push(&[KBD_ACK, 0xaa]),
+                KBD_GET_ID => self.push(&[KBD_ACK, 0xab, 0x83]),
+                KBD_SET_LEDS | KBD_SET_RATE => {
+                    self.expect = Expect::KbdArgument;
+                    self.push(&[KBD_ACK]);
+                }
+                _ => self.push(&[KBD_ACK]),
+            },
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn dev() -> (I8042, EventFd) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        (I8042::new(IrqLine(irq.try_clone().unwrap())), irq)
+    }
+
+    #[test]
+    fn self_test_and_ctr() {
+        let (mut d, _) = dev();
+        assert_eq!(d.read(COMMAND_OFFSET) & SB_OUT_FULL, 0);
+        d.write(COMMAND_OFFSET, CMD_SELF_TEST);
+        assert_ne!(d.read(COMMAND_OFFSET) & SB_OUT_FULL, 0);
+        assert_eq!(d.read(0), 0x55);
+        d.write(COMMAND_OFFSET, CMD_WRITE_CTR);
+        d.write(0, 0x47);
+        d.write(COMMAND_OFFSET, CMD_READ_CTR);
+        assert_eq!(d.read(0), 0x47);
+    }
+
+    #[test]
+    fn reset_is_reported_and_keyboard_answers_with_irq() {
+        let (mut d, irq) = dev();
+        assert!(d.write(COMMAND_OFFSET, CMD_RESET_CPU));
+        assert!(!d.write(0, KBD_GET_ID));
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!((d.read(0), d.read(0), d.read(0)), (KBD_ACK, 0xab, 0x83));
+    }
+}

@@ -1,0 +1,330 @@
+//! vhost-user front end: a virtio device whose queues are processed by a device process.
+//!
+//! At connect time the owner, features and protocol features are negotiated and the
+//! config space is read. When the driver sets DRIVER_OK the memory table (the guest-RAM
+//! memfd), ring sizes, addresses, bases, kick (KVM ioeventfd) and call (KVM irqfd) fds are
+//! handed over and the rings enabled; from then on the VMM is not on the data path.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{QueueConfig, VirtioDevice, VirtioError};
+
+/// Errors talking to a vhost-user backend.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    /// The socket did not accept a connection in time.
+    #[error("vhost-user backend socket {path} did not accept a connection within {secs} s")]
+    ConnectTimeout {
+        /// Socket path.
+        path: PathBuf,
+        /// How long we waited.
+        secs: u64,
+        /// Last error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vhost-user request failed.
+    #[error("vhost-user {0} failed")]
+    Request(&'static str, #[source] vhost::Error),
+    /// The backend lacks something skiff needs.
+    #[error("vhost-user backend does not offer {0}")]
+    Missing(&'static str),
+    /// A ring address is outside guest memory.
+    #[error("queue {0}: ring address {1:#x} is outside guest memory")]
+    BadRingAddress(usize, u64),
+}
+
+/// virtio device kinds skiff fronts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-net (id 1).
+    Net,
+    /// virtio-blk (id 2).
+    Block,
+}
+
+impl DeviceKind {
+    fn id(self) -> u32 {
+        match self {
+            DeviceKind::Net => 1,
+            DeviceKind::Block => 2,
+        }
+    }
+    fn config_len(self) -> u32 {
+        match self {
+            // mac, status, max_virtqueue_pairs, mtu
+            DeviceKind::Net => 12,
+            // virtio_blk_config up to write_zeroes_may_unmap and padding
+            DeviceKind::Block => 60,
+        }
+    }
+}
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const QUEUE_MAX_SIZE: u16 = 256;
+/// The protocol features skiff uses when the backend offers them.
+fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+}
+
+/// Connects to `path`, retrying until `timeout` (a device process may still be starting).
+/// `alive` is polled between attempts so a backend that died is reported at once.
+pub fn connect_with_retry(
+    path: &Path,
+    timeout: Duration,
+    mut alive: impl FnMut() -> Result<(), String>,
+) -> Result<UnixStream, VhostUserError> {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                if let Err(why) = alive() {
+                    return Err(VhostUserError::ConnectTimeout {
+                        path: path.into(),
+                        secs: start.elapsed().as_secs(),
+                        source: std::io::Error::other(why),
+                    });
+                }
+                if start.elapsed() > timeout {
+                    return Err(VhostUserError::ConnectTimeout {
+                        path: path.into(),
+                        secs: timeout.as_secs(),
+                        source: e,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// A virtio device served by a vhost-user backend.
+pub struct VhostUserDevice {
+    kind: DeviceKind,
+    frontend: Frontend,
+    /// Features the backend offered (including VHOST_USER_F_PROTOCOL_FEATURES).
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    num_queues: usize,
+    config: Vec<u8>,
+    mem: GuestMemoryMmap,
+    call: EventFd,
+    kicks: Vec<EventFd>,
+    started: Vec<usize>,
+}
+
+fn kreq<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, VhostUserError> {
+    r.map_err(|e| VhostUserError::Request(what, e))
+}
+
+impl VhostUserDevice {
+    /// Negotiates with the backend on `stream`. `max_queues` bounds what is asked for.
+    pub fn new(
+        kind: DeviceKind,
+        stream: UnixStream,
+        max_queues: usize,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, VhostUserError> {
+        let mut frontend = Frontend::from_stream(stream, max_queues as u64);
+        kreq("SET_OWNER", frontend.set_owner())?;
+        let backend_features = kreq("GET_FEATURES", frontend.get_features())?;
+        if backend_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(VhostUserError::Missing("VIRTIO_F_VERSION_1"));
+        }
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        let mut num_queues = match kind {
+            DeviceKind::Net => 2,
+            DeviceKind::Block => 1,
+        };
+        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let offered = kreq("GET_PROTOCOL_FEATURES", frontend.get_protocol_features())?;
+            protocol = offered & wanted_protocol_features();
+            kreq(
+                "SET_PROTOCOL_FEATURES",
+                frontend.set_protocol_features(protocol),
+            )?;
+            if protocol.contains(VhostUserProtocolFeatures::MQ) {
+                let n = kreq("GET_QUEUE_NUM", frontend.get_queue_num())? as usize;
+                num_queues = n.clamp(1, max_queues);
+            }
+        }
+        let mut config = vec![0u8; kind.config_len() as usize];
+        if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            let (_, buf) = kreq(
+                "GET_CONFIG",
+                frontend.get_config(
+                    0,
+                    kind.config_len(),
+                    VhostUserConfigFlags::WRITABLE,
+                    &config,
+                ),
+            )?;
+            config = buf;
+        } else if kind == DeviceKind::Block {
+            return Err(VhostUserError::Missing(
+                "the CONFIG protocol feature (disk capacity)",
+            ));
+        }
+        if kind == DeviceKind::Block && config.len() >= 36 {
+            // virtio_blk_config.num_queues (offset 34) when the device has VIRTIO_BLK_F_MQ.
+            let n = u16::from_le_bytes([config[34], config[35]]) as usize;
+            if backend_features & (1 << 12) != 0 && n > 0 {
+                num_queues = num_queues.min(n);
+            } else {
+                num_queues = 1;
+            }
+        }
+        let call = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VhostUserError::Request("eventfd", vhost::Error::IOError(e)))?;
+        let kicks = (0..num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| VhostUserError::Request("eventfd", vhost::Error::IOError(e)))?;
+        Ok(VhostUserDevice {
+            kind,
+            frontend,
+            backend_features,
+            protocol,
+            num_queues,
+            config,
+            mem,
+            call,
+            kicks,
+            started: Vec::new(),
+        })
+    }
+
+    /// The eventfd the backend signals (to register as an irqfd).
+    pub fn call_fd(&self) -> &EventFd {
+        &self.call
+    }
+
+    /// The kick eventfd of each queue (to register as ioeventfds).
+    pub fn kick_fds(&self) -> &[EventFd] {
+        &self.kicks
+    }
+
+    fn host_addr(&self, queue: usize, gpa: u64) -> Result<u64, VhostUserError> {
+        self.mem
+            .get_host_address(GuestAddress(gpa))
+            .map(|p| p as u64)
+            .map_err(|_| VhostUserError::BadRingAddress(queue, gpa))
+    }
+
+    fn start(&mut self, acked: u64, queues: &[QueueConfig]) -> Result<(), VhostUserError> {
+        let protocol_bit =
+            self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        kreq(
+            "SET_FEATURES",
+            self.frontend.set_features(acked | protocol_bit),
+        )?;
+        let regions = self
+            .mem
+            .iter()
+            .map(|r| {
+                VhostUserMemoryRegionInfo::from_guest_region(r)
+                    .map_err(|e| VhostUserError::Request("SET_MEM_TABLE", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        kreq("SET_MEM_TABLE", self.frontend.set_mem_table(&regions))?;
+        for (i, q) in queues.iter().enumerate() {
+            if !q.ready {
+                continue;
+            }
+            let data = VringConfigData {
+                queue_max_size: q.max_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: self.host_addr(i, q.desc)?,
+                used_ring_addr: self.host_addr(i, q.used)?,
+                avail_ring_addr: self.host_addr(i, q.avail)?,
+                log_addr: None,
+            };
+            kreq("SET_VRING_NUM", self.frontend.set_vring_num(i, q.size))?;
+            kreq("SET_VRING_BASE", self.frontend.set_vring_base(i, 0))?;
+            kreq("SET_VRING_ADDR", self.frontend.set_vring_addr(i, &data))?;
+            kreq(
+                "SET_VRING_CALL",
+                self.frontend.set_vring_call(i, &self.call),
+            )?;
+            kreq(
+                "SET_VRING_KICK",
+                self.frontend.set_vring_kick(i, &self.kicks[i]),
+            )?;
+            if protocol_bit != 0 {
+                kreq("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, true))?;
+            }
+            self.started.push(i);
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u32 {
+        self.kind.id()
+    }
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        QUEUE_MAX_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = offset as usize;
+        match self.config.get(start..start + data.len()) {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return;
+        }
+        let start = offset as usize;
+        if let Some(dst) = self.config.get_mut(start..start + data.len()) {
+            dst.copy_from_slice(data);
+            if let Err(e) =
+                self.frontend
+                    .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
+            {
+                log::warn!("vhost-user SET_CONFIG at {offset} failed: {e}");
+            }
+        }
+    }
+
+    fn activate(&mut self, acked: u64, queues: &[QueueConfig]) -> Result<(), VirtioError> {
+        Ok(self.start(acked, queues)?)
+    }
+
+    fn reset(&mut self) -> Result<(), VirtioError> {
+        for i in std::mem::take(&mut self.started) {
+            if self.protocol.bits() != 0 {
+                kreq("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, false))?;
+            }
+            kreq("GET_VRING_BASE", self.frontend.get_vring_base(i))?;
+        }
+        Ok(())
+    }
+}
