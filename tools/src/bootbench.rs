@@ -1,1 +1,204 @@
-fn main() {}
+//! Boot benchmark: skiff beside QEMU microvm, same kernel, rootfs, vCPUs, memory and host.
+//!
+//! For each monitor, N boots with `bench=boot` (the guest prints its GUEST-READY marker and
+//! reboots at once). Reports time from process start to the marker and to exit (best and
+//! median), the ratio skiff/QEMU, and the monitor's resident memory beyond the guest's pages:
+//! peak of RssAnon + RssFile over the VMM and its device processes. Guest RAM is a shared
+//! memfd for both monitors (QEMU gets `memory-backend-memfd`), so it shows up as RssShmem
+//! and is left out.
+//!
+//!     bootbench --kernel vmlinux --rootfs rootfs.ext4 [--runs 10] [--vcpus 2] [--memory 256]
+//!               [--skiff target/release/skiff] [--json out.json]
+//!
+//! Needs a KVM that boots ordinary guests: tools/bootbench.sh runs it inside the nested test
+//! host when this host's KVM cannot.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Args {
+    kernel: PathBuf,
+    rootfs: PathBuf,
+    runs: usize,
+    vcpus: u32,
+    memory: u64,
+    skiff: PathBuf,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        kernel: PathBuf::new(),
+        rootfs: PathBuf::new(),
+        runs: 10,
+        vcpus: 2,
+        memory: 256,
+        skiff: PathBuf::from("target/release/skiff"),
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().ok_or(format!("{k} needs a value"));
+        match k.as_str() {
+            "--kernel" => a.kernel = v()?.into(),
+            "--rootfs" => a.rootfs = v()?.into(),
+            "--runs" => a.runs = v()?.parse().map_err(|e| format!("--runs: {e}"))?,
+            "--vcpus" => a.vcpus = v()?.parse().map_err(|e| format!("--vcpus: {e}"))?,
+            "--memory" => a.memory = v()?.parse().map_err(|e| format!("--memory: {e}"))?,
+            "--skiff" => a.skiff = v()?.into(),
+            "--json" => a.json = Some(v()?.into()),
+            "-h" | "--help" => {
+                return Err("usage: bootbench --kernel PATH --rootfs PATH [--runs N] [--vcpus N] [--memory MiB] [--skiff PATH] [--json FILE]".into())
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.kernel.as_os_str().is_empty() || a.rootfs.as_os_str().is_empty() {
+        return Err("--kernel and --rootfs are required".into());
+    }
+    Ok(a)
+}
+
+/// Sum of RssAnon + RssFile (KiB) of `pid` and its children.
+fn private_rss_kib(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut pids = vec![pid];
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    for p in pids {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+            for line in status.lines() {
+                if line.starts_with("RssAnon:") || line.starts_with("RssFile:") {
+                    total += line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
+
+struct Run {
+    marker: Duration,
+    exit: Duration,
+    rss_kib: u64,
+}
+
+fn boot_once(mut cmd: Command) -> Result<Run, String> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0;
+        while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+            peak = peak.max(private_rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        peak
+    });
+    let mut marker = None;
+    for line in BufReader::new(stdout).split(b'\n') {
+        let line = line.map_err(|e| e.to_string())?;
+        if marker.is_none() && String::from_utf8_lossy(&line).contains("GUEST-READY") {
+            marker = Some(start.elapsed());
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let exit = start.elapsed();
+    let rss_kib = sampler.join().unwrap_or(0);
+    match (status.success(), marker) {
+        (true, Some(marker)) => Ok(Run { marker, exit, rss_kib }),
+        (ok, m) => Err(format!("boot failed: exit ok={ok}, marker seen={}", m.is_some())),
+    }
+}
+
+fn skiff_cmd(a: &Args, rootfs: &PathBuf) -> Command {
+    let mut c = Command::new(&a.skiff);
+    c.args(["run", "--kernel"]).arg(&a.kernel).arg("--rootfs").arg(rootfs);
+    c.args(["--vcpus", &a.vcpus.to_string(), "--memory", &a.memory.to_string(), "--cmdline", "bench=boot"]);
+    c
+}
+
+fn qemu_cmd(a: &Args, rootfs: &PathBuf) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    let mem = format!("{}M", a.memory);
+    c.args(["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-m", &mem, "-smp", &a.vcpus.to_string()]);
+    c.args(["-object", &format!("memory-backend-memfd,id=ram,size={mem},share=on"), "-machine", "memory-backend=ram"]);
+    c.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio", "-kernel"]).arg(&a.kernel);
+    // Same command line as skiff's default, except reboot=t: QEMU's microvm has no i8042.
+    c.args(["-append", "console=ttyS0 reboot=t panic=1 pci=off acpi=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd root=/dev/vda rw bench=boot"]);
+    c.arg("-drive").arg(format!("id=root,file={},format=raw,if=none", rootfs.display()));
+    c.args(["-device", "virtio-blk-device,drive=root"]);
+    c
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let best = v.first().copied().unwrap_or(f64::NAN);
+    let median = if v.is_empty() { f64::NAN } else { v[v.len() / 2] };
+    (best, median)
+}
+
+fn main() {
+    let a = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bootbench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("bootbench-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("bootbench: {e}");
+        std::process::exit(1);
+    }
+    let mut results = Vec::new();
+    for (name, build) in [("skiff", skiff_cmd as fn(&Args, &PathBuf) -> Command), ("qemu-microvm", qemu_cmd)] {
+        let mut runs = Vec::new();
+        for i in 0..a.runs {
+            // A fresh copy each boot: the guest mounts its root read-write.
+            let rootfs = dir.join(format!("{name}-{i}.ext4"));
+            if let Err(e) = std::fs::copy(&a.rootfs, &rootfs) {
+                eprintln!("bootbench: copying the rootfs: {e}");
+                std::process::exit(1);
+            }
+            match boot_once(build(&a, &rootfs)) {
+                Ok(r) => runs.push(r),
+                Err(e) => eprintln!("bootbench: {name} run {i}: {e}"),
+            }
+            let _ = std::fs::remove_file(&rootfs);
+        }
+        let (mb, mm) = stats(runs.iter().map(|r| r.marker.as_secs_f64()).collect());
+        let (eb, em) = stats(runs.iter().map(|r| r.exit.as_secs_f64()).collect());
+        let (_, rss) = stats(runs.iter().map(|r| r.rss_kib as f64 / 1024.0).collect());
+        println!("{name:13} ok {}/{}  to marker best {mb:.3}s median {mm:.3}s  to exit best {eb:.3}s median {em:.3}s  VMM RSS beyond guest RAM (median peak) {rss:.1} MiB", runs.len(), a.runs);
+        results.push((name, runs.len(), mb, mm, eb, em, rss));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let [s, q] = &results[..] {
+        println!(
+            "ratio skiff/qemu-microvm: marker median {:.2}, exit median {:.2}, RSS {:.2}",
+            s.3 / q.3,
+            s.5 / q.5,
+            s.6 / q.6
+        );
+    }
+    if let Some(path) = &a.json {
+        let rows: Vec<String> = results
+            .iter()
+            .map(|r| format!("{{\"monitor\":\"{}\",\"ok\":{},\"marker_best_s\":{:.4},\"marker_median_s\":{:.4},\"exit_best_s\":{:.4},\"exit_median_s\":{:.4},\"rss_mib\":{:.2}}}", r.0, r.1, r.2, r.3, r.4, r.5, r.6))
+            .collect();
+        let _ = std::fs::write(path, format!("[{}]\n", rows.join(",")));
+    }
+    if results.iter().any(|r| r.1 == 0) {
+        std::process::exit(1);
+    }
+}
