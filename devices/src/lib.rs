@@ -1,0 +1,26 @@
+//! skiff device models run as vhost-user backends: virtio-blk over a raw
+//! image file (`skiff-blk`) and virtio-net over TAP devices (`skiff-net`).
+//!
+//! The queue logic lives here and is unit-tested with mock queues; the
+//! binaries in `src/bin` only parse arguments and serve.
+
+pub mod block;
+pub mod block_backend;
+pub mod disk;
+pub mod iov;
+pub mod logger;
+pub mod net;
+pub mod net_backend;
+pub mod tap;
+
+/// Formats an error and its `source()` chain as `a: b: c`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}

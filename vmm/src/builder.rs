@@ -189,7 +189,8 @@ fn start_device_processes(
             name,
             socket,
             process: Some(processes.len() - 1),
-            max_queues: 2,
+            // One rx/tx pair per TAP, plus a control queue when there are several.
+            max_queues: 33,
         });
     }
     Ok(pending)
