@@ -14,7 +14,7 @@
 //! host when this host's KVM cannot.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -66,13 +66,21 @@ fn private_rss_kib(pid: u32) -> u64 {
     let mut total = 0;
     let mut pids = vec![pid];
     if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-        pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
     }
     for p in pids {
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
             for line in status.lines() {
                 if line.starts_with("RssAnon:") || line.starts_with("RssFile:") {
-                    total += line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                    total += line
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
                 }
             }
         }
@@ -115,27 +123,72 @@ fn boot_once(mut cmd: Command) -> Result<Run, String> {
     let exit = start.elapsed();
     let rss_kib = sampler.join().unwrap_or(0);
     match (status.success(), marker) {
-        (true, Some(marker)) => Ok(Run { marker, exit, rss_kib }),
-        (ok, m) => Err(format!("boot failed: exit ok={ok}, marker seen={}", m.is_some())),
+        (true, Some(marker)) => Ok(Run {
+            marker,
+            exit,
+            rss_kib,
+        }),
+        (ok, m) => Err(format!(
+            "boot failed: exit ok={ok}, marker seen={}",
+            m.is_some()
+        )),
     }
 }
 
-fn skiff_cmd(a: &Args, rootfs: &PathBuf) -> Command {
+fn skiff_cmd(a: &Args, rootfs: &Path) -> Command {
     let mut c = Command::new(&a.skiff);
-    c.args(["run", "--kernel"]).arg(&a.kernel).arg("--rootfs").arg(rootfs);
-    c.args(["--vcpus", &a.vcpus.to_string(), "--memory", &a.memory.to_string(), "--cmdline", "bench=boot"]);
+    c.args(["run", "--kernel"])
+        .arg(&a.kernel)
+        .arg("--rootfs")
+        .arg(rootfs);
+    c.args([
+        "--vcpus",
+        &a.vcpus.to_string(),
+        "--memory",
+        &a.memory.to_string(),
+        "--cmdline",
+        "bench=boot",
+    ]);
     c
 }
 
-fn qemu_cmd(a: &Args, rootfs: &PathBuf) -> Command {
+fn qemu_cmd(a: &Args, rootfs: &Path) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     let mem = format!("{}M", a.memory);
-    c.args(["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-m", &mem, "-smp", &a.vcpus.to_string()]);
-    c.args(["-object", &format!("memory-backend-memfd,id=ram,size={mem},share=on"), "-machine", "memory-backend=ram"]);
-    c.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio", "-kernel"]).arg(&a.kernel);
+    c.args([
+        "-M",
+        "microvm,acpi=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        &mem,
+        "-smp",
+        &a.vcpus.to_string(),
+    ]);
+    c.args([
+        "-object",
+        &format!("memory-backend-memfd,id=ram,size={mem},share=on"),
+        "-machine",
+        "memory-backend=ram",
+    ]);
+    c.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-kernel",
+    ])
+    .arg(&a.kernel);
     // Same command line as skiff's default, except reboot=t: QEMU's microvm has no i8042.
     c.args(["-append", "console=ttyS0 reboot=t panic=1 pci=off acpi=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd root=/dev/vda rw bench=boot"]);
-    c.arg("-drive").arg(format!("id=root,file={},format=raw,if=none", rootfs.display()));
+    c.arg("-drive").arg(format!(
+        "id=root,file={},format=raw,if=none",
+        rootfs.display()
+    ));
     c.args(["-device", "virtio-blk-device,drive=root"]);
     c
 }
@@ -143,7 +196,11 @@ fn qemu_cmd(a: &Args, rootfs: &PathBuf) -> Command {
 fn stats(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     let best = v.first().copied().unwrap_or(f64::NAN);
-    let median = if v.is_empty() { f64::NAN } else { v[v.len() / 2] };
+    let median = if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    };
     (best, median)
 }
 
@@ -161,7 +218,10 @@ fn main() {
         std::process::exit(1);
     }
     let mut results = Vec::new();
-    for (name, build) in [("skiff", skiff_cmd as fn(&Args, &PathBuf) -> Command), ("qemu-microvm", qemu_cmd)] {
+    for (name, build) in [
+        ("skiff", skiff_cmd as fn(&Args, &Path) -> Command),
+        ("qemu-microvm", qemu_cmd),
+    ] {
         let mut runs = Vec::new();
         for i in 0..a.runs {
             // A fresh copy each boot: the guest mounts its root read-write.

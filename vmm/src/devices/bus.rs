@@ -57,10 +57,11 @@ impl IoBus {
                     log::warn!("serial: {e}");
                 }
             }
-            0x60 | 0x64 if data.len() == 1 => {
-                if lock(&self.i8042).write((port - I8042_DATA_PORT) as u8, data[0]) {
-                    return BusAction::Reset;
-                }
+            0x60 | 0x64
+                if data.len() == 1
+                    && lock(&self.i8042).write((port - I8042_DATA_PORT) as u8, data[0]) =>
+            {
+                return BusAction::Reset;
             }
             _ => {}
         }

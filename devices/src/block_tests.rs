@@ -1,0 +1,440 @@
+use std::io::{Read, Seek, SeekFrom, Write};
+
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::tempfile::TempFile;
+
+use super::*;
+use crate::disk::DiskOptions;
+
+const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+const HDR: u64 = 0x10_000;
+const DATA: u64 = 0x20_000;
+const STATUS: u64 = 0x30_000;
+const SECTORS: u64 = 64;
+
+fn mem() -> GuestMemoryMmap<()> {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_000)]).expect("guest memory")
+}
+
+fn image(read_only: bool) -> (TempFile, DiskImage) {
+    let tmp = TempFile::new().expect("temp file");
+    let mut f = tmp.as_file();
+    let data: Vec<u8> = (0..SECTORS * 512).map(|i| (i % 251) as u8).collect();
+    f.write_all(&data).expect("fill image");
+    let disk = DiskImage::open(
+        tmp.as_path(),
+        &DiskOptions {
+            read_only,
+            direct: false,
+            serial: Some("skiff-test-serial".into()),
+        },
+    )
+    .expect("open image");
+    (tmp, disk)
+}
+
+fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+}
+
+fn header(mem: &GuestMemoryMmap<()>, kind: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(HDR)).expect("header");
+}
+
+fn run(mem: &GuestMemoryMmap<()>, disk: &DiskImage, descs: &[RawDescriptor]) -> u32 {
+    mem.write_obj(0xffu8, GuestAddress(STATUS))
+        .expect("poison status");
+    let q = MockSplitQueue::new(mem, 16);
+    let chain = q.build_desc_chain(descs).expect("chain");
+    process_chain(disk, chain)
+}
+
+fn status(mem: &GuestMemoryMmap<()>) -> u8 {
+    mem.read_obj(GuestAddress(STATUS)).expect("status")
+}
+
+fn file_bytes(tmp: &TempFile, offset: u64, len: usize) -> Vec<u8> {
+    let mut f = tmp.as_file();
+    f.seek(SeekFrom::Start(offset)).expect("seek");
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).expect("read back");
+    buf
+}
+
+#[test]
+fn read_two_segments() {
+    let m = mem();
+    let (tmp, disk) = image(false);
+    header(&m, VIRTIO_BLK_T_IN, 3);
+    let used = run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, F_WRITE),
+            desc(DATA + 0x1000, 512, F_WRITE),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(used, 1025);
+    let mut got = vec![0u8; 512];
+    m.read_slice(&mut got, GuestAddress(DATA)).expect("data");
+    assert_eq!(got, file_bytes(&tmp, 3 * 512, 512));
+    m.read_slice(&mut got, GuestAddress(DATA + 0x1000))
+        .expect("data");
+    assert_eq!(got, file_bytes(&tmp, 4 * 512, 512));
+}
+
+#[test]
+fn write_then_read_back() {
+    let m = mem();
+    let (tmp, disk) = image(false);
+    let pattern: Vec<u8> = (0..1024).map(|i| (i * 7 % 256) as u8).collect();
+    m.write_slice(&pattern, GuestAddress(DATA))
+        .expect("pattern");
+    header(&m, VIRTIO_BLK_T_OUT, 10);
+    let used = run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 1024, 0),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(used, 1);
+    assert_eq!(file_bytes(&tmp, 10 * 512, 1024), pattern);
+
+    m.write_slice(&[0u8; 1024], GuestAddress(DATA + 0x4000))
+        .expect("clear");
+    header(&m, VIRTIO_BLK_T_IN, 10);
+    let used = run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA + 0x4000, 1024, F_WRITE),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(used, 1025);
+    let mut got = vec![0u8; 1024];
+    m.read_slice(&mut got, GuestAddress(DATA + 0x4000))
+        .expect("data");
+    assert_eq!(got, pattern);
+}
+
+#[test]
+fn flush_ok() {
+    let m = mem();
+    let (_tmp, disk) = image(false);
+    header(&m, VIRTIO_BLK_T_FLUSH, 0);
+    let used = run(&m, &disk, &[desc(HDR, 16, 0), desc(STATUS, 1, F_WRITE)]);
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(used, 1);
+}
+
+#[test]
+fn get_id_returns_serial() {
+    let m = mem();
+    let (_tmp, disk) = image(false);
+    header(&m, VIRTIO_BLK_T_GET_ID, 0);
+    m.write_slice(&[0xaau8; 20], GuestAddress(DATA))
+        .expect("poison");
+    let used = run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 20, F_WRITE),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(used, 21);
+    let mut got = [0u8; 20];
+    m.read_slice(&mut got, GuestAddress(DATA)).expect("id");
+    let mut want = [0u8; 20];
+    want[..17].copy_from_slice(b"skiff-test-serial");
+    assert_eq!(got, want);
+}
+
+fn range(m: &GuestMemoryMmap<()>, sector: u64, count: u32, flags: u32) {
+    let mut r = [0u8; 16];
+    r[0..8].copy_from_slice(&sector.to_le_bytes());
+    r[8..12].copy_from_slice(&count.to_le_bytes());
+    r[12..16].copy_from_slice(&flags.to_le_bytes());
+    m.write_slice(&r, GuestAddress(DATA)).expect("range");
+}
+
+#[test]
+fn discard_and_write_zeroes_read_back_zero() {
+    let m = mem();
+    let (tmp, disk) = image(false);
+    // Write zeroes over sectors 8..16 (block aligned so punch/zero-range cover whole blocks).
+    header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    range(&m, 8, 8, 0);
+    let used = run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 16, 0),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(used, 1);
+    assert_eq!(file_bytes(&tmp, 8 * 512, 8 * 512), vec![0u8; 8 * 512]);
+    // Neighbours untouched.
+    assert_eq!(
+        file_bytes(&tmp, 7 * 512, 512),
+        (7 * 512..8 * 512)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        file_bytes(&tmp, 16 * 512, 512),
+        (16 * 512..17 * 512)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>()
+    );
+
+    // Write zeroes with UNMAP punches a hole, still reads zero.
+    header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    range(&m, 24, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 16, 0),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(file_bytes(&tmp, 24 * 512, 8 * 512), vec![0u8; 8 * 512]);
+
+    // Discard succeeds; size is kept.
+    header(&m, VIRTIO_BLK_T_DISCARD, 0);
+    range(&m, 32, 8, 0);
+    run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 16, 0),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(tmp.as_file().metadata().expect("meta").len(), SECTORS * 512);
+
+    // Discard with the unmap flag is unsupported (spec 5.2.6.2), out-of-range is IOERR.
+    range(&m, 32, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 16, 0),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_UNSUPP as u8);
+    range(&m, SECTORS - 1, 2, 0);
+    run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 16, 0),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+}
+
+#[test]
+fn read_only_rejects_writes() {
+    let m = mem();
+    let (tmp, disk) = image(true);
+    let before = file_bytes(&tmp, 0, 512);
+    m.write_slice(&[0x55u8; 512], GuestAddress(DATA))
+        .expect("data");
+    header(&m, VIRTIO_BLK_T_OUT, 0);
+    let used = run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, 0),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(used, 1);
+    assert_eq!(file_bytes(&tmp, 0, 512), before);
+    for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        header(&m, kind, 0);
+        range(&m, 0, 1, 0);
+        run(
+            &m,
+            &disk,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 16, 0),
+                desc(STATUS, 1, F_WRITE),
+            ],
+        );
+        assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+    }
+    // Reads still work.
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, F_WRITE),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+}
+
+#[test]
+fn unknown_type_is_unsupported() {
+    let m = mem();
+    let (_tmp, disk) = image(false);
+    header(&m, 0x1234, 0);
+    let used = run(&m, &disk, &[desc(HDR, 16, 0), desc(STATUS, 1, F_WRITE)]);
+    assert_eq!(status(&m), VIRTIO_BLK_S_UNSUPP as u8);
+    assert_eq!(used, 1);
+}
+
+#[test]
+fn malformed_chains_fail_without_panic() {
+    let m = mem();
+    let (_tmp, disk) = image(false);
+
+    // Header shorter than 16 bytes.
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    let used = run(&m, &disk, &[desc(HDR, 8, 0), desc(STATUS, 1, F_WRITE)]);
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(used, 1);
+
+    // Only a status descriptor.
+    let used = run(&m, &disk, &[desc(STATUS, 1, F_WRITE)]);
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(used, 1);
+
+    // Sector out of range.
+    header(&m, VIRTIO_BLK_T_IN, SECTORS);
+    let used = run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, F_WRITE),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(used, 1);
+    header(&m, VIRTIO_BLK_T_OUT, u64::MAX);
+    run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, 0),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+
+    // Data buffer outside guest memory.
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(0xff_f000, 512, F_WRITE),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+
+    // Read into a device-readable buffer (wrong direction).
+    run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, 0),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+
+    // Status descriptor not writable: nothing written, used len 0.
+    let used = run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, F_WRITE),
+            desc(STATUS, 1, 0),
+        ],
+    );
+    assert_eq!(used, 0);
+    assert_eq!(status(&m), 0xff);
+
+    // Status byte outside guest memory.
+    let used = run(&m, &disk, &[desc(HDR, 16, 0), desc(0x200_0000, 1, F_WRITE)]);
+    assert_eq!(used, 0);
+}
+
+#[test]
+fn config_space_layout() {
+    let cfg = BlockConfigSpace {
+        capacity: 0x1122_3344_5566,
+        seg_max: 254,
+        num_queues: 4,
+    }
+    .to_bytes();
+    assert_eq!(cfg.len(), std::mem::size_of::<virtio_blk_config>());
+    assert_eq!(&cfg[0..8], &0x1122_3344_5566u64.to_le_bytes());
+    assert_eq!(&cfg[12..16], &254u32.to_le_bytes());
+    assert_eq!(&cfg[20..24], &512u32.to_le_bytes());
+    assert_eq!(&cfg[34..36], &4u16.to_le_bytes());
+    assert_eq!(&cfg[36..40], &MAX_DISCARD_SECTORS.to_le_bytes());
+    assert_eq!(&cfg[40..44], &MAX_DISCARD_SEG.to_le_bytes());
+    assert_eq!(&cfg[48..52], &MAX_DISCARD_SECTORS.to_le_bytes());
+    assert_eq!(cfg[56], 1);
+    assert_eq!(config_slice(&cfg, 34, 2), vec![4, 0]);
+    assert_eq!(config_slice(&cfg, cfg.len() as u32 - 1, 4).len(), 4);
+}
+
+#[test]
+fn lock_conflict_and_missing_image() {
+    let (tmp, _disk) = image(false);
+    let err = DiskImage::open(tmp.as_path(), &DiskOptions::default()).expect_err("locked");
+    assert!(matches!(err, DiskError::Locked(_)), "{err}");
+    let err = DiskImage::open(
+        std::path::Path::new("/nonexistent/skiff.img"),
+        &DiskOptions::default(),
+    )
+    .expect_err("missing");
+    assert!(err.to_string().contains("/nonexistent/skiff.img"), "{err}");
+}

@@ -1,0 +1,377 @@
+//! The raw image file behind skiff-blk: opening and locking it, and the
+//! vectored I/O, flush, discard and write-zeroes primitives on it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use crate::iov::{self, GuestSegment};
+
+/// Size of a virtio-blk sector.
+pub const SECTOR_SIZE: u64 = 512;
+/// Length of the GET_ID serial.
+pub const SERIAL_LEN: usize = 20;
+/// Alignment used for O_DIRECT bounce buffers.
+const DIRECT_ALIGN: usize = 4096;
+/// Maximum iovecs handed to one preadv/pwritev call.
+const IOV_MAX: usize = 1024;
+
+/// Errors raised while opening the image or moving data.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The image file does not exist.
+    #[error("image {0} does not exist")]
+    Missing(PathBuf),
+    /// The image cannot be opened.
+    #[error("cannot open image {path}")]
+    Open {
+        /// Image path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds a conflicting lock.
+    #[error("image {0} is locked by another process")]
+    Locked(PathBuf),
+    /// flock failed for another reason.
+    #[error("cannot lock image {path}")]
+    Lock {
+        /// Image path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The image size cannot be determined.
+    #[error("cannot determine the size of image {path}")]
+    Size {
+        /// Image path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A guest range is not mapped.
+    #[error("guest buffer is not in guest memory")]
+    Guest(#[from] iov::IovError),
+    /// A system call on the image failed.
+    #[error("I/O on the image failed")]
+    Io(#[source] io::Error),
+    /// The file ended before the requested range.
+    #[error("unexpected end of image")]
+    ShortIo,
+}
+
+/// How the image is opened.
+#[derive(Clone, Debug, Default)]
+pub struct DiskOptions {
+    /// Open read-only and take a shared lock.
+    pub read_only: bool,
+    /// Open with O_DIRECT.
+    pub direct: bool,
+    /// GET_ID serial; derived from the file when `None`.
+    pub serial: Option<String>,
+}
+
+/// An open, locked raw image.
+#[derive(Debug)]
+pub struct DiskImage {
+    file: File,
+    size: u64,
+    read_only: bool,
+    direct: bool,
+    serial: [u8; SERIAL_LEN],
+}
+
+#[repr(C, align(4096))]
+struct ZeroPage([u8; 65536]);
+static ZEROES: ZeroPage = ZeroPage([0u8; 65536]);
+
+fn serial_bytes(s: &str) -> [u8; SERIAL_LEN] {
+    let mut out = [0u8; SERIAL_LEN];
+    let b = s.as_bytes();
+    let n = b.len().min(SERIAL_LEN);
+    out[..n].copy_from_slice(&b[..n]);
+    out
+}
+
+impl DiskImage {
+    /// Opens and locks `path`.
+    pub fn open(path: &Path, opts: &DiskOptions) -> Result<Self, DiskError> {
+        if !path.exists() {
+            return Err(DiskError::Missing(path.to_path_buf()));
+        }
+        let mut flags = libc::O_CLOEXEC;
+        if opts.direct {
+            flags |= libc::O_DIRECT;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|source| DiskError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let op = if opts.read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on an fd we own; no memory is passed.
+        let ret = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+        if ret != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(DiskError::Locked(path.to_path_buf()));
+            }
+            return Err(DiskError::Lock {
+                path: path.to_path_buf(),
+                source: err,
+            });
+        }
+        let size_err = |source| DiskError::Size {
+            path: path.to_path_buf(),
+            source,
+        };
+        let size = file.seek(SeekFrom::End(0)).map_err(size_err)?;
+        let meta = file.metadata().map_err(size_err)?;
+        let serial = match &opts.serial {
+            Some(s) => serial_bytes(s),
+            None => serial_bytes(&format!("{:x}-{:x}", meta.dev(), meta.ino())),
+        };
+        Ok(DiskImage {
+            file,
+            size,
+            read_only: opts.read_only,
+            direct: opts.direct,
+            serial,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The 20-byte GET_ID serial (NUL padded).
+    pub fn serial(&self) -> &[u8; SERIAL_LEN] {
+        &self.serial
+    }
+
+    fn aligned(iovs: &[libc::iovec]) -> bool {
+        iovs.iter().all(|v| {
+            (v.iov_base as usize) % SECTOR_SIZE as usize == 0
+                && v.iov_len % SECTOR_SIZE as usize == 0
+        })
+    }
+
+    /// Reads from `offset` into the guest ranges `segs`; returns bytes read.
+    pub fn read_into(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        segs: &[GuestSegment],
+        offset: u64,
+    ) -> Result<usize, DiskError> {
+        let mut iovs = Vec::with_capacity(segs.len());
+        for seg in segs {
+            iov::push_segment(mem, *seg, &mut iovs)?;
+        }
+        if self.direct && !Self::aligned(&iovs) {
+            return self.bounce(mem, segs, offset, false);
+        }
+        self.vectored(&mut iovs, offset, false)
+    }
+
+    /// Writes the guest ranges `segs` at `offset`; returns bytes written.
+    pub fn write_from(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        segs: &[GuestSegment],
+        offset: u64,
+    ) -> Result<usize, DiskError> {
+        let mut iovs = Vec::with_capacity(segs.len());
+        for seg in segs {
+            iov::push_segment(mem, *seg, &mut iovs)?;
+        }
+        if self.direct && !Self::aligned(&iovs) {
+            return self.bounce(mem, segs, offset, true);
+        }
+        self.vectored(&mut iovs, offset, true)
+    }
+
+    /// preadv/pwritev until every iovec is consumed.
+    fn vectored(
+        &self,
+        iovs: &mut [libc::iovec],
+        mut offset: u64,
+        write: bool,
+    ) -> Result<usize, DiskError> {
+        let total = iov::iov_len(iovs);
+        let mut idx = iov::advance(iovs, 0, 0);
+        let mut done = 0usize;
+        while idx < iovs.len() {
+            let end = (idx + IOV_MAX).min(iovs.len());
+            let batch = &iovs[idx..end];
+            let off = libc::off_t::try_from(offset).map_err(|_| DiskError::ShortIo)?;
+            let ret = if write {
+                // SAFETY: the iovecs point into mapped guest memory (kept alive by the
+                // caller's memory guard) and their lengths were bounds-checked by vm-memory.
+                unsafe {
+                    libc::pwritev(
+                        self.file.as_raw_fd(),
+                        batch.as_ptr(),
+                        batch.len() as libc::c_int,
+                        off,
+                    )
+                }
+            } else {
+                // SAFETY: as above; the kernel writes only within each iovec's bounds.
+                unsafe {
+                    libc::preadv(
+                        self.file.as_raw_fd(),
+                        batch.as_ptr(),
+                        batch.len() as libc::c_int,
+                        off,
+                    )
+                }
+            };
+            if ret < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(DiskError::Io(err));
+            }
+            let n = ret as usize;
+            if n == 0 {
+                return Err(DiskError::ShortIo);
+            }
+            done += n;
+            offset += n as u64;
+            idx = iov::advance(iovs, idx, n);
+        }
+        debug_assert_eq!(done, total);
+        Ok(done)
+    }
+
+    /// O_DIRECT path for unaligned guest buffers: go through an aligned buffer.
+    fn bounce(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        segs: &[GuestSegment],
+        offset: u64,
+        write: bool,
+    ) -> Result<usize, DiskError> {
+        let total: usize = segs.iter().map(|s| s.len).sum();
+        let padded = total.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let mut raw = vec![0u8; padded + DIRECT_ALIGN];
+        let skew = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        let buf = &mut raw[skew..skew + padded];
+        if write {
+            let mut pos = 0;
+            for seg in segs {
+                mem.read_slice(&mut buf[pos..pos + seg.len], seg.addr)
+                    .map_err(|_| {
+                        DiskError::Guest(iov::IovError::OutOfGuestMemory {
+                            addr: seg.addr.0,
+                            len: seg.len,
+                        })
+                    })?;
+                pos += seg.len;
+            }
+        }
+        let mut iovs = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: total.div_ceil(SECTOR_SIZE as usize) * SECTOR_SIZE as usize,
+        }];
+        self.vectored(&mut iovs, offset, write)?;
+        if !write {
+            let mut pos = 0;
+            for seg in segs {
+                mem.write_slice(&buf[pos..pos + seg.len], seg.addr)
+                    .map_err(|_| {
+                        DiskError::Guest(iov::IovError::OutOfGuestMemory {
+                            addr: seg.addr.0,
+                            len: seg.len,
+                        })
+                    })?;
+                pos += seg.len;
+            }
+        }
+        Ok(total)
+    }
+
+    /// fdatasync.
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.file.sync_data().map_err(DiskError::Io)
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let len =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: fallocate on an fd we own; no memory is passed.
+        let ret = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Deallocates a byte range (advisory: unsupported filesystems are ignored).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(DiskError::Io(e)),
+        }
+    }
+
+    /// Makes a byte range read back as zeroes.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate(mode, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                    || e.raw_os_error() == Some(libc::ENOSYS) => {}
+            Err(e) => return Err(DiskError::Io(e)),
+        }
+        // Fallback: write zeroes from a static aligned page.
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let chunk = (end - pos).min(ZEROES.0.len() as u64) as usize;
+            let mut iovs = [libc::iovec {
+                iov_base: ZEROES.0.as_ptr().cast_mut().cast(),
+                iov_len: chunk,
+            }];
+            // pwritev only reads from the buffer, so pointing at immutable data is fine.
+            self.vectored(&mut iovs, pos, true)?;
+            pos += chunk as u64;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,210 @@
+//! virtio-net frame movement (virtio 1.2 §5.1) between descriptor chains and
+//! a TAP-like fd, straight from/to guest memory with readv/writev, plus the
+//! control queue and the configuration space.
+
+use std::io;
+use std::mem::{offset_of, size_of};
+use std::ops::Deref;
+use std::os::fd::RawFd;
+
+use virtio_bindings::virtio_net::{
+    virtio_net_config, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR,
+    VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::iov::{self, GuestSegment};
+use crate::tap::VNET_HDR_LEN;
+
+/// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
+const NUM_BUFFERS_OFFSET: usize = 10;
+
+/// Errors moving frames.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The fd has no frame to read / no room to write right now.
+    #[error("operation would block")]
+    WouldBlock,
+    /// The descriptor chain cannot carry a frame.
+    #[error("bad descriptor chain: {0}")]
+    BadChain(&'static str),
+    /// A buffer is outside guest memory.
+    #[error("guest buffer is not in guest memory")]
+    Guest(#[from] iov::IovError),
+    /// Writing into guest memory failed.
+    #[error("cannot write the virtio-net header into guest memory")]
+    GuestWrite,
+    /// readv/writev failed.
+    #[error("TAP I/O failed")]
+    Io(#[source] io::Error),
+}
+
+fn segments<M>(
+    chain: &mut DescriptorChain<M>,
+    device_writes: bool,
+) -> Result<Vec<GuestSegment>, NetError>
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let descs: Vec<Descriptor> = chain.by_ref().collect();
+    if descs.is_empty() {
+        return Err(NetError::BadChain("empty chain"));
+    }
+    descs
+        .iter()
+        .map(|d| {
+            if d.is_write_only() == device_writes {
+                Ok(GuestSegment {
+                    addr: d.addr(),
+                    len: d.len() as usize,
+                })
+            } else {
+                Err(NetError::BadChain("descriptor has the wrong direction"))
+            }
+        })
+        .collect()
+}
+
+fn to_iovecs(
+    mem: &GuestMemoryMmap<()>,
+    segs: &[GuestSegment],
+) -> Result<Vec<libc::iovec>, NetError> {
+    let mut iovs = Vec::with_capacity(segs.len());
+    for seg in segs {
+        iov::push_segment(mem, *seg, &mut iovs)?;
+    }
+    if iov::iov_len(&iovs) < VNET_HDR_LEN {
+        return Err(NetError::BadChain(
+            "buffer smaller than the virtio-net header",
+        ));
+    }
+    Ok(iovs)
+}
+
+fn check(ret: isize) -> Result<usize, NetError> {
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::WouldBlock {
+            return Err(NetError::WouldBlock);
+        }
+        return Err(NetError::Io(err));
+    }
+    Ok(ret as usize)
+}
+
+/// Reads one frame (virtio-net header included) from `fd` into the
+/// device-writable buffers of an rx chain and sets `num_buffers = 1`.
+/// Returns the used length.
+pub fn rx_frame<M>(fd: RawFd, chain: &mut DescriptorChain<M>) -> Result<u32, NetError>
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let segs = segments(chain, true)?;
+    let mem: &GuestMemoryMmap<()> = chain.memory();
+    let iovs = to_iovecs(mem, &segs)?;
+    let n = loop {
+        let cnt = libc::c_int::try_from(iovs.len())
+            .map_err(|_| NetError::BadChain("too many buffers"))?;
+        // SAFETY: the iovecs point into mapped guest memory checked by vm-memory and kept
+        // alive by the chain's memory guard; the kernel writes only within their bounds.
+        let ret = unsafe { libc::readv(fd, iovs.as_ptr(), cnt) };
+        match check(ret) {
+            Err(NetError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => break other?,
+        }
+    };
+    if n < VNET_HDR_LEN {
+        return Err(NetError::BadChain("short frame from TAP"));
+    }
+    for (i, byte) in 1u16.to_le_bytes().iter().enumerate() {
+        let addr: GuestAddress =
+            iov::addr_at(&segs, NUM_BUFFERS_OFFSET + i).ok_or(NetError::GuestWrite)?;
+        mem.write_obj(*byte, addr)
+            .map_err(|_| NetError::GuestWrite)?;
+    }
+    u32::try_from(n).map_err(|_| NetError::BadChain("frame too long"))
+}
+
+/// Writes the device-readable buffers of a tx chain (header included) to `fd`
+/// as one frame. Returns the number of bytes written.
+pub fn tx_frame<M>(fd: RawFd, chain: &mut DescriptorChain<M>) -> Result<usize, NetError>
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let segs = segments(chain, false)?;
+    let mem: &GuestMemoryMmap<()> = chain.memory();
+    let iovs = to_iovecs(mem, &segs)?;
+    loop {
+        let cnt = libc::c_int::try_from(iovs.len())
+            .map_err(|_| NetError::BadChain("too many buffers"))?;
+        // SAFETY: the iovecs point into mapped guest memory checked by vm-memory; writev
+        // only reads from them.
+        let ret = unsafe { libc::writev(fd, iovs.as_ptr(), cnt) };
+        match check(ret) {
+            Err(NetError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Handles one control-queue command; returns the used length (0 when no
+/// ack byte can be written).
+pub fn ctrl_command<M>(chain: &mut DescriptorChain<M>, max_pairs: u16) -> u32
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let descs: Vec<Descriptor> = chain.by_ref().collect();
+    let mem: &GuestMemoryMmap<()> = chain.memory();
+    let Some(ack) = descs
+        .iter()
+        .rev()
+        .find(|d| d.is_write_only() && d.len() > 0)
+    else {
+        return 0;
+    };
+    let ack_addr = GuestAddress(ack.addr().0.wrapping_add(u64::from(ack.len()) - 1));
+    if !GuestMemoryBackend::check_range(mem, ack_addr, 1) {
+        return 0;
+    }
+    let mut cmd = [0u8; 4];
+    let mut got = 0;
+    for d in descs.iter().filter(|d| !d.is_write_only()) {
+        let take = (cmd.len() - got).min(d.len() as usize);
+        if mem.read_slice(&mut cmd[got..got + take], d.addr()).is_err() {
+            break;
+        }
+        got += take;
+        if got == cmd.len() {
+            break;
+        }
+    }
+    let pairs = u16::from_le_bytes([cmd[2], cmd[3]]);
+    let ok = got == cmd.len()
+        && u32::from(cmd[0]) == VIRTIO_NET_CTRL_MQ
+        && u32::from(cmd[1]) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
+        && (1..=max_pairs).contains(&pairs);
+    let status = if ok { VIRTIO_NET_OK } else { VIRTIO_NET_ERR } as u8;
+    match mem.write_obj(status, ack_addr) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
+}
+
+/// Serializes `struct virtio_net_config`, little endian.
+pub fn config_bytes(mac: Option<[u8; 6]>, max_pairs: u16) -> Vec<u8> {
+    let mut b = vec![0u8; size_of::<virtio_net_config>()];
+    if let Some(mac) = mac {
+        b[offset_of!(virtio_net_config, mac)..][..6].copy_from_slice(&mac);
+    }
+    b[offset_of!(virtio_net_config, status)..][..2]
+        .copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    b[offset_of!(virtio_net_config, max_virtqueue_pairs)..][..2]
+        .copy_from_slice(&max_pairs.to_le_bytes());
+    b
+}
+
+#[cfg(test)]
+#[path = "net_tests.rs"]
+mod tests;

@@ -1,0 +1,486 @@
+//! vhost-user backend for virtio-net: one TAP and one worker thread per
+//! queue pair (queue 2k = rx, 2k+1 = tx), plus a control queue when there is
+//! more than one pair (Linux requires CTRL_VQ for MQ).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{error, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_STATUS,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::block::config_slice;
+use crate::net::{self, NetError};
+use crate::tap::{offload_flags, Tap, TapError};
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Vring type used by the net backend.
+pub type NetVring = VringRwLock<Mem>;
+
+/// Most queue pairs (TAPs) skiff-net serves.
+pub const MAX_PAIRS: usize = 16;
+
+/// Errors raised by the net backend.
+#[derive(Debug, thiserror::Error)]
+pub enum NetBackendError {
+    /// A TAP cannot be used.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// Bad command-line value.
+    #[error("invalid {0}")]
+    InvalidArgument(String),
+    /// The vhost-user daemon could not be created or failed.
+    #[error("vhost-user daemon failed: {0}")]
+    Daemon(String),
+    /// The TAP fd cannot be added to a worker's epoll.
+    #[error("cannot register TAP {0} with the worker")]
+    Register(String, #[source] io::Error),
+    /// An event arrived for an unknown source.
+    #[error("unexpected event {0} on thread {1}")]
+    UnknownEvent(u16, usize),
+    /// A vring operation failed.
+    #[error("vring operation failed")]
+    Vring(#[source] virtio_queue::Error),
+    /// Signalling the guest failed.
+    #[error("cannot signal the guest")]
+    Signal(#[source] io::Error),
+}
+
+/// Everything skiff-net needs to start.
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// TAP names, one per queue pair.
+    pub taps: Vec<String>,
+    /// MAC address for the config space.
+    pub mac: Option<[u8; 6]>,
+    /// Maximum queue size.
+    pub queue_size: u16,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("MAC {s:?} must have six ':'-separated bytes"));
+    }
+    let mut mac = [0u8; 6];
+    for (out, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(format!("MAC {s:?} has a bad byte {p:?}"));
+        }
+        *out = u8::from_str_radix(p, 16).map_err(|_| format!("MAC {s:?} has a bad byte {p:?}"))?;
+    }
+    Ok(mac)
+}
+
+fn ready(vring: &NetVring) -> bool {
+    let state = vring.get_ref();
+    state.get_queue().ready() && state.is_enabled()
+}
+
+/// virtio-net device state shared by all worker threads.
+pub struct NetBackend {
+    taps: Vec<Tap>,
+    mac: Option<[u8; 6]>,
+    queue_size: u16,
+    event_idx: AtomicBool,
+    mem: Mutex<Mem>,
+    config: Vec<u8>,
+    /// Held by a worker while it processes its queues, so that `stop_vring`
+    /// (GET_VRING_BASE) waits for the frame being moved.
+    busy: Vec<Mutex<()>>,
+}
+
+impl NetBackend {
+    /// Creates the backend over opened TAPs.
+    pub fn new(taps: Vec<Tap>, mac: Option<[u8; 6]>, queue_size: u16, mem: Mem) -> Self {
+        let pairs = taps.len() as u16;
+        NetBackend {
+            config: net::config_bytes(mac, pairs),
+            taps,
+            mac,
+            queue_size,
+            event_idx: AtomicBool::new(false),
+            mem: Mutex::new(mem),
+            busy: (0..=pairs).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    fn pairs(&self) -> usize {
+        self.taps.len()
+    }
+
+    fn has_ctrl(&self) -> bool {
+        self.pairs() > 1
+    }
+
+    /// Event id of a pair's TAP on its worker's epoll (beyond the queue and exit ids).
+    pub fn tap_event(&self) -> u16 {
+        self.num_queues() as u16 + 1
+    }
+
+    fn memory(&self) -> Mem {
+        match self.mem.lock() {
+            Ok(m) => m.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn signal(&self, vring: &NetVring) -> Result<(), NetBackendError> {
+        if vring.needs_notification().map_err(NetBackendError::Vring)? {
+            vring.signal_used_queue().map_err(NetBackendError::Signal)?;
+        }
+        Ok(())
+    }
+
+    /// Moves frames from the TAP into rx buffers until either runs dry.
+    fn process_rx(&self, tap: &Tap, vring: &NetVring) -> Result<(), NetBackendError> {
+        if !ready(vring) {
+            return Ok(());
+        }
+        let mem = self.memory().memory();
+        let mut used = false;
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(mut chain) = chain else {
+                // No rx buffers: stop reading; the guest's next kick resumes us.
+                if vring
+                    .enable_notification()
+                    .map_err(NetBackendError::Vring)?
+                {
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            match net::rx_frame(tap.as_raw_fd(), &mut chain) {
+                Ok(len) => {
+                    vring.add_used(head, len).map_err(NetBackendError::Vring)?;
+                    used = true;
+                }
+                Err(NetError::WouldBlock) => {
+                    vring.get_mut().get_queue_mut().go_to_previous_position();
+                    break;
+                }
+                Err(e @ NetError::Io(_)) => {
+                    warn!("TAP {} read: {}", tap.name(), crate::error_chain(&e));
+                    vring.get_mut().get_queue_mut().go_to_previous_position();
+                    break;
+                }
+                Err(e) => {
+                    warn!("rx chain {head} dropped: {}", crate::error_chain(&e));
+                    vring.add_used(head, 0).map_err(NetBackendError::Vring)?;
+                    used = true;
+                }
+            }
+        }
+        if used {
+            self.signal(vring)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every available tx chain to the TAP; on EAGAIN leaves the chain
+    /// queued and waits for EPOLLOUT.
+    fn process_tx(&self, tap: &Tap, vring: &NetVring) -> Result<(), NetBackendError> {
+        if !ready(vring) {
+            return Ok(());
+        }
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mem = self.memory().memory();
+        loop {
+            if event_idx {
+                vring
+                    .disable_notification()
+                    .map_err(NetBackendError::Vring)?;
+            }
+            let mut used = false;
+            let mut blocked = false;
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(mut chain) = chain else { break };
+                let head = chain.head_index();
+                match net::tx_frame(tap.as_raw_fd(), &mut chain) {
+                    Ok(_) => {}
+                    Err(NetError::WouldBlock) => {
+                        vring.get_mut().get_queue_mut().go_to_previous_position();
+                        blocked = true;
+                        break;
+                    }
+                    Err(e) => warn!(
+                        "tx frame dropped on TAP {}: {}",
+                        tap.name(),
+                        crate::error_chain(&e)
+                    ),
+                }
+                vring.add_used(head, 0).map_err(NetBackendError::Vring)?;
+                used = true;
+            }
+            if used {
+                self.signal(vring)?;
+            }
+            if blocked || !event_idx {
+                break;
+            }
+            if !vring
+                .enable_notification()
+                .map_err(NetBackendError::Vring)?
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn process_ctrl(&self, vring: &NetVring) -> Result<(), NetBackendError> {
+        let mem = self.memory().memory();
+        let mut used = false;
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(mut chain) = chain else { break };
+            let head = chain.head_index();
+            let len = net::ctrl_command(&mut chain, self.pairs() as u16);
+            vring.add_used(head, len).map_err(NetBackendError::Vring)?;
+            used = true;
+        }
+        if used {
+            self.signal(vring)?;
+        }
+        Ok(())
+    }
+
+    fn dispatch(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[NetVring],
+        thread_id: usize,
+    ) -> Result<(), NetBackendError> {
+        let unknown = || NetBackendError::UnknownEvent(device_event, thread_id);
+        if thread_id >= self.pairs() {
+            let ctrl = vrings.first().ok_or_else(unknown)?;
+            return self.process_ctrl(ctrl);
+        }
+        let tap = &self.taps[thread_id];
+        let (rx, tx) = match vrings {
+            [rx, tx, ..] => (rx, tx),
+            _ => return Err(unknown()),
+        };
+        match device_event {
+            0 => self.process_rx(tap, rx),
+            1 => self.process_tx(tap, tx),
+            e if e == self.tap_event() => {
+                if evset.contains(EventSet::OUT) {
+                    self.process_tx(tap, tx)?;
+                }
+                if evset.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                    self.process_rx(tap, rx)?;
+                }
+                Ok(())
+            }
+            _ => Err(unknown()),
+        }
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = NetVring;
+
+    fn num_queues(&self) -> usize {
+        2 * self.pairs() + usize::from(self.has_ctrl())
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_NET_F_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_GUEST_TSO6)
+            | (1 << VIRTIO_NET_F_GUEST_UFO)
+            | (1 << VIRTIO_NET_F_HOST_TSO4)
+            | (1 << VIRTIO_NET_F_HOST_TSO6)
+            | (1 << VIRTIO_NET_F_HOST_UFO)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.mac.is_some() {
+            f |= 1 << VIRTIO_NET_F_MAC;
+        }
+        if self.has_ctrl() {
+            f |= (1 << VIRTIO_NET_F_MQ) | (1 << VIRTIO_NET_F_CTRL_VQ);
+        }
+        f
+    }
+
+    fn acked_features(&self, features: u64) {
+        let flags = offload_flags(features);
+        for tap in &self.taps {
+            if let Err(e) = tap.set_offload(flags) {
+                error!("{}", crate::error_chain(&e));
+            }
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        config_slice(&self.config, offset, size)
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        match self.mem.lock() {
+            Ok(mut m) => *m = mem,
+            Err(poisoned) => *poisoned.into_inner() = mem,
+        }
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // Queue 2k and 2k+1 belong to worker k, the control queue to the last one.
+        if let Some(m) = self.busy.get(queue_index as usize / 2) {
+            drop(m.lock());
+        }
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Each worker gets its own exit event so the daemon can join it on disconnect.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let mut threads: Vec<u64> = (0..self.pairs()).map(|k| 0b11u64 << (2 * k)).collect();
+        if self.has_ctrl() {
+            threads.push(1u64 << (2 * self.pairs()));
+        }
+        threads
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[NetVring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let _busy = self.busy.get(thread_id).map(|m| m.lock());
+        self.dispatch(device_event, evset, vrings, thread_id)
+            .map_err(|e| {
+                error!("{}", crate::error_chain(&e));
+                io::Error::other(e)
+            })
+    }
+}
+
+/// Opens the TAPs, listens on the socket and serves one frontend until it disconnects.
+pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
+    if opts.taps.is_empty() || opts.taps.len() > MAX_PAIRS {
+        return Err(NetBackendError::InvalidArgument(format!(
+            "number of --tap (1..={MAX_PAIRS})"
+        )));
+    }
+    if opts.queue_size == 0 || !opts.queue_size.is_power_of_two() || opts.queue_size > 32768 {
+        return Err(NetBackendError::InvalidArgument(
+            "--queue-size (power of two up to 32768)".into(),
+        ));
+    }
+    let taps = opts
+        .taps
+        .iter()
+        .map(|name| Tap::open(name))
+        .collect::<Result<Vec<_>, _>>()?;
+    info!(
+        "TAP {} with {} queue pair(s)",
+        opts.taps.join(","),
+        taps.len()
+    );
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(NetBackend::new(
+        taps,
+        opts.mac,
+        opts.queue_size,
+        mem.clone(),
+    ));
+    let mut daemon = VhostUserDaemon::new("skiff-net".to_string(), backend.clone(), mem)
+        .map_err(|e| NetBackendError::Daemon(e.to_string()))?;
+    let handlers = daemon.get_epoll_handlers();
+    for (tap, handler) in backend.taps.iter().zip(handlers.iter()) {
+        handler
+            .register_listener(
+                tap.as_raw_fd(),
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                u64::from(backend.tap_event()),
+            )
+            .map_err(|e| NetBackendError::Register(tap.name().to_string(), e))?;
+    }
+    info!("listening on {}", opts.socket.display());
+    daemon
+        .serve(&opts.socket)
+        .map_err(|e| NetBackendError::Daemon(e.to_string()))?;
+    info!("frontend disconnected");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("52:54:00:ab:CD:ef"),
+            Ok([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
+        );
+        assert!(parse_mac("52:54:00:ab:cd").is_err());
+        assert!(parse_mac("52:54:00:ab:cd:zz").is_err());
+        assert!(parse_mac("525:4:00:ab:cd:ef").is_err());
+    }
+}
