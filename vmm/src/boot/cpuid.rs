@@ -10,20 +10,12 @@ const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 EDX: hyper-threading (the logical-processor count field is valid).
 const EDX_HTT: u32 = 1 << 28;
 
-/// Leaf 7 ECX: protection keys (PKU) and OS support for them (OSPKE).
-const ECX_PKU_OSPKE: u32 = (1 << 3) | (1 << 4);
-/// XCR0 bit of the PKRU state component.
-const XFEATURE_PKRU: u32 = 1 << 9;
-/// Size of the legacy XSAVE area plus header.
-const XSAVE_LEGACY_SIZE: u32 = 576;
-
 fn bits_for(n: u32) -> u32 {
     32 - (n.max(1) - 1).leading_zeros()
 }
 
 /// Adjusts `cpuid` (KVM's supported set) for vCPU `index` of `count`.
 pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, tsc_deadline: bool) {
-    normalize_xsave(cpuid);
     let count = u32::from(count);
     let apic_id = u32::from(index);
     let core_bits = bits_for(count);
@@ -47,7 +39,6 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, tsc_deadline: bool) {
                 let sharing = if cache_level >= 3 { count - 1 } else { 0 };
                 e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((count - 1) << 26);
             }
-            0x7 if e.index == 0 => e.ecx &= !ECX_PKU_OSPKE,
             0x6 => {
                 // No power management (APERF/MPERF, turbo) inside the guest.
                 e.eax = 0;
@@ -90,41 +81,6 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, tsc_deadline: bool) {
     }
 }
 
-/// Makes leaf 0xD describe exactly the state components the guest will enable.
-///
-/// KVM reports EBX of leaf 0xD.0 for the XCR0 in force at reset (576 bytes) and does not
-/// always refresh it when the guest sets XCR0, so Linux warns "XSAVE consistency problem"
-/// and falls back to FXSAVE. skiff hides PKRU (the guest sees no PKU) and sets EBX to the
-/// size of every remaining supported component, which is what Linux enables.
-fn normalize_xsave(cpuid: &mut CpuId) {
-    let entries = cpuid.as_mut_slice();
-    let Some(mask) = entries
-        .iter()
-        .find(|e| e.function == 0xd && e.index == 0)
-        .map(|e| e.eax & !XFEATURE_PKRU)
-    else {
-        return;
-    };
-    let size = entries
-        .iter()
-        .filter(|e| e.function == 0xd && e.index >= 2 && e.index < 32 && mask & (1 << e.index) != 0)
-        .map(|e| e.ebx + e.eax)
-        .fold(XSAVE_LEGACY_SIZE, u32::max);
-    for e in entries.iter_mut().filter(|e| e.function == 0xd) {
-        match e.index {
-            0 => {
-                e.eax = mask;
-                e.ebx = size;
-            }
-            9 => {
-                e.eax = 0;
-                e.ebx = 0;
-            }
-            _ => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,44 +113,5 @@ mod tests {
         assert_eq!(e[1].edx, 3);
         assert_eq!(e[2].ebx, 4);
         assert_eq!(e[2].eax, 2);
-    }
-
-    #[test]
-    fn xsave_size_matches_advertised_components() {
-        let entries = [
-            kvm_cpuid_entry2 {
-                function: 0xd,
-                index: 0,
-                eax: 0x207,
-                ebx: 576,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xd,
-                index: 2,
-                eax: 256,
-                ebx: 576,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xd,
-                index: 9,
-                eax: 8,
-                ebx: 0xa80,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 7,
-                index: 0,
-                ecx: 0x18,
-                ..Default::default()
-            },
-        ];
-        let mut cpuid = CpuId::from_entries(&entries).unwrap();
-        configure(&mut cpuid, 0, 1, false);
-        let e = cpuid.as_slice();
-        assert_eq!((e[0].eax, e[0].ebx), (0x7, 832));
-        assert_eq!(e[2].eax, 0);
-        assert_eq!(e[3].ecx, 0);
     }
 }
