@@ -7,8 +7,8 @@ use vmm_sys_util::eventfd::EventFd;
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest rebooted or powered off (i8042 reset, triple fault, system event).
-    Reset,
+    /// The guest rebooted or powered off; how (i8042 reset, triple fault, system event).
+    Reset(String),
     /// A vCPU halted with interrupts off.
     Halted,
     /// The guest kernel panicked; the console line that said so.

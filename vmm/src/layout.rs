@@ -6,7 +6,8 @@
 //! 0x0000_7000  Linux zero page (boot_params)
 //! 0x0000_8ff0  boot stack    0x0000_9000 PML4, 0xa000 PDPT, 0xb000 PD (1 GiB identity map)
 //! 0x0002_0000  kernel command line (up to 2 KiB)
-//! 0x0009_fc00  EBDA: MP table
+//! 0x0009_fc00  EBDA (reserved)
+//! 0x000f_0000  MP table (BIOS area, where the guest searches for it)
 //! 0x0010_0000  high memory: kernel, then initrd near the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole: virtio-mmio devices from 0xd000_0000, IOAPIC, LAPIC
 //! 0x1_0000_0000 RAM above 3 GiB continues here
@@ -38,6 +39,8 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area, where the MP table lives.
 pub const EBDA_START: u64 = 0x9fc00;
+/// MP floating pointer and configuration table.
+pub const MPTABLE_START: u64 = 0xf_0000;
 /// Start of high memory: the kernel is loaded at or above it.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole.

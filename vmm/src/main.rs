@@ -251,8 +251,8 @@ fn main() -> ExitCode {
             eprintln!("skiff: guest kernel panicked: {line}");
             ExitCode::from(3)
         }
-        (Ok(ExitReason::Reset), None) => {
-            log::info!("guest rebooted; exiting");
+        (Ok(ExitReason::Reset(how)), None) => {
+            log::info!("guest rebooted ({how}); exiting");
             ExitCode::SUCCESS
         }
         (Ok(ExitReason::Halted), None) => {

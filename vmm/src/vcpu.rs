@@ -44,7 +44,10 @@ impl Vcpu {
                     VcpuExit::IoIn(port, data) => self.bus.pio_read(port, data),
                     VcpuExit::IoOut(port, data) => {
                         if self.bus.pio_write(port, data) == BusAction::Reset {
-                            self.exit.report(ExitReason::Reset);
+                            self.exit.report(ExitReason::Reset(format!(
+                                "vCPU {}: i8042 reset command",
+                                self.index
+                            )));
                         }
                     }
                     VcpuExit::MmioRead(addr, data) => self.bus.mmio_read(addr, data),
@@ -53,10 +56,18 @@ impl Vcpu {
                         log::debug!("vcpu{}: HLT with interrupts off", self.index);
                         self.exit.report(ExitReason::Halted);
                     }
-                    VcpuExit::Shutdown => self.exit.report(ExitReason::Reset),
+                    VcpuExit::Shutdown => {
+                        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                        self.exit.report(ExitReason::Reset(format!(
+                            "vCPU {}: triple fault (KVM_EXIT_SHUTDOWN) at rip {rip:#x}",
+                            self.index
+                        )));
+                    }
                     VcpuExit::SystemEvent(kind, _) => {
-                        log::debug!("vcpu{}: system event {kind}", self.index);
-                        self.exit.report(ExitReason::Reset);
+                        self.exit.report(ExitReason::Reset(format!(
+                            "vCPU {}: KVM system event {kind}",
+                            self.index
+                        )));
                     }
                     VcpuExit::InternalError => {
                         self.exit.report(ExitReason::KvmFailure(format!(

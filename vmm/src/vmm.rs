@@ -2,7 +2,6 @@
 //! input, SIGTERM/SIGINT, device-process deaths, the guest's end), then a clean teardown.
 
 use std::collections::VecDeque;
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
@@ -79,15 +78,18 @@ pub fn run(
     console: &ConsoleConfig,
     signals: &OwnedFd,
 ) -> Result<ExitReason, VmmError> {
-    install_kick_handler().map_err(|e| {
+    let mut handles: Vec<JoinHandle<()>> = Vec::new();
+    // On any error below the VM is still torn down: device processes reaped, sockets removed.
+    let mut result = install_kick_handler().map_err(|e| {
         VmmError::EventLoop(
             "the vCPU kick signal",
             std::io::Error::from_raw_os_error(e.errno()),
         )
-    })?;
-    let mut handles: Vec<JoinHandle<()>> = Vec::new();
-    let mut result = Ok(());
+    });
     for vcpu in vm.vcpus.drain(..) {
+        if result.is_err() {
+            break;
+        }
         match std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index))
             .spawn(move || vcpu.run())
@@ -207,7 +209,13 @@ fn event_loop(
                 }
                 TOKEN_STDIN => {
                     let mut buf = [0u8; 256];
-                    match std::io::stdin().lock().read(&mut buf) {
+                    // Straight from the fd: std's buffered stdin would keep bytes that epoll
+                    // then never reports again.
+                    // SAFETY: valid fd and buffer of buf.len() bytes.
+                    let n = unsafe {
+                        libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len())
+                    };
+                    match usize::try_from(n) {
                         Ok(0) | Err(_) => {
                             ctl(
                                 &epoll,

@@ -37,7 +37,7 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, tsc_deadline: bool) {
                 // Deterministic cache parameters: cores per package and sharing.
                 let cache_level = (e.eax >> 5) & 0x7;
                 let sharing = if cache_level >= 3 { count - 1 } else { 0 };
-                e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((count - 1) << 26);
+                e.eax = (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | ((count - 1).min(63) << 26);
             }
             0x6 => {
                 // No power management (APERF/MPERF, turbo) inside the guest.

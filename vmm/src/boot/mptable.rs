@@ -3,7 +3,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{APIC_ADDR, EBDA_START, IOAPIC_ADDR, IRQ_MAX};
+use crate::layout::{APIC_ADDR, HIMEM_START, IOAPIC_ADDR, IRQ_MAX, MPTABLE_START};
 
 /// Errors writing the MP table.
 #[derive(Debug, thiserror::Error)]
@@ -12,7 +12,7 @@ pub enum MptableError {
     #[error("{0} vCPUs do not fit in an MP table (at most 254)")]
     TooManyCpus(u8),
     /// The table does not fit in the EBDA.
-    #[error("the MP table ({0} bytes) does not fit below 640 KiB")]
+    #[error("the MP table ({0} bytes) does not fit below 1 MiB")]
     TooBig(usize),
     /// Guest memory write failed.
     #[error("cannot write the MP table into guest memory")]
@@ -48,7 +48,7 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     if num_cpus > 254 {
         return Err(MptableError::TooManyCpus(num_cpus));
     }
-    let table_addr = EBDA_START as u32 + 16;
+    let table_addr = MPTABLE_START as u32 + 16;
     let ioapic_id = num_cpus;
     let mut entries: Vec<u8> = Vec::new();
     let mut count: u16 = 0;
@@ -131,16 +131,16 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
 
     let mut out = mpf;
     out.extend_from_slice(&table);
-    if EBDA_START as usize + out.len() > 0xa0000 {
+    if MPTABLE_START as usize + out.len() > HIMEM_START as usize {
         return Err(MptableError::TooBig(out.len()));
     }
     Ok(out)
 }
 
-/// Writes the MP table for `num_cpus` vCPUs at the EBDA.
+/// Writes the MP table for `num_cpus` vCPUs in the BIOS area.
 pub fn setup(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableError> {
     let bytes = build(num_cpus)?;
-    mem.write_slice(&bytes, GuestAddress(EBDA_START))
+    mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
         .map_err(MptableError::GuestMemory)
 }
 
@@ -167,5 +167,7 @@ mod tests {
     #[test]
     fn too_many_cpus() {
         assert!(build(255).is_err());
+        // The largest VM fits in the BIOS area.
+        assert!(build(254).unwrap().len() < (HIMEM_START - MPTABLE_START) as usize);
     }
 }

@@ -264,10 +264,9 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.active {
-            if let Err(e) = self.device.reset() {
-                log::error!("{}: reset failed: {e}", self.name);
-            }
+        // Also after a failed activation: queues it started in the backend must stop.
+        if let Err(e) = self.device.reset() {
+            log::error!("{}: reset failed: {e}", self.name);
         }
         self.active = false;
         self.status = 0;

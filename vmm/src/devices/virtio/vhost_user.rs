@@ -319,8 +319,10 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn reset(&mut self) -> Result<(), VirtioError> {
+        let rings_need_enable =
+            self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
         for i in std::mem::take(&mut self.started) {
-            if self.protocol.bits() != 0 {
+            if rings_need_enable {
                 kreq("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, false))?;
             }
             kreq("GET_VRING_BASE", self.frontend.get_vring_base(i))?;
