@@ -12,7 +12,7 @@ use tests::runner::{self, Kind, Test};
 use tests::{ensure, guest_artifacts, host, DriveSpec, NetSpec, Result, TestDir, TestVm, VmConfig};
 
 /// Generous: inside the nested test host everything runs under TCG.
-const BOOT: Duration = Duration::from_secs(150);
+const BOOT: Duration = Duration::from_secs(60);
 const CMD: Duration = Duration::from_secs(120);
 const LONG: Duration = Duration::from_secs(900);
 const EXIT: Duration = Duration::from_secs(120);
@@ -64,10 +64,35 @@ fn vmlinux() -> Result<std::path::PathBuf> {
     Ok(guest_artifacts()?.vmlinux())
 }
 
+/// Boots `cfg` to the guest's GUEST-READY line.
+///
+/// Known issue: in the nested test host (QEMU TCG emulating AMD-V, with a nested KVM) about
+/// one guest boot in thirty stops before userspace (an early reset or a stall), at varying
+/// points of the kernel's boot, with skiff and device processes healthy; QEMU's guests in the
+/// same host show the same nested-KVM anomalies (see the README's limits). There, and only
+/// there, a boot that fails *before* userspace is retried once, after printing a RETRY line
+/// with the first attempt's console and skiff's stderr (which names the reset cause). A
+/// second failure, any failure after userspace, and any failure on a host with real VT-x/AMD-V
+/// fail the test.
 fn boot(cfg: &VmConfig, dir: &TestDir) -> Result<TestVm> {
     let mut vm = TestVm::start(cfg, dir)?;
-    vm.wait_ready(BOOT)?;
-    Ok(vm)
+    match vm.wait_ready(BOOT) {
+        Ok(()) => Ok(vm),
+        Err(first)
+            if std::env::var("SKIFF_IN_NESTED").is_ok_and(|v| v == "1")
+                && !vm.console_text().contains("GUEST-READY") =>
+        {
+            let diag = vm.diagnostics();
+            drop(vm);
+            eprintln!(
+                "RETRY (nested host): the guest did not reach userspace: {first}{diag}\nRETRY: booting once more"
+            );
+            let mut vm = TestVm::start(cfg, dir)?;
+            vm.wait_ready(BOOT)?;
+            Ok(vm)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The last non-empty line of a command's output.
