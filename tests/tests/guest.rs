@@ -70,28 +70,28 @@ fn vmlinux() -> Result<std::path::PathBuf> {
 /// one guest boot in thirty stops before userspace (an early reset or a stall), at varying
 /// points of the kernel's boot, with skiff and device processes healthy; QEMU's guests in the
 /// same host show the same nested-KVM anomalies (see the README's limits). There, and only
-/// there, a boot that fails *before* userspace is retried once, after printing a RETRY line
-/// with the first attempt's console and skiff's stderr (which names the reset cause). A
-/// second failure, any failure after userspace, and any failure on a host with real VT-x/AMD-V
+/// there, a boot that fails *before* userspace is retried (at most twice, 3 s apart), after printing a RETRY line
+/// with the failed attempt's console and skiff's stderr (which names the reset cause). A
+/// third failure, any failure after userspace, and any failure on a host with real VT-x/AMD-V
 /// fail the test.
 fn boot(cfg: &VmConfig, dir: &TestDir) -> Result<TestVm> {
-    let mut vm = TestVm::start(cfg, dir)?;
-    match vm.wait_ready(BOOT) {
-        Ok(()) => Ok(vm),
-        Err(first)
-            if std::env::var("SKIFF_IN_NESTED").is_ok_and(|v| v == "1")
-                && !vm.console_text().contains("GUEST-READY") =>
-        {
-            let diag = vm.diagnostics();
-            drop(vm);
-            eprintln!(
-                "RETRY (nested host): the guest did not reach userspace: {first}{diag}\nRETRY: booting once more"
-            );
-            let mut vm = TestVm::start(cfg, dir)?;
-            vm.wait_ready(BOOT)?;
-            Ok(vm)
+    let nested = std::env::var("SKIFF_IN_NESTED").is_ok_and(|v| v == "1");
+    let mut attempt = 1;
+    loop {
+        let mut vm = TestVm::start(cfg, dir)?;
+        match vm.wait_ready(BOOT) {
+            Ok(()) => return Ok(vm),
+            Err(e) if nested && attempt < 3 && !vm.console_text().contains("GUEST-READY") => {
+                let diag = vm.diagnostics();
+                drop(vm);
+                eprintln!(
+                    "RETRY (nested host, attempt {attempt}): the guest did not reach userspace: {e}{diag}\nRETRY: booting again in 3 s"
+                );
+                std::thread::sleep(Duration::from_secs(3));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) => Err(e),
     }
 }
 
