@@ -66,10 +66,10 @@ fn vmlinux() -> Result<std::path::PathBuf> {
 
 /// Boots `cfg` to the guest's GUEST-READY line.
 ///
-/// Known issue: in the nested test host (QEMU TCG emulating AMD-V, with a nested KVM) about
-/// one guest boot in thirty stops before userspace (an early reset or a stall), at varying
-/// points of the kernel's boot, with skiff and device processes healthy; QEMU's guests in the
-/// same host show the same nested-KVM anomalies (see the README's limits). There, and only
+/// Known issue, cause not found yet: in the nested test host (QEMU TCG emulating AMD-V, with a
+/// nested KVM) a few guest boots in a hundred stop before userspace: a triple fault
+/// (KVM_EXIT_SHUTDOWN) at a random point while the kernel replays its log to the console, or
+/// a stall; seen only in back-to-back test boots, never in 26 standalone boots. There, and only
 /// there, a boot that fails *before* userspace is retried (at most twice, 3 s apart), after printing a RETRY line
 /// with the failed attempt's console and skiff's stderr (which names the reset cause). A
 /// third failure, any failure after userspace, and any failure on a host with real VT-x/AMD-V
