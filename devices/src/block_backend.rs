@@ -3,8 +3,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use log::{error, info};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -18,14 +17,12 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::block::{config_slice, process_chain, BlockConfigSpace};
+use crate::backend_common::{protocol_features, worker_exit_event, BackendCommon, Mem};
+use crate::block::{process_chain, BlockConfigSpace};
 use crate::disk::{DiskError, DiskImage, DiskOptions};
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 /// Vring type used by the block backend.
 pub type BlockVring = VringRwLock<Mem>;
 
@@ -73,14 +70,10 @@ pub struct BlockOptions {
 /// virtio-blk device state shared by all worker threads.
 pub struct BlockBackend {
     disk: DiskImage,
-    config: Vec<u8>,
     num_queues: u16,
     queue_size: u16,
-    event_idx: AtomicBool,
-    mem: Mutex<Mem>,
-    /// Held by a queue's worker while it processes that queue, so that
-    /// `stop_vring` (GET_VRING_BASE) waits for in-flight requests.
-    busy: Vec<Mutex<()>>,
+    /// One worker per queue: `stop_vring` (GET_VRING_BASE) waits for its in-flight requests.
+    common: BackendCommon,
 }
 
 impl BlockBackend {
@@ -94,20 +87,14 @@ impl BlockBackend {
         .to_bytes();
         BlockBackend {
             disk,
-            config,
             num_queues,
             queue_size,
-            event_idx: AtomicBool::new(false),
-            mem: Mutex::new(mem),
-            busy: (0..num_queues).map(|_| Mutex::new(())).collect(),
+            common: BackendCommon::new(mem, config, usize::from(num_queues)),
         }
     }
 
     fn memory(&self) -> Mem {
-        match self.mem.lock() {
-            Ok(m) => m.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.common.memory()
     }
 
     /// Pops and completes every available request; returns whether any was used.
@@ -133,7 +120,7 @@ impl BlockBackend {
 
     /// Processes a queue until it is empty with notifications re-enabled.
     pub fn process_queue(&self, vring: &BlockVring) -> Result<(), BlockBackendError> {
-        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let event_idx = self.common.event_idx();
         loop {
             if event_idx {
                 vring
@@ -193,45 +180,31 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
+        protocol_features()
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
+        self.common.set_event_idx(enabled);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        config_slice(&self.config, offset, size)
+        self.common.config(offset, size)
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        match self.mem.lock() {
-            Ok(mut m) => *m = mem,
-            Err(poisoned) => *poisoned.into_inner() = mem,
-        }
+        self.common.set_memory(mem);
         Ok(())
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // The ring is already marked not ready, so the worker pops nothing new;
         // taking its lock waits for the requests it is completing.
-        if let Some(m) = self.busy.get(queue_index as usize) {
-            drop(m.lock());
-        }
+        self.common.wait_idle(queue_index as usize);
         Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // Each worker gets its own exit event so the daemon can join it on disconnect.
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                error!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
+        worker_exit_event()
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -250,7 +223,7 @@ impl VhostUserBackend for BlockBackend {
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(BlockBackendError::UnknownEvent(device_event)))?;
-        let _busy = self.busy.get(thread_id).map(|m| m.lock());
+        let _busy = self.common.busy(thread_id);
         if let Err(e) = self.process_queue(vring) {
             error!("queue {thread_id}: {}", crate::error_chain(&e));
             return Err(io::Error::other(e));

@@ -184,14 +184,7 @@ impl DiskImage {
         segs: &[GuestSegment],
         offset: u64,
     ) -> Result<usize, DiskError> {
-        let mut iovs = Vec::with_capacity(segs.len());
-        for seg in segs {
-            iov::push_segment(mem, *seg, &mut iovs)?;
-        }
-        if self.direct && !Self::aligned(&iovs) {
-            return self.bounce(mem, segs, offset, false);
-        }
-        self.vectored(&mut iovs, offset, false)
+        self.transfer(mem, segs, offset, false)
     }
 
     /// Writes the guest ranges `segs` at `offset`; returns bytes written.
@@ -201,14 +194,26 @@ impl DiskImage {
         segs: &[GuestSegment],
         offset: u64,
     ) -> Result<usize, DiskError> {
+        self.transfer(mem, segs, offset, true)
+    }
+
+    /// Moves data between the guest ranges and the image, directly on guest memory (through
+    /// an aligned bounce buffer only when O_DIRECT meets an unaligned guest buffer).
+    fn transfer(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        segs: &[GuestSegment],
+        offset: u64,
+        write: bool,
+    ) -> Result<usize, DiskError> {
         let mut iovs = Vec::with_capacity(segs.len());
         for seg in segs {
             iov::push_segment(mem, *seg, &mut iovs)?;
         }
         if self.direct && !Self::aligned(&iovs) {
-            return self.bounce(mem, segs, offset, true);
+            return self.bounce(mem, segs, offset, write);
         }
-        self.vectored(&mut iovs, offset, true)
+        self.vectored(&mut iovs, offset, write)
     }
 
     /// preadv/pwritev until every iovec is consumed.

@@ -4,6 +4,7 @@
 //! The queue logic lives here and is unit-tested with mock queues; the
 //! binaries in `src/bin` only parse arguments and serve.
 
+pub mod backend_common;
 pub mod block;
 pub mod block_backend;
 pub mod disk;

@@ -5,8 +5,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use log::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -22,15 +21,12 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::block::config_slice;
+use crate::backend_common::{protocol_features, worker_exit_event, BackendCommon, Mem};
 use crate::net::{self, NetError};
 use crate::tap::{offload_flags, Tap, TapError};
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 /// Vring type used by the net backend.
 pub type NetVring = VringRwLock<Mem>;
 
@@ -102,12 +98,9 @@ pub struct NetBackend {
     taps: Vec<Tap>,
     mac: Option<[u8; 6]>,
     queue_size: u16,
-    event_idx: AtomicBool,
-    mem: Mutex<Mem>,
-    config: Vec<u8>,
-    /// Held by a worker while it processes its queues, so that `stop_vring`
-    /// (GET_VRING_BASE) waits for the frame being moved.
-    busy: Vec<Mutex<()>>,
+    /// One worker per queue pair (the last one also has the control queue):
+    /// `stop_vring` (GET_VRING_BASE) waits for the frame being moved.
+    common: BackendCommon,
 }
 
 impl NetBackend {
@@ -115,13 +108,10 @@ impl NetBackend {
     pub fn new(taps: Vec<Tap>, mac: Option<[u8; 6]>, queue_size: u16, mem: Mem) -> Self {
         let pairs = taps.len() as u16;
         NetBackend {
-            config: net::config_bytes(mac, pairs),
+            common: BackendCommon::new(mem, net::config_bytes(mac, pairs), usize::from(pairs) + 1),
             taps,
             mac,
             queue_size,
-            event_idx: AtomicBool::new(false),
-            mem: Mutex::new(mem),
-            busy: (0..=pairs).map(|_| Mutex::new(())).collect(),
         }
     }
 
@@ -139,10 +129,7 @@ impl NetBackend {
     }
 
     fn memory(&self) -> Mem {
-        match self.mem.lock() {
-            Ok(m) => m.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.common.memory()
     }
 
     fn signal(&self, vring: &NetVring) -> Result<(), NetBackendError> {
@@ -208,7 +195,7 @@ impl NetBackend {
         if !ready(vring) {
             return Ok(());
         }
-        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let event_idx = self.common.event_idx();
         let mem = self.memory().memory();
         loop {
             if event_idx {
@@ -356,44 +343,30 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
+        protocol_features()
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
+        self.common.set_event_idx(enabled);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        config_slice(&self.config, offset, size)
+        self.common.config(offset, size)
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        match self.mem.lock() {
-            Ok(mut m) => *m = mem,
-            Err(poisoned) => *poisoned.into_inner() = mem,
-        }
+        self.common.set_memory(mem);
         Ok(())
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // Queue 2k and 2k+1 belong to worker k, the control queue to the last one.
-        if let Some(m) = self.busy.get(queue_index as usize / 2) {
-            drop(m.lock());
-        }
+        self.common.wait_idle(queue_index as usize / 2);
         Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // Each worker gets its own exit event so the daemon can join it on disconnect.
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                error!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
+        worker_exit_event()
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -411,7 +384,7 @@ impl VhostUserBackend for NetBackend {
         vrings: &[NetVring],
         thread_id: usize,
     ) -> io::Result<()> {
-        let _busy = self.busy.get(thread_id).map(|m| m.lock());
+        let _busy = self.common.busy(thread_id);
         self.dispatch(device_event, evset, vrings, thread_id)
             .map_err(|e| {
                 error!("{}", crate::error_chain(&e));

@@ -215,27 +215,18 @@ fn event_loop(
                     let n = unsafe {
                         libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len())
                     };
+                    // Stop watching stdin either way: at EOF or error for good, otherwise
+                    // until the UART has taken what was read.
+                    ctl(
+                        &epoll,
+                        ControlOperation::Delete,
+                        libc::STDIN_FILENO,
+                        TOKEN_STDIN,
+                    )?;
+                    stdin_watched = false;
                     match usize::try_from(n) {
-                        Ok(0) | Err(_) => {
-                            ctl(
-                                &epoll,
-                                ControlOperation::Delete,
-                                libc::STDIN_FILENO,
-                                TOKEN_STDIN,
-                            )?;
-                            stdin_open = false;
-                            stdin_watched = false;
-                        }
-                        Ok(n) => {
-                            pending.extend(&buf[..n]);
-                            ctl(
-                                &epoll,
-                                ControlOperation::Delete,
-                                libc::STDIN_FILENO,
-                                TOKEN_STDIN,
-                            )?;
-                            stdin_watched = false;
-                        }
+                        Ok(n) if n > 0 => pending.extend(&buf[..n]),
+                        _ => stdin_open = false,
                     }
                 }
                 t if t >= TOKEN_PROCESS => {
