@@ -33,4 +33,4 @@ if [ "$(id -u)" = 0 ] && [ -e /dev/net/tun ]; then
   echo "boot.sh: guest eth0 is 172.30.254.2, host side $tap is 172.30.254.1"
 fi
 echo "boot.sh: starting skiff; type 'reboot' in the guest to leave"
-target/release/skiff "${args[@]}" "$@"
+"${CARGO_TARGET_DIR:-target}/release/skiff" "${args[@]}" "$@"

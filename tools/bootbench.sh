@@ -10,7 +10,8 @@ cargo build --release -p vmm -p devices -p tools --bins
 eval "$(resources/artifacts.sh)"
 out=target/bootbench
 mkdir -p "$out"
-cmd="target/release/bootbench --kernel $SKIFF_GUEST_DIR/vmlinux --rootfs $SKIFF_GUEST_DIR/rootfs-busybox.ext4 --runs $runs --vcpus 2 --memory 256 --skiff target/release/skiff --json $out/bootbench.json"
+bin=${CARGO_TARGET_DIR:-target}/release
+cmd="$bin/bootbench --kernel $SKIFF_GUEST_DIR/vmlinux --rootfs $SKIFF_GUEST_DIR/rootfs-busybox.ext4 --runs $runs --vcpus 2 --memory 256 --skiff $bin/skiff --json $out/bootbench.json"
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ]; then
   echo "bootbench: running directly on this host's KVM"
   $cmd
