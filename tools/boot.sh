@@ -17,7 +17,7 @@ if [ -z "${SKIFF_BOOT_INNER:-}" ]; then
     echo "boot.sh: this host's KVM cannot boot ordinary Linux guests (kvm_pvm, no VT-x/AMD-V);"
     echo "boot.sh: booting inside the nested test host (QEMU TCG with AMD-V: slower, same code)."
     script=target/boot/inner.sh
-    { echo "export SKIFF_BOOT_INNER=1"; printf 'exec tools/boot.sh'; printf ' %q' "$@"; echo; } > "$script"
+    { echo "export SKIFF_BOOT_INNER=1"; printf 'exec tools/boot.sh'; [ $# -eq 0 ] || printf ' %q' "$@"; echo; } > "$script"
     exec resources/nested/run-nested.sh -t 3600 "$script"
   fi
 fi
