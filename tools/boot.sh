@@ -18,7 +18,7 @@ if [ -z "${SKIFF_BOOT_INNER:-}" ]; then
     echo "boot.sh: booting inside the nested test host (QEMU TCG with AMD-V: slower, same code)."
     script=target/boot/inner.sh
     { echo "export SKIFF_BOOT_INNER=1"; printf 'exec tools/boot.sh'; [ $# -eq 0 ] || printf ' %q' "$@"; echo; } > "$script"
-    exec resources/nested/run-nested.sh -t 3600 "$script"
+    SKIFF_NESTED_INTERACTIVE=1 exec resources/nested/run-nested.sh -t 3600 "$script"
   fi
 fi
 args=(run --kernel target/boot/vmlinux --rootfs target/boot/rootfs.ext4 --vcpus 2 --memory 512)

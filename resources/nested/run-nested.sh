@@ -71,14 +71,22 @@ envname=.nested-env.$$
 } > "$work/$envname"
 trap 'rm -f "$log" "$work/$envname"' EXIT
 set +e
-timeout -k 10 "$limit" qemu-system-x86_64 \
+# Test runs must not read the caller's terminal: QEMU gets /dev/null on stdin. An interactive
+# caller (stdin is a terminal, or SKIFF_NESTED_INTERACTIVE=1 as tools/boot.sh sets) gets its
+# input passed to the nested host's console, with QEMU in the foreground process group.
+if [ -t 0 ] || [ -n "${SKIFF_NESTED_INTERACTIVE:-}" ]; then
+  stdin=/dev/stdin; tflags=(--foreground)
+else
+  stdin=/dev/null; tflags=(-k 10)
+fi
+timeout "${tflags[@]}" "$limit" qemu-system-x86_64 \
   -accel tcg,thread=multi -cpu max -M q35 -m "$mem" -smp "$cpus" \
   -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
   -kernel "$kernel" -initrd "$initrd" \
   -append "console=ttyS0 reboot=t panic=-1 loglevel=3 nested.work=$work nested.cmd=$script nested.env=$envname" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs local,path="$work",mount_tag=work,security_model=none,multidevs=remap \
-  </dev/null 2>&1 | tee "$log"
+  <"$stdin" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && { echo "run-nested.sh: timed out after $limit s" >&2; exit 124; }
