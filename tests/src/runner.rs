@@ -86,6 +86,8 @@ impl Args {
 
 #[derive(Default, Clone, Copy)]
 struct Counts {
+    /// Guest tests run a second time after a nested-host triple fault.
+    retried: usize,
     passed: usize,
     failed: usize,
     ignored: usize,
@@ -116,12 +118,20 @@ impl Counts {
                 .ok()
         };
         Some(Counts {
+            retried: 0,
             passed: num(" passed")?,
             failed: num(" failed")?,
             ignored: num(" ignored").unwrap_or(0),
             filtered: num(" filtered out").unwrap_or(0),
         })
     }
+}
+
+/// How skiff reports a guest triple fault on its stderr.
+const TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
+
+fn in_nested() -> bool {
+    std::env::var("SKIFF_IN_NESTED").is_ok_and(|v| v == "1")
 }
 
 fn run_one(t: &Test) -> Result {
@@ -161,7 +171,19 @@ fn run_tests(tests: &[&Test]) -> Counts {
         print!("test {} ... ", t.name);
         let _ = std::io::stdout().flush();
         let start = Instant::now();
-        match run_one(t) {
+        let mut result = run_one(t);
+        // Known issue (see tests/tests/guest.rs `boot`): in the nested test host a guest
+        // occasionally triple-faults (skiff reports KVM_EXIT_SHUTDOWN), cause not yet found.
+        // There, and only for that signature, a guest test is run once more, loudly; any
+        // other failure, and a second triple fault, fail the test.
+        if let Err(e) = &result {
+            if t.kind == Kind::Guest && in_nested() && e.contains(TRIPLE_FAULT) {
+                println!("RETRY (nested host): the guest triple-faulted during the test; running it again. First attempt:\n{e}");
+                c.retried += 1;
+                result = run_one(t);
+            }
+        }
+        match result {
             Ok(()) => {
                 println!("ok ({:.1}s)", start.elapsed().as_secs_f64());
                 c.passed += 1;
@@ -328,6 +350,7 @@ pub fn main(tests: &[Test]) -> ! {
     if !here.is_empty() || away.is_empty() {
         let c = run_tests(&here);
         counts.passed += c.passed;
+        counts.retried += c.retried;
         counts.failed += c.failed;
         if !away.is_empty() {
             println!("\non this host: {} passed; {} failed", c.passed, c.failed);
@@ -362,6 +385,12 @@ pub fn main(tests: &[Test]) -> ! {
                 }
             }
         }
+    }
+    if counts.retried > 0 {
+        println!(
+            "\nRETRY: {} guest test(s) were run twice after a nested-host guest triple fault",
+            counts.retried
+        );
     }
     println!("\n{}", counts.line(start.elapsed().as_secs_f64()));
     std::process::exit(if counts.failed == 0 { 0 } else { 101 });
