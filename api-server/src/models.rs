@@ -137,12 +137,13 @@ pub struct VmConfigFile {
     /// Network devices.
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterface>,
+    /// Logger (as `PUT /logger`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<Logger>,
+    /// Metrics (as `PUT /metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
     /// Firecracker sections skiff does not implement yet: accepted only when absent or null.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logger: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[allow(missing_docs)]
-    pub metrics: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[allow(missing_docs)]
     pub vsock: Option<serde_json::Value>,
@@ -166,6 +167,267 @@ pub struct VmConfigFile {
     )]
     #[allow(missing_docs)]
     pub cpu_config: Option<serde_json::Value>,
+}
+
+/// `PATCH /machine-config`: only the fields present change.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// Number of vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<u32>,
+    /// Guest RAM in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_size_mib: Option<u64>,
+    /// See [`MachineConfig::smt`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smt: Option<bool>,
+    /// See [`MachineConfig::track_dirty_pages`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// See [`MachineConfig::cpu_template`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// See [`MachineConfig::huge_pages`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl MachineConfigUpdate {
+    /// `base` with this update applied.
+    pub fn apply(&self, base: &MachineConfig) -> MachineConfig {
+        MachineConfig {
+            vcpu_count: self.vcpu_count.unwrap_or(base.vcpu_count),
+            mem_size_mib: self.mem_size_mib.unwrap_or(base.mem_size_mib),
+            smt: self.smt.or(base.smt),
+            track_dirty_pages: self.track_dirty_pages.or(base.track_dirty_pages),
+            cpu_template: self.cpu_template.clone().or(base.cpu_template.clone()),
+            huge_pages: self.huge_pages.clone().or(base.huge_pages.clone()),
+        }
+    }
+
+    /// Rejects Firecracker options skiff does not implement, with the rules of
+    /// [`MachineConfig::check_supported`] applied to the fields present.
+    pub fn check_supported(&self) -> Result<(), ModelsError> {
+        MachineConfig {
+            smt: self.smt,
+            track_dirty_pages: self.track_dirty_pages,
+            cpu_template: self.cpu_template.clone(),
+            huge_pages: self.huge_pages.clone(),
+            ..MachineConfig::default()
+        }
+        .check_supported()
+    }
+}
+
+/// `PATCH /drives/{drive_id}`: after boot, `path_on_host` swaps the medium.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// The drive to change.
+    pub drive_id: String,
+    /// New image path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// Rate limiter; not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: Firecracker changes only rate limiters here.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The interface to change.
+    pub iface_id: String,
+    /// Rate limiter; not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    /// Rate limiter; not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PUT /actions` action types.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum ActionType {
+    /// Boot the configured VM.
+    InstanceStart,
+    /// Press Ctrl+Alt+Del on the guest's i8042 keyboard.
+    SendCtrlAltDel,
+    /// Write one metrics line to the metrics file now.
+    FlushMetrics,
+}
+
+/// `PUT /actions` body.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceActionInfo {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// `PATCH /vm` states.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum VmStateChange {
+    /// Stop the vCPUs (and the guest clock).
+    Paused,
+    /// Run them again.
+    Resumed,
+}
+
+/// `PATCH /vm` body.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    /// Requested state.
+    pub state: VmStateChange,
+}
+
+/// Log levels of `PUT /logger` (Firecracker's names; matched case-insensitively).
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Nothing.
+    Off,
+    /// Errors.
+    Error,
+    /// And warnings.
+    Warning,
+    /// And information (the default).
+    Info,
+    /// And debug messages.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "off" => LogLevel::Off,
+            "error" => LogLevel::Error,
+            "warning" | "warn" => LogLevel::Warning,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            _ => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown log level '{s}' (Off, Error, Warning, Info, Debug, Trace)"
+                )))
+            }
+        })
+    }
+}
+
+/// `PUT /logger` body.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    /// File or named pipe the log goes to (opened for appending, created if absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    /// Level (default Info).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    /// Print the level on each line (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Print file:line on each line (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only log records from this module path prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+impl Logger {
+    /// Rejects what skiff cannot honour.
+    pub fn check_supported(&self) -> Result<(), ModelsError> {
+        if self.log_path.as_deref() == Some("") {
+            return Err(unsupported("logger.log_path", "an empty path"));
+        }
+        Ok(())
+    }
+}
+
+/// `PUT /metrics` body.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// File or named pipe that receives one JSON line per flush.
+    pub metrics_path: String,
+}
+
+/// `GET /`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// Always "skiff".
+    pub app_name: String,
+    /// The instance id given with `--id`.
+    pub id: String,
+    /// "Not started", "Running" or "Paused" (Firecracker's values).
+    pub state: String,
+    /// skiff's version.
+    pub vmm_version: String,
+}
+
+/// `GET /version`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Version {
+    /// Firecracker's field name, holding skiff's version.
+    pub firecracker_version: String,
+}
+
+/// `GET /skiff/vm`: skiff's view of the VM's lifecycle.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SkiffVmState {
+    /// "Not started", "Running", "Paused" or "Stopped".
+    pub state: String,
+    /// Milliseconds since InstanceStart (absent before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// Milliseconds spent paused in total.
+    pub paused_ms: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// The VMM's pid.
+    pub pid: u32,
+}
+
+/// One device in `GET /skiff/devices`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SkiffDevice {
+    /// drive_id or iface_id.
+    pub id: String,
+    /// "block" or "net".
+    pub kind: String,
+    /// The vhost-user socket.
+    pub socket: String,
+    /// The device process's pid (absent for an externally started backend or before boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The device process's binary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<String>,
+    /// Image path (block) or TAP name (net).
+    pub backing: String,
+    /// How many times the device process was replaced or restarted.
+    pub restarts: u32,
+    /// Whether the guest driver has activated the device.
+    pub activated: bool,
+}
+
+/// `GET /skiff/devices`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SkiffDevices {
+    /// Drives first, then network interfaces.
+    pub devices: Vec<SkiffDevice>,
 }
 
 fn unsupported(field: impl Into<String>, detail: impl Into<String>) -> ModelsError {
@@ -261,8 +523,6 @@ impl VmConfigFile {
     /// Rejects Firecracker sections and options skiff does not implement.
     pub fn check_supported(&self) -> Result<(), ModelsError> {
         for (name, v) in [
-            ("logger", &self.logger),
-            ("metrics", &self.metrics),
             ("vsock", &self.vsock),
             ("balloon", &self.balloon),
             ("mmds-config", &self.mmds_config),
@@ -274,6 +534,9 @@ impl VmConfigFile {
             }
         }
         self.machine_config.check_supported()?;
+        if let Some(l) = &self.logger {
+            l.check_supported()?;
+        }
         self.drives.iter().try_for_each(Drive::check_supported)?;
         self.network_interfaces
             .iter()

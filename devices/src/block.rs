@@ -17,6 +17,37 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::disk::{DiskError, DiskImage, SECTOR_SIZE, SERIAL_LEN};
 use crate::iov::GuestSegment;
 
+crate::metric_set! {
+    /// skiff-blk's counters. Every request chain popped from a queue counts once in
+    /// exactly one of: a `*_requests` counter of its type (it succeeded), `io_errors`,
+    /// `invalid_requests`.
+    pub struct BlockMetrics {
+        /// VIRTIO_BLK_T_IN requests completed with VIRTIO_BLK_S_OK.
+        read_requests,
+        /// VIRTIO_BLK_T_OUT requests completed with VIRTIO_BLK_S_OK.
+        write_requests,
+        /// VIRTIO_BLK_T_FLUSH requests completed with VIRTIO_BLK_S_OK.
+        flush_requests,
+        /// VIRTIO_BLK_T_DISCARD requests completed with VIRTIO_BLK_S_OK.
+        discard_requests,
+        /// VIRTIO_BLK_T_WRITE_ZEROES requests completed with VIRTIO_BLK_S_OK.
+        write_zeroes_requests,
+        /// VIRTIO_BLK_T_GET_ID requests completed with VIRTIO_BLK_S_OK.
+        get_id_requests,
+        /// Bytes read from the image into guest buffers.
+        read_bytes,
+        /// Bytes written from guest buffers to the image.
+        write_bytes,
+        /// Requests failed by host I/O on the image (VIRTIO_BLK_S_IOERR).
+        io_errors,
+        /// Malformed chains, unsupported types or flags, writes to a read-only disk,
+        /// out-of-range sectors, buffers outside guest memory.
+        invalid_requests,
+        /// Queue notifications (kicks) handled.
+        kicks,
+    }
+}
+
 /// Length of `struct virtio_blk_outhdr`.
 const HEADER_LEN: usize = 16;
 /// Length of `struct virtio_blk_discard_write_zeroes`.
@@ -76,6 +107,11 @@ impl BlockError {
             BlockError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP as u8,
             _ => VIRTIO_BLK_S_IOERR as u8,
         }
+    }
+
+    /// Whether the host failed the request (as opposed to the guest sending a bad one).
+    fn is_host_io(&self) -> bool {
+        matches!(self, BlockError::Disk(d) if !matches!(d, DiskError::Guest(_)))
     }
 }
 
@@ -183,8 +219,14 @@ fn check_range(disk: &DiskImage, sector: u64, count: u64) -> Result<u64, BlockEr
     }
 }
 
-/// Executes the request; returns bytes written into guest buffers (status excluded).
-fn execute(disk: &DiskImage, mem: &GuestMemoryMmap<()>, req: &Request) -> Result<u32, BlockError> {
+/// Executes the request and counts it when it succeeds; returns bytes written into guest
+/// buffers (status excluded).
+fn execute(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap<()>,
+    req: &Request,
+    metrics: &BlockMetrics,
+) -> Result<u32, BlockError> {
     match req.kind {
         VIRTIO_BLK_T_IN => {
             let segs = data_segments(req, true)?;
@@ -194,7 +236,10 @@ fn execute(disk: &DiskImage, mem: &GuestMemoryMmap<()>, req: &Request) -> Result
             }
             let offset = check_range(disk, req.sector, (len as u64) / SECTOR_SIZE)?;
             let n = disk.read_into(mem, &segs, offset)?;
-            u32::try_from(n).map_err(|_| BlockError::Unaligned(n))
+            let used = u32::try_from(n).map_err(|_| BlockError::Unaligned(n))?;
+            metrics.read_requests.inc(1);
+            metrics.read_bytes.inc(n as u64);
+            Ok(used)
         }
         VIRTIO_BLK_T_OUT => {
             if disk.read_only() {
@@ -207,12 +252,15 @@ fn execute(disk: &DiskImage, mem: &GuestMemoryMmap<()>, req: &Request) -> Result
             }
             let offset = check_range(disk, req.sector, (len as u64) / SECTOR_SIZE)?;
             disk.write_from(mem, &segs, offset)?;
+            metrics.write_requests.inc(1);
+            metrics.write_bytes.inc(len as u64);
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
             if !disk.read_only() {
                 disk.flush()?;
             }
+            metrics.flush_requests.inc(1);
             Ok(0)
         }
         VIRTIO_BLK_T_GET_ID => {
@@ -228,6 +276,7 @@ fn execute(disk: &DiskImage, mem: &GuestMemoryMmap<()>, req: &Request) -> Result
                     .map_err(|_| BlockError::GuestMemory)?;
                 written += n;
             }
+            metrics.get_id_requests.inc(1);
             Ok(written as u32)
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
@@ -269,18 +318,28 @@ fn execute(disk: &DiskImage, mem: &GuestMemoryMmap<()>, req: &Request) -> Result
                     disk.write_zeroes(offset, bytes, unmap)?;
                 }
             }
+            if req.kind == VIRTIO_BLK_T_DISCARD {
+                metrics.discard_requests.inc(1);
+            } else {
+                metrics.write_zeroes_requests.inc(1);
+            }
             Ok(0)
         }
         other => Err(BlockError::Unsupported(other)),
     }
 }
 
-/// Processes one request chain and returns the used length to report.
+/// Processes one request chain, counts it in `metrics` and returns the used length to
+/// report.
 ///
 /// Never panics on guest-controlled input: a malformed chain gets
 /// `VIRTIO_BLK_S_IOERR` when a status byte can be written, otherwise a used
 /// length of 0.
-pub fn process_chain<M>(disk: &DiskImage, mut chain: DescriptorChain<M>) -> u32
+pub fn process_chain<M>(
+    disk: &DiskImage,
+    metrics: &BlockMetrics,
+    mut chain: DescriptorChain<M>,
+) -> u32
 where
     M: Deref<Target = GuestMemoryMmap<()>>,
 {
@@ -289,6 +348,7 @@ where
     let req = match parse(mem, &descs) {
         Ok(req) => req,
         Err(BlockError::NoStatus) => {
+            metrics.invalid_requests.inc(1);
             warn!(
                 "dropping request {}: no writable status byte",
                 chain.head_index()
@@ -296,13 +356,19 @@ where
             return 0;
         }
         Err(e) => {
+            metrics.invalid_requests.inc(1);
             warn!("bad request {}: {e}", chain.head_index());
             return write_status(mem, descs_status(&descs), VIRTIO_BLK_S_IOERR as u8, 0);
         }
     };
-    let (status, written) = match execute(disk, mem, &req) {
+    let (status, written) = match execute(disk, mem, &req, metrics) {
         Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
         Err(e) => {
+            if e.is_host_io() {
+                metrics.io_errors.inc(1);
+            } else {
+                metrics.invalid_requests.inc(1);
+            }
             match &e {
                 BlockError::Unsupported(_) | BlockError::ReadOnly => debug!("request failed: {e}"),
                 _ => warn!(

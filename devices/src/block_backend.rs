@@ -2,6 +2,7 @@
 //! space and the per-queue worker (one thread per queue).
 
 use std::io;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,8 +21,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::backend_common::{protocol_features, worker_exit_event, BackendCommon, Mem};
-use crate::block::{process_chain, BlockConfigSpace};
+use crate::block::{process_chain, BlockConfigSpace, BlockMetrics};
 use crate::disk::{DiskError, DiskImage, DiskOptions};
+use crate::metrics::{self, MetricsError};
 
 /// Vring type used by the block backend.
 pub type BlockVring = VringRwLock<Mem>;
@@ -35,6 +37,9 @@ pub enum BlockBackendError {
     /// The image cannot be used.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// The metrics page (`--metrics-fd`) cannot be used.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// Bad command-line value.
     #[error("invalid {0}")]
     InvalidArgument(&'static str),
@@ -65,6 +70,8 @@ pub struct BlockOptions {
     pub num_queues: u16,
     /// Maximum queue size.
     pub queue_size: u16,
+    /// Inherited metrics page (`--metrics-fd`); counters stay in process memory without it.
+    pub metrics_fd: Option<RawFd>,
 }
 
 /// virtio-blk device state shared by all worker threads.
@@ -74,11 +81,18 @@ pub struct BlockBackend {
     queue_size: u16,
     /// One worker per queue: `stop_vring` (GET_VRING_BASE) waits for its in-flight requests.
     common: BackendCommon,
+    metrics: BlockMetrics,
 }
 
 impl BlockBackend {
-    /// Creates the backend over an opened image.
-    pub fn new(disk: DiskImage, num_queues: u16, queue_size: u16, mem: Mem) -> Self {
+    /// Creates the backend over an opened image, counting into `metrics`.
+    pub fn new(
+        disk: DiskImage,
+        num_queues: u16,
+        queue_size: u16,
+        mem: Mem,
+        metrics: BlockMetrics,
+    ) -> Self {
         let config = BlockConfigSpace {
             capacity: disk.sectors(),
             seg_max: u32::from(queue_size.saturating_sub(2).max(1)),
@@ -90,6 +104,7 @@ impl BlockBackend {
             num_queues,
             queue_size,
             common: BackendCommon::new(mem, config, usize::from(num_queues)),
+            metrics,
         }
     }
 
@@ -109,7 +124,7 @@ impl BlockBackend {
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let len = process_chain(&self.disk, chain);
+            let len = process_chain(&self.disk, &self.metrics, chain);
             vring
                 .add_used(head, len)
                 .map_err(BlockBackendError::Vring)?;
@@ -224,6 +239,7 @@ impl VhostUserBackend for BlockBackend {
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(BlockBackendError::UnknownEvent(device_event)))?;
         let _busy = self.common.busy(thread_id);
+        self.metrics.kicks.inc(1);
         if let Err(e) = self.process_queue(vring) {
             error!("queue {thread_id}: {}", crate::error_chain(&e));
             return Err(io::Error::other(e));
@@ -242,6 +258,8 @@ pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
             "--queue-size (power of two up to 32768)",
         ));
     }
+    // First, while the inherited fd is the only one this process did not open itself.
+    let metrics = BlockMetrics::register(&metrics::page_from_arg(opts.metrics_fd)?)?;
     let disk = DiskImage::open(&opts.image, &opts.disk)?;
     info!(
         "image {} ({} sectors{}{}), {} queue(s) of {}",
@@ -258,6 +276,7 @@ pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
         opts.num_queues,
         opts.queue_size,
         mem.clone(),
+        metrics,
     ));
     let mut daemon = VhostUserDaemon::new("skiff-blk".to_string(), backend, mem)
         .map_err(|e| BlockBackendError::Daemon(e.to_string()))?;

@@ -7,6 +7,7 @@ use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
 use crate::disk::DiskOptions;
+use crate::metrics::MetricsPage;
 
 const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 const HDR: u64 = 0x10_000;
@@ -18,7 +19,29 @@ fn mem() -> GuestMemoryMmap<()> {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_000)]).expect("guest memory")
 }
 
-fn image(read_only: bool) -> (TempFile, DiskImage) {
+/// An image with the counters its requests go to.
+struct Dev {
+    disk: DiskImage,
+    page: MetricsPage,
+    metrics: BlockMetrics,
+}
+
+impl Dev {
+    /// The counters that moved, in slot order.
+    fn counts(&self) -> Vec<(String, u64)> {
+        self.page
+            .snapshot()
+            .into_iter()
+            .filter(|(_, v)| *v != 0)
+            .collect()
+    }
+}
+
+fn counts(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
+    pairs.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+}
+
+fn image(read_only: bool) -> (TempFile, Dev) {
     let tmp = TempFile::new().expect("temp file");
     let mut f = tmp.as_file();
     let data: Vec<u8> = (0..SECTORS * 512).map(|i| (i % 251) as u8).collect();
@@ -32,7 +55,16 @@ fn image(read_only: bool) -> (TempFile, DiskImage) {
         },
     )
     .expect("open image");
-    (tmp, disk)
+    let page = MetricsPage::in_memory();
+    let metrics = BlockMetrics::register(&page).expect("counters");
+    (
+        tmp,
+        Dev {
+            disk,
+            page,
+            metrics,
+        },
+    )
 }
 
 fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
@@ -46,12 +78,12 @@ fn header(mem: &GuestMemoryMmap<()>, kind: u32, sector: u64) {
     mem.write_slice(&h, GuestAddress(HDR)).expect("header");
 }
 
-fn run(mem: &GuestMemoryMmap<()>, disk: &DiskImage, descs: &[RawDescriptor]) -> u32 {
+fn run(mem: &GuestMemoryMmap<()>, dev: &Dev, descs: &[RawDescriptor]) -> u32 {
     mem.write_obj(0xffu8, GuestAddress(STATUS))
         .expect("poison status");
     let q = MockSplitQueue::new(mem, 16);
     let chain = q.build_desc_chain(descs).expect("chain");
-    process_chain(disk, chain)
+    process_chain(&dev.disk, &dev.metrics, chain)
 }
 
 fn status(mem: &GuestMemoryMmap<()>) -> u8 {
@@ -89,6 +121,10 @@ fn read_two_segments() {
     m.read_slice(&mut got, GuestAddress(DATA + 0x1000))
         .expect("data");
     assert_eq!(got, file_bytes(&tmp, 4 * 512, 512));
+    assert_eq!(
+        disk.counts(),
+        counts(&[("read_requests", 1), ("read_bytes", 1024)])
+    );
 }
 
 #[test]
@@ -130,6 +166,15 @@ fn write_then_read_back() {
     m.read_slice(&mut got, GuestAddress(DATA + 0x4000))
         .expect("data");
     assert_eq!(got, pattern);
+    assert_eq!(
+        disk.counts(),
+        counts(&[
+            ("read_requests", 1),
+            ("write_requests", 1),
+            ("read_bytes", 1024),
+            ("write_bytes", 1024),
+        ])
+    );
 }
 
 #[test]
@@ -140,6 +185,7 @@ fn flush_ok() {
     let used = run(&m, &disk, &[desc(HDR, 16, 0), desc(STATUS, 1, F_WRITE)]);
     assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
     assert_eq!(used, 1);
+    assert_eq!(disk.counts(), counts(&[("flush_requests", 1)]));
 }
 
 #[test]
@@ -165,6 +211,7 @@ fn get_id_returns_serial() {
     let mut want = [0u8; 20];
     want[..17].copy_from_slice(b"skiff-test-serial");
     assert_eq!(got, want);
+    assert_eq!(disk.counts(), counts(&[("get_id_requests", 1)]));
 }
 
 fn range(m: &GuestMemoryMmap<()>, sector: u64, count: u32, flags: u32) {
@@ -261,6 +308,14 @@ fn discard_and_write_zeroes_read_back_zero() {
         ],
     );
     assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(
+        disk.counts(),
+        counts(&[
+            ("discard_requests", 1),
+            ("write_zeroes_requests", 2),
+            ("invalid_requests", 2),
+        ])
+    );
 }
 
 #[test]
@@ -309,6 +364,14 @@ fn read_only_rejects_writes() {
         ],
     );
     assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(
+        disk.counts(),
+        counts(&[
+            ("read_requests", 1),
+            ("read_bytes", 512),
+            ("invalid_requests", 3),
+        ])
+    );
 }
 
 #[test]
@@ -319,6 +382,7 @@ fn unknown_type_is_unsupported() {
     let used = run(&m, &disk, &[desc(HDR, 16, 0), desc(STATUS, 1, F_WRITE)]);
     assert_eq!(status(&m), VIRTIO_BLK_S_UNSUPP as u8);
     assert_eq!(used, 1);
+    assert_eq!(disk.counts(), counts(&[("invalid_requests", 1)]));
 }
 
 #[test]
@@ -403,6 +467,30 @@ fn malformed_chains_fail_without_panic() {
     // Status byte outside guest memory.
     let used = run(&m, &disk, &[desc(HDR, 16, 0), desc(0x200_0000, 1, F_WRITE)]);
     assert_eq!(used, 0);
+
+    // Every malformed chain is counted once, as invalid, and nothing else moved.
+    assert_eq!(disk.counts(), counts(&[("invalid_requests", 8)]));
+}
+
+#[test]
+fn host_io_failure_counts_io_error() {
+    let m = mem();
+    let (tmp, disk) = image(false);
+    // The image shrinks behind the device's back: a read past its new end fails on the host.
+    tmp.as_file().set_len(0).expect("truncate");
+    header(&m, VIRTIO_BLK_T_IN, 3);
+    let used = run(
+        &m,
+        &disk,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, F_WRITE),
+            desc(STATUS, 1, F_WRITE),
+        ],
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(used, 1);
+    assert_eq!(disk.counts(), counts(&[("io_errors", 1)]));
 }
 
 #[test]

@@ -10,6 +10,7 @@ pub mod block_backend;
 pub mod disk;
 pub mod iov;
 pub mod logger;
+pub mod metrics;
 pub mod net;
 pub mod net_backend;
 pub mod tap;

@@ -21,6 +21,32 @@ use crate::tap::VNET_HDR_LEN;
 /// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
+crate::metric_set! {
+    /// skiff-net's counters. Bytes are Ethernet frame bytes, virtio-net header excluded.
+    pub struct NetMetrics {
+        /// Frames delivered into guest rx buffers.
+        rx_frames,
+        /// Bytes of the frames in `rx_frames`.
+        rx_bytes,
+        /// Frames read from the TAP but not delivered: larger than the guest's rx buffer,
+        /// shorter than the virtio-net header, or the header could not be written.
+        rx_dropped,
+        /// TAP reads that failed (other than EAGAIN).
+        rx_errors,
+        /// Frames from guest tx chains written to the TAP.
+        tx_frames,
+        /// Bytes of the frames in `tx_frames`.
+        tx_bytes,
+        /// Frames from the guest lost because the TAP write failed (other than EAGAIN).
+        tx_errors,
+        /// rx or tx chains with the wrong direction, smaller than the virtio-net header or
+        /// outside guest memory; control commands without an ack byte.
+        invalid_requests,
+        /// Queue notifications (kicks) handled, control queue included.
+        kicks,
+    }
+}
+
 /// Errors moving frames.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -36,6 +62,12 @@ pub enum NetError {
     /// Writing into guest memory failed.
     #[error("cannot write the virtio-net header into guest memory")]
     GuestWrite,
+    /// The TAP gave a frame shorter than the virtio-net header.
+    #[error("{0}-byte frame from TAP is shorter than the virtio-net header")]
+    ShortFrame(usize),
+    /// The frame (virtio-net header included) is larger than the rx chain.
+    #[error("frame is larger than the {0}-byte rx chain")]
+    Truncated(usize),
     /// readv/writev failed.
     #[error("TAP I/O failed")]
     Io(#[source] io::Error),
@@ -96,19 +128,54 @@ fn check(ret: isize) -> Result<usize, NetError> {
 
 /// Reads one frame (virtio-net header included) from `fd` into the
 /// device-writable buffers of an rx chain and sets `num_buffers = 1`.
-/// Returns the used length.
-pub fn rx_frame<M>(fd: RawFd, chain: &mut DescriptorChain<M>) -> Result<u32, NetError>
+/// Returns the used length. Counts the outcome in `metrics` (EAGAIN counts nothing).
+pub fn rx_frame<M>(
+    fd: RawFd,
+    chain: &mut DescriptorChain<M>,
+    metrics: &NetMetrics,
+) -> Result<u32, NetError>
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let res = read_frame(fd, chain);
+    match &res {
+        Ok(len) => {
+            metrics.rx_frames.inc(1);
+            metrics
+                .rx_bytes
+                .inc((*len as u64).saturating_sub(VNET_HDR_LEN as u64));
+        }
+        Err(NetError::WouldBlock) => {}
+        Err(NetError::Io(_)) => metrics.rx_errors.inc(1),
+        Err(NetError::ShortFrame(_) | NetError::Truncated(_) | NetError::GuestWrite) => {
+            metrics.rx_dropped.inc(1)
+        }
+        Err(NetError::BadChain(_) | NetError::Guest(_)) => metrics.invalid_requests.inc(1),
+    }
+    res
+}
+
+fn read_frame<M>(fd: RawFd, chain: &mut DescriptorChain<M>) -> Result<u32, NetError>
 where
     M: Deref<Target = GuestMemoryMmap<()>>,
 {
     let segs = segments(chain, true)?;
     let mem: &GuestMemoryMmap<()> = chain.memory();
-    let iovs = to_iovecs(mem, &segs)?;
+    let mut iovs = to_iovecs(mem, &segs)?;
+    // A TAP read truncates a frame that does not fit, silently; one spare byte past the
+    // guest's buffers tells a frame that did not fit from one that fits exactly.
+    let buffer = iov::iov_len(&iovs);
+    let mut spill = [0u8; 1];
+    iovs.push(libc::iovec {
+        iov_base: spill.as_mut_ptr().cast(),
+        iov_len: spill.len(),
+    });
     let n = loop {
         let cnt = libc::c_int::try_from(iovs.len())
             .map_err(|_| NetError::BadChain("too many buffers"))?;
         // SAFETY: the iovecs point into mapped guest memory checked by vm-memory and kept
-        // alive by the chain's memory guard; the kernel writes only within their bounds.
+        // alive by the chain's memory guard, and to `spill`, alive across the call; the
+        // kernel writes only within their bounds.
         let ret = unsafe { libc::readv(fd, iovs.as_ptr(), cnt) };
         match check(ret) {
             Err(NetError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -116,7 +183,10 @@ where
         }
     };
     if n < VNET_HDR_LEN {
-        return Err(NetError::BadChain("short frame from TAP"));
+        return Err(NetError::ShortFrame(n));
+    }
+    if n > buffer {
+        return Err(NetError::Truncated(buffer));
     }
     for (i, byte) in 1u16.to_le_bytes().iter().enumerate() {
         let addr: GuestAddress =
@@ -128,8 +198,32 @@ where
 }
 
 /// Writes the device-readable buffers of a tx chain (header included) to `fd`
-/// as one frame. Returns the number of bytes written.
-pub fn tx_frame<M>(fd: RawFd, chain: &mut DescriptorChain<M>) -> Result<usize, NetError>
+/// as one frame. Returns the number of bytes written. Counts the outcome in `metrics`
+/// (EAGAIN counts nothing: the chain is retried).
+pub fn tx_frame<M>(
+    fd: RawFd,
+    chain: &mut DescriptorChain<M>,
+    metrics: &NetMetrics,
+) -> Result<usize, NetError>
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let res = write_frame(fd, chain);
+    match &res {
+        Ok(n) => {
+            metrics.tx_frames.inc(1);
+            metrics
+                .tx_bytes
+                .inc((*n as u64).saturating_sub(VNET_HDR_LEN as u64));
+        }
+        Err(NetError::WouldBlock) => {}
+        Err(NetError::BadChain(_) | NetError::Guest(_)) => metrics.invalid_requests.inc(1),
+        Err(_) => metrics.tx_errors.inc(1),
+    }
+    res
+}
+
+fn write_frame<M>(fd: RawFd, chain: &mut DescriptorChain<M>) -> Result<usize, NetError>
 where
     M: Deref<Target = GuestMemoryMmap<()>>,
 {
@@ -150,8 +244,19 @@ where
 }
 
 /// Handles one control-queue command; returns the used length (0 when no
-/// ack byte can be written).
-pub fn ctrl_command<M>(chain: &mut DescriptorChain<M>, max_pairs: u16) -> u32
+/// ack byte can be written, counted in `invalid_requests`).
+pub fn ctrl_command<M>(chain: &mut DescriptorChain<M>, max_pairs: u16, metrics: &NetMetrics) -> u32
+where
+    M: Deref<Target = GuestMemoryMmap<()>>,
+{
+    let len = ctrl_reply(chain, max_pairs);
+    if len == 0 {
+        metrics.invalid_requests.inc(1);
+    }
+    len
+}
+
+fn ctrl_reply<M>(chain: &mut DescriptorChain<M>, max_pairs: u16) -> u32
 where
     M: Deref<Target = GuestMemoryMmap<()>>,
 {

@@ -3,7 +3,7 @@
 //! more than one pair (Linux requires CTRL_VQ for MQ).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -24,7 +24,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::backend_common::{protocol_features, worker_exit_event, BackendCommon, Mem};
-use crate::net::{self, NetError};
+use crate::metrics::{self, MetricsError};
+use crate::net::{self, NetError, NetMetrics};
 use crate::tap::{offload_flags, Tap, TapError};
 
 /// Vring type used by the net backend.
@@ -39,6 +40,9 @@ pub enum NetBackendError {
     /// A TAP cannot be used.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// The metrics page (`--metrics-fd`) cannot be used.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// Bad command-line value.
     #[error("invalid {0}")]
     InvalidArgument(String),
@@ -70,6 +74,8 @@ pub struct NetOptions {
     pub mac: Option<[u8; 6]>,
     /// Maximum queue size.
     pub queue_size: u16,
+    /// Inherited metrics page (`--metrics-fd`); counters stay in process memory without it.
+    pub metrics_fd: Option<RawFd>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -101,17 +107,25 @@ pub struct NetBackend {
     /// One worker per queue pair (the last one also has the control queue):
     /// `stop_vring` (GET_VRING_BASE) waits for the frame being moved.
     common: BackendCommon,
+    metrics: NetMetrics,
 }
 
 impl NetBackend {
-    /// Creates the backend over opened TAPs.
-    pub fn new(taps: Vec<Tap>, mac: Option<[u8; 6]>, queue_size: u16, mem: Mem) -> Self {
+    /// Creates the backend over opened TAPs, counting into `metrics`.
+    pub fn new(
+        taps: Vec<Tap>,
+        mac: Option<[u8; 6]>,
+        queue_size: u16,
+        mem: Mem,
+        metrics: NetMetrics,
+    ) -> Self {
         let pairs = taps.len() as u16;
         NetBackend {
             common: BackendCommon::new(mem, net::config_bytes(mac, pairs), usize::from(pairs) + 1),
             taps,
             mac,
             queue_size,
+            metrics,
         }
     }
 
@@ -162,7 +176,7 @@ impl NetBackend {
                 break;
             };
             let head = chain.head_index();
-            match net::rx_frame(tap.as_raw_fd(), &mut chain) {
+            match net::rx_frame(tap.as_raw_fd(), &mut chain, &self.metrics) {
                 Ok(len) => {
                     vring.add_used(head, len).map_err(NetBackendError::Vring)?;
                     used = true;
@@ -212,7 +226,7 @@ impl NetBackend {
                     .pop_descriptor_chain(mem.clone());
                 let Some(mut chain) = chain else { break };
                 let head = chain.head_index();
-                match net::tx_frame(tap.as_raw_fd(), &mut chain) {
+                match net::tx_frame(tap.as_raw_fd(), &mut chain, &self.metrics) {
                     Ok(_) => {}
                     Err(NetError::WouldBlock) => {
                         vring.get_mut().get_queue_mut().go_to_previous_position();
@@ -254,7 +268,7 @@ impl NetBackend {
                 .pop_descriptor_chain(mem.clone());
             let Some(mut chain) = chain else { break };
             let head = chain.head_index();
-            let len = net::ctrl_command(&mut chain, self.pairs() as u16);
+            let len = net::ctrl_command(&mut chain, self.pairs() as u16, &self.metrics);
             vring.add_used(head, len).map_err(NetBackendError::Vring)?;
             used = true;
         }
@@ -274,6 +288,7 @@ impl NetBackend {
         let unknown = || NetBackendError::UnknownEvent(device_event, thread_id);
         if thread_id >= self.pairs() {
             let ctrl = vrings.first().ok_or_else(unknown)?;
+            self.metrics.kicks.inc(1);
             return self.process_ctrl(ctrl);
         }
         let tap = &self.taps[thread_id];
@@ -282,8 +297,14 @@ impl NetBackend {
             _ => return Err(unknown()),
         };
         match device_event {
-            0 => self.process_rx(tap, rx),
-            1 => self.process_tx(tap, tx),
+            0 => {
+                self.metrics.kicks.inc(1);
+                self.process_rx(tap, rx)
+            }
+            1 => {
+                self.metrics.kicks.inc(1);
+                self.process_tx(tap, tx)
+            }
             e if e == self.tap_event() => {
                 if evset.contains(EventSet::OUT) {
                     self.process_tx(tap, tx)?;
@@ -405,6 +426,8 @@ pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
             "--queue-size (power of two up to 32768)".into(),
         ));
     }
+    // First, while the inherited fd is the only one this process did not open itself.
+    let metrics = NetMetrics::register(&metrics::page_from_arg(opts.metrics_fd)?)?;
     let taps = opts
         .taps
         .iter()
@@ -421,6 +444,7 @@ pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
         opts.mac,
         opts.queue_size,
         mem.clone(),
+        metrics,
     ));
     let mut daemon = VhostUserDaemon::new("skiff-net".to_string(), backend.clone(), mem)
         .map_err(|e| NetBackendError::Daemon(e.to_string()))?;

@@ -8,6 +8,9 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+mod api;
+
+use api::*;
 use tests::runner::{self, Kind, Test};
 use tests::{ensure, guest_artifacts, host, DriveSpec, NetSpec, Result, TestDir, TestVm, VmConfig};
 
@@ -44,6 +47,12 @@ fn main() {
         Guest false reboot_exits_0,
         Guest false panic_exits_3,
         Guest false init_exit_panics_exits_3,
+        Guest true api_boot_sequence,
+        Guest false api_pause_stops_guest_clock,
+        Guest false api_ctrl_alt_del,
+        Guest false api_patch_drive_changes_media,
+        Guest false api_firecracker_python_client,
+        Guest false api_bad_requests_keep_vm_running,
         Host false missing_kernel,
         Host false not_a_kernel,
         Host false zero_vcpus,
@@ -55,6 +64,8 @@ fn main() {
         Host true tap_in_use,
         Host false unknown_config_field,
         Host false cli_missing_kernel,
+        Host false api_preboot_rules,
+        Host false api_socket_handling,
     ])
 }
 

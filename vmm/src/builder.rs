@@ -18,6 +18,7 @@ use crate::config::{ConsoleConfig, DriveBackend, VmConfig};
 use crate::device_process::{find_binary, DeviceProcess, DeviceProcessError};
 use crate::devices::bus::IoBus;
 use crate::devices::i8042::I8042;
+use crate::devices::metrics_page::{MetricsPage, MetricsPageError};
 use crate::devices::serial::{ConsoleOut, ConsoleSink, SerialDevice};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vhost_user::{
@@ -27,7 +28,8 @@ use crate::devices::IrqLine;
 use crate::exit::VmExit;
 use crate::layout::*;
 use crate::memory::{create_guest_ram, GuestRam, MemoryError};
-use crate::vcpu::Vcpu;
+use crate::metrics::{SerialMetrics, VcpuMetrics};
+use crate::vcpu::{Vcpu, VcpuGate};
 
 /// Errors building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,9 @@ pub enum BuildError {
     /// An eventfd or other host resource.
     #[error("cannot create {0}")]
     Host(&'static str, #[source] std::io::Error),
+    /// A device's metrics page.
+    #[error(transparent)]
+    MetricsPage(#[from] MetricsPageError),
     /// The console file.
     #[error("cannot open console file {0}")]
     ConsoleFile(String, #[source] std::io::Error),
@@ -92,6 +97,48 @@ pub struct BuiltVm {
     pub panic: Arc<Mutex<Option<String>>>,
     /// Private directory of the device sockets.
     pub runtime_dir: PathBuf,
+    /// Pause/resume of the vCPUs.
+    pub gate: Arc<VcpuGate>,
+    /// Exit counters, one block per vCPU.
+    pub vcpu_metrics: Vec<Arc<VcpuMetrics>>,
+    /// Console counters.
+    pub serial_metrics: Arc<SerialMetrics>,
+    /// The virtio devices, drives first, in transport order.
+    pub devices: Vec<DeviceSlot>,
+}
+
+/// One virtio device of a built VM.
+pub struct DeviceSlot {
+    /// drive_id or iface_id.
+    pub id: String,
+    /// Block or net.
+    pub kind: DeviceKind,
+    /// Index into [`IoBus::virtio`].
+    pub transport: usize,
+    /// Index into [`BuiltVm::processes`] (None for an externally started backend).
+    pub process: Option<usize>,
+    /// The vhost-user socket.
+    pub socket: PathBuf,
+    /// The device binary skiff started.
+    pub binary: Option<PathBuf>,
+    /// Image path or TAP name.
+    pub backing: String,
+    /// Read-only drive.
+    pub read_only: bool,
+    /// Times the device process was replaced.
+    pub restarts: u32,
+    /// The page the device process counts in (kept across its replacements).
+    pub metrics: Option<Arc<MetricsPage>>,
+}
+
+impl DeviceSlot {
+    /// The counters the device process reports.
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        self.metrics
+            .as_ref()
+            .map(|m| m.snapshot())
+            .unwrap_or_default()
+    }
 }
 
 /// Where to find device binaries and put sockets.
@@ -102,10 +149,15 @@ pub struct BuildOptions {
 
 struct PendingDevice {
     kind: DeviceKind,
+    id: String,
     name: String,
     socket: PathBuf,
     process: Option<usize>,
+    binary: Option<PathBuf>,
+    backing: String,
+    read_only: bool,
     max_queues: usize,
+    metrics: Option<Arc<MetricsPage>>,
 }
 
 fn runtime_dir() -> Result<PathBuf, BuildError> {
@@ -123,6 +175,20 @@ fn runtime_dir() -> Result<PathBuf, BuildError> {
 }
 use std::os::unix::fs::DirBuilderExt;
 
+/// skiff-blk's arguments for serving `image` on `socket`.
+pub(crate) fn blk_args(socket: &Path, image: &Path, read_only: bool) -> Vec<String> {
+    let mut args = vec![
+        "--socket".to_string(),
+        socket.display().to_string(),
+        "--image".to_string(),
+        image.display().to_string(),
+    ];
+    if read_only {
+        args.push("--read-only".into());
+    }
+    args
+}
+
 /// Starts one device process per drive and network interface.
 fn start_device_processes(
     cfg: &VmConfig,
@@ -135,34 +201,40 @@ fn start_device_processes(
     let net = find_binary("skiff-net", opts.device_bin_dir.as_deref());
     for (i, d) in cfg.drives.iter().enumerate() {
         let name = format!("skiff-blk for drive '{}'", d.id);
-        let (socket, process) = match &d.backend {
-            DriveBackend::Socket(s) => (s.clone(), None),
+        let mut metrics = None;
+        let (socket, process, binary, backing) = match &d.backend {
+            DriveBackend::Socket(s) => (s.clone(), None, None, s.display().to_string()),
             DriveBackend::Image(image) => {
                 let socket = dir.join(format!("blk{i}.sock"));
-                let mut args = vec![
-                    "--socket".to_string(),
-                    socket.display().to_string(),
-                    "--image".to_string(),
-                    image.display().to_string(),
-                ];
-                if d.read_only {
-                    args.push("--read-only".into());
-                }
-                processes.push(DeviceProcess::spawn(
+                let args = blk_args(&socket, image, d.read_only);
+                let page = Arc::new(MetricsPage::create(&d.id)?);
+                processes.push(DeviceProcess::spawn_with_metrics(
                     name.clone(),
                     &blk,
                     &args,
                     socket.clone(),
+                    &page,
                 )?);
-                (socket, Some(processes.len() - 1))
+                metrics = Some(page);
+                (
+                    socket,
+                    Some(processes.len() - 1),
+                    Some(blk.clone()),
+                    image.display().to_string(),
+                )
             }
         };
         pending.push(PendingDevice {
             kind: DeviceKind::Block,
+            id: d.id.clone(),
             name,
             socket,
             process,
+            binary,
+            backing,
+            read_only: d.read_only,
             max_queues: cfg.vcpus.max(1) as usize,
+            metrics,
         });
     }
     for (i, n) in cfg.nets.iter().enumerate() {
@@ -178,17 +250,24 @@ fn start_device_processes(
             args.push("--mac".into());
             args.push(mac.clone());
         }
-        processes.push(DeviceProcess::spawn(
+        let page = Arc::new(MetricsPage::create(&n.id)?);
+        processes.push(DeviceProcess::spawn_with_metrics(
             name.clone(),
             &net,
             &args,
             socket.clone(),
+            &page,
         )?);
         pending.push(PendingDevice {
             kind: DeviceKind::Net,
+            id: n.id.clone(),
             name,
             socket,
             process: Some(processes.len() - 1),
+            binary: Some(net.clone()),
+            backing: n.tap.clone(),
+            read_only: false,
+            metrics: Some(page),
             // One rx/tx pair per TAP, plus a control queue when there are several.
             max_queues: 33,
         });
@@ -280,6 +359,7 @@ pub fn build(
     let panic = Arc::new(Mutex::new(None));
     let console_flush =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Host("the console eventfd", e))?;
+    let serial_metrics = Arc::new(SerialMetrics::default());
     let serial = SerialDevice::new(
         irq_line(&vm, SERIAL_IRQ)?,
         ConsoleOut::new(
@@ -290,13 +370,15 @@ pub fn build(
                     .try_clone()
                     .map_err(|e| BuildError::Host("the console eventfd", e))?,
             ),
-        ),
+        )
+        .with_metrics(serial_metrics.clone()),
     );
     let i8042 = I8042::new(irq_line(&vm, 1)?);
 
     let mut transports = Vec::new();
     let mut mmio_args = Vec::new();
-    for (i, p) in pending.iter().enumerate() {
+    let mut devices = Vec::new();
+    for (i, p) in pending.into_iter().enumerate() {
         let stream = {
             let procs = &mut *processes;
             connect_with_retry(&p.socket, Duration::from_secs(10), || match p.process {
@@ -326,6 +408,18 @@ pub fn build(
             Box::new(dev),
             p.name.clone(),
         )));
+        devices.push(DeviceSlot {
+            id: p.id,
+            kind: p.kind,
+            transport: i,
+            process: p.process,
+            socket: p.socket,
+            binary: p.binary,
+            backing: p.backing,
+            read_only: p.read_only,
+            restarts: 0,
+            metrics: p.metrics,
+        });
     }
 
     let cmdline = cfg.cmdline(&mmio_args);
@@ -340,6 +434,8 @@ pub fn build(
         virtio: transports,
     });
     let stop = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(VcpuGate::default());
+    let mut vcpu_metrics = Vec::new();
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| BuildError::KvmVm("report its supported CPUID", e))?;
@@ -360,12 +456,16 @@ pub fn build(
             regs::setup_sregs(&ram.mem, &fd, kernel.entry)?;
             regs::setup_regs(&fd, kernel.entry)?;
         }
+        let metrics = Arc::new(VcpuMetrics::default());
+        vcpu_metrics.push(metrics.clone());
         vcpus.push(Vcpu {
             index: i,
             fd,
             bus: bus.clone(),
             exit: exit.clone(),
             stop: stop.clone(),
+            gate: gate.clone(),
+            metrics,
         });
     }
     Ok(BuiltVm {
@@ -379,5 +479,9 @@ pub fn build(
         console_flush,
         panic,
         runtime_dir: dir,
+        gate,
+        vcpu_metrics,
+        serial_metrics,
+        devices,
     })
 }

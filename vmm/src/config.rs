@@ -120,11 +120,21 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// From a Firecracker config file.
-    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+    /// Reads and parses a Firecracker config file.
+    pub fn read_file(path: &std::path::Path) -> Result<VmConfigFile, ConfigError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(p.clone(), e))?;
-        let file = VmConfigFile::from_json(&text).map_err(|e| ConfigError::Parse(p, e))?;
+        VmConfigFile::from_json(&text).map_err(|e| ConfigError::Parse(p, e))
+    }
+
+    /// From a Firecracker config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        Ok(Self::from_model(&Self::read_file(path)?))
+    }
+
+    /// From the Firecracker configuration objects (a config file, or what the API
+    /// collected before InstanceStart). The console is stdio; set it afterwards.
+    pub fn from_model(file: &VmConfigFile) -> Self {
         let drives = file
             .drives
             .iter()
@@ -150,9 +160,9 @@ impl VmConfig {
             })
             .collect();
         let mut cfg = VmConfig {
-            kernel: file.boot_source.kernel_image_path.into(),
-            initrd: file.boot_source.initrd_path.map(Into::into),
-            boot_args: file.boot_source.boot_args,
+            kernel: file.boot_source.kernel_image_path.clone().into(),
+            initrd: file.boot_source.initrd_path.clone().map(Into::into),
+            boot_args: file.boot_source.boot_args.clone(),
             extra_args: None,
             vcpus: file.machine_config.vcpu_count,
             mem_mib: file.machine_config.mem_size_mib,
@@ -161,7 +171,54 @@ impl VmConfig {
             console: ConsoleConfig::Stdio,
         };
         cfg.order_drives();
-        Ok(cfg)
+        cfg
+    }
+
+    /// The Firecracker configuration objects describing this VM (`GET /vm/config`). Extra
+    /// command-line arguments of `skiff run --cmdline` are not part of them.
+    pub fn to_model(&self) -> VmConfigFile {
+        use api_server::models::{BootSource, Drive, MachineConfig, NetworkInterface};
+        VmConfigFile {
+            boot_source: BootSource {
+                kernel_image_path: self.kernel.display().to_string(),
+                boot_args: self.boot_args.clone(),
+                initrd_path: self.initrd.as_ref().map(|p| p.display().to_string()),
+            },
+            machine_config: MachineConfig {
+                vcpu_count: self.vcpus,
+                mem_size_mib: self.mem_mib,
+                ..Default::default()
+            },
+            drives: self
+                .drives
+                .iter()
+                .map(|d| Drive {
+                    drive_id: d.id.clone(),
+                    path_on_host: match &d.backend {
+                        DriveBackend::Image(p) => Some(p.display().to_string()),
+                        DriveBackend::Socket(_) => None,
+                    },
+                    socket: match &d.backend {
+                        DriveBackend::Socket(p) => Some(p.display().to_string()),
+                        DriveBackend::Image(_) => None,
+                    },
+                    is_root_device: d.is_root,
+                    is_read_only: Some(d.read_only),
+                    ..Default::default()
+                })
+                .collect(),
+            network_interfaces: self
+                .nets
+                .iter()
+                .map(|n| NetworkInterface {
+                    iface_id: n.id.clone(),
+                    host_dev_name: n.tap.clone(),
+                    guest_mac: n.mac.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
     }
 
     /// Puts the root drive first so that it becomes /dev/vda, as Firecracker does.
@@ -190,6 +247,17 @@ impl VmConfig {
 
     /// Checks everything that can be checked without KVM.
     pub fn validate(&self, max_vcpus: usize, host_mem: Option<u64>) -> Result<(), ConfigError> {
+        self.validate_machine(max_vcpus, host_mem)?;
+        self.validate_boot()?;
+        self.validate_devices()
+    }
+
+    /// Checks vCPU count and memory size.
+    pub fn validate_machine(
+        &self,
+        max_vcpus: usize,
+        host_mem: Option<u64>,
+    ) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.vcpus == 0 {
             return invalid("vcpu_count is 0: a VM needs at least one vCPU".into());
@@ -214,17 +282,22 @@ impl VmConfig {
                 ));
             }
         }
-        let open = |what: &str, p: &PathBuf| {
-            std::fs::File::open(p).map_err(|source| ConfigError::File {
-                what: what.into(),
-                path: p.display().to_string(),
-                source,
-            })
-        };
-        open("kernel image", &self.kernel)?;
+        Ok(())
+    }
+
+    /// Checks that the kernel and initrd can be opened.
+    pub fn validate_boot(&self) -> Result<(), ConfigError> {
+        open_file("kernel image", &self.kernel)?;
         if let Some(i) = &self.initrd {
-            open("initrd", i)?;
+            open_file("initrd", i)?;
         }
+        Ok(())
+    }
+
+    /// Checks drives and network interfaces: ids, images, TAP names, MACs.
+    pub fn validate_devices(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let open = open_file;
         if self.drives.iter().filter(|d| d.is_root).count() > 1 {
             return invalid("more than one drive has is_root_device set".into());
         }
@@ -280,6 +353,14 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+fn open_file(what: &str, p: &PathBuf) -> Result<std::fs::File, ConfigError> {
+    std::fs::File::open(p).map_err(|source| ConfigError::File {
+        what: what.into(),
+        path: p.display().to_string(),
+        source,
+    })
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.

@@ -1,11 +1,13 @@
 //! Device processes (`skiff-blk`, `skiff-net`): started per device, watched through a
 //! pidfd, stopped and reaped at the end.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::devices::metrics_page::MetricsPage;
 
 /// Errors starting a device process.
 #[derive(Debug, thiserror::Error)]
@@ -60,12 +62,40 @@ impl DeviceProcess {
         args: &[String],
         socket: PathBuf,
     ) -> Result<Self, DeviceProcessError> {
+        Self::start(name, bin, args, socket, None)
+    }
+
+    /// Starts `bin args... --metrics-fd N`, where N is `metrics`'s memfd, inherited by this
+    /// child only (it stays close-on-exec in the VMM, so no other child gets it). Otherwise
+    /// as [`DeviceProcess::spawn`]. The page stays the VMM's: a restarted or upgraded
+    /// device process is given the same page and its counts continue.
+    pub fn spawn_with_metrics(
+        name: String,
+        bin: &Path,
+        args: &[String],
+        socket: PathBuf,
+        metrics: &MetricsPage,
+    ) -> Result<Self, DeviceProcessError> {
+        let fd = metrics.fd().as_raw_fd();
+        let mut args = args.to_vec();
+        args.push("--metrics-fd".to_string());
+        args.push(fd.to_string());
+        Self::start(name, bin, &args, socket, Some(fd))
+    }
+
+    fn start(
+        name: String,
+        bin: &Path,
+        args: &[String],
+        socket: PathBuf,
+        inherit: Option<RawFd>,
+    ) -> Result<Self, DeviceProcessError> {
         let mut cmd = Command::new(bin);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec and calls only
-        // async-signal-safe functions (prctl, sigprocmask).
+        // async-signal-safe functions (prctl, sigprocmask, fcntl).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // Die with the VMM, whatever way it ends.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -75,6 +105,15 @@ impl DeviceProcess {
                 let mut empty: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut empty);
                 libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                // Keep this fd across exec in the child's copy of the fd table only. Same
+                // number as in the VMM, so it cannot collide with stdio or std's own
+                // exec-error pipe (both distinct open fds here).
+                if let Some(fd) = inherit {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -146,5 +185,43 @@ impl DeviceProcess {
         );
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `sh -c script` the way a device process is started and returns its exit code.
+    fn exit_code(script: &str, metrics: Option<&MetricsPage>) -> Option<i32> {
+        let args = vec!["-c".to_string(), script.to_string()];
+        let socket = PathBuf::from("/nonexistent");
+        let bin = Path::new("/bin/sh");
+        let mut p = match metrics {
+            Some(m) => DeviceProcess::spawn_with_metrics("sh".into(), bin, &args, socket, m),
+            None => DeviceProcess::spawn("sh".into(), bin, &args, socket),
+        }
+        .expect("spawn");
+        p.child.wait().expect("wait").code()
+    }
+
+    #[test]
+    fn metrics_page_is_inherited_by_that_child_only() {
+        let page = MetricsPage::create("spawn-test").expect("page");
+        let fd = page.fd().as_raw_fd();
+        // `sh -c script --metrics-fd N`: $0 and $1 are the appended option; the fd is open
+        // in the child and is the 4096-byte page.
+        let script = format!(
+            r#"[ "$0" = --metrics-fd ] && [ "$1" = {fd} ] && [ "$(stat -L -c %s /proc/self/fd/$1)" = 4096 ]"#
+        );
+        assert_eq!(exit_code(&script, Some(&page)), Some(0));
+        // A plain spawn does not get it, and the VMM's fd is still close-on-exec.
+        assert_eq!(
+            exit_code(&format!("[ ! -e /proc/self/fd/{fd} ]"), None),
+            Some(0)
+        );
+        // SAFETY: F_GETFD on an fd the page owns.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
     }
 }

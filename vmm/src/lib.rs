@@ -1,6 +1,7 @@
 //! skiff's VMM: boots a Linux guest on KVM with a serial console and virtio-mmio block and
 //! net devices whose queues are served by vhost-user device processes.
 
+pub mod api;
 pub mod boot;
 pub mod builder;
 pub mod config;
@@ -10,7 +11,22 @@ pub mod exit;
 pub mod host;
 pub mod layout;
 pub mod logger;
+mod media;
 pub mod memory;
+pub mod metrics;
+pub mod report;
 pub mod terminal;
 pub mod vcpu;
 pub mod vmm;
+
+/// An error and its causes, as one line: `outer: cause: root cause`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

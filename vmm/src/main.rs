@@ -4,28 +4,35 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::builder::{build, BuildOptions};
+use vmm::builder::BuildOptions;
 use vmm::config::{ConsoleConfig, DriveBackend, DriveConfig, NetConfig, VmConfig};
+use vmm::error_chain;
 use vmm::exit::ExitReason;
+use vmm::vmm::{Vmm, VmmOptions};
 
 /// skiff: a KVM micro-hypervisor. Boots a Linux guest (ELF vmlinux with PVH or 64-bit
 /// entry, or bzImage) with a serial console on stdio, virtio-blk drives served by
 /// skiff-blk and virtio-net interfaces served by skiff-net device processes.
 ///
+/// Ways to start:
+///   skiff --api-sock PATH                      wait for configuration over the API
+///   skiff --api-sock PATH --config-file FILE   boot from FILE, keep the API for runtime
+///   skiff --no-api --config-file FILE          boot from FILE, no API
+///   skiff run --kernel ... [--api-sock PATH]   boot from the command line
+///
 /// Exit status: 0 when the guest reboots or powers off, 1 on an error (message on stderr),
 /// 3 when the guest kernel panicked, 128+N when stopped by signal N.
 #[derive(Parser, Debug)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(version, args_conflicts_with_subcommands = true, verbatim_doc_comment)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// Boot from a Firecracker-format configuration file (boot-source, machine-config,
-    /// drives, network-interfaces).
+    /// drives, network-interfaces, logger, metrics).
     #[arg(long, value_name = "FILE")]
     config_file: Option<PathBuf>,
-    /// Run without the control API (required until the API lands; accepted for
-    /// Firecracker compatibility).
-    #[arg(long)]
+    /// Run without the control API (needs --config-file).
+    #[arg(long, conflicts_with = "api_sock")]
     no_api: bool,
     #[command(flatten)]
     common: Common,
@@ -39,6 +46,13 @@ struct Common {
     /// Directory holding skiff-blk and skiff-net (default: next to skiff, then PATH).
     #[arg(long, value_name = "DIR", global = true)]
     device_bin_dir: Option<PathBuf>,
+    /// Serve the control API (Firecracker-compatible HTTP/JSON) on this Unix socket. A
+    /// stale socket file is replaced; the socket is created owner-only (0600).
+    #[arg(long, value_name = "PATH", global = true)]
+    api_sock: Option<PathBuf>,
+    /// Instance id, reported by GET / and in log lines.
+    #[arg(long, default_value = "anonymous-instance", global = true)]
+    id: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,80 +185,122 @@ fn config_from_run(a: RunArgs, console: ConsoleConfig) -> Result<VmConfig, Strin
     })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn fail(msg: &str) -> ExitCode {
     eprintln!("skiff: error: {msg}");
     ExitCode::from(1)
+}
+
+/// What to boot at start-up, if anything.
+enum Boot {
+    /// Wait for InstanceStart over the API.
+    Later,
+    /// A config file.
+    File(Box<api_server::models::VmConfigFile>),
+    /// `skiff run` arguments.
+    Run(VmConfig),
+}
+
+fn start_api(
+    path: &std::path::Path,
+) -> Result<(vmm::vmm::ApiLink, api_server::server::ApiServerHandle), String> {
+    let server = api_server::server::ApiServer::bind(path).map_err(|e| error_chain(&e))?;
+    let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| format!("cannot create the API eventfd: {e}"))?;
+    let wake_api = wake
+        .try_clone()
+        .map_err(|e| format!("cannot create the API eventfd: {e}"))?;
+    let metrics = std::sync::Arc::new(api_server::metrics::ApiMetrics::new());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = server
+        .spawn(tx, wake_api, metrics.clone())
+        .map_err(|e| error_chain(&e))?;
+    Ok((vmm::vmm::ApiLink { rx, wake, metrics }, handle))
 }
 
 fn main() -> ExitCode {
     vmm::logger::init();
     let cli = Cli::parse();
     let console = cli.common.console.clone();
-    let cfg = match (cli.command, cli.config_file) {
-        (Some(Command::Run(a)), _) => config_from_run(a, console.clone()),
+    let api_sock = cli.common.api_sock.clone();
+    let boot = match (cli.command, cli.config_file) {
+        (Some(Command::Run(a)), _) => config_from_run(a, console.clone()).map(Boot::Run),
         (None, Some(file)) => {
-            if !cli.no_api {
-                return fail("the control API is not available yet: pass --no-api with --config-file");
+            if !cli.no_api && api_sock.is_none() {
+                return fail("--config-file needs --api-sock PATH (keep the API for runtime requests) or --no-api");
             }
-            vmm::config::VmConfig::from_file(&file)
-                .map(|mut c| {
-                    c.console = console.clone();
-                    c
-                })
+            VmConfig::read_file(&file)
+                .map(|f| Boot::File(Box::new(f)))
                 .map_err(|e| error_chain(&e))
         }
-        (None, None) => Err("nothing to boot: use `skiff --no-api --config-file FILE` or `skiff run --kernel ...` (see --help)".into()),
+        (None, None) if api_sock.is_some() => Ok(Boot::Later),
+        (None, None) => Err("nothing to boot: use `skiff --api-sock PATH`, `skiff --no-api --config-file FILE` or `skiff run --kernel ...` (see --help)".into()),
     };
-    let cfg = match cfg {
-        Ok(c) => c,
+    let boot = match boot {
+        Ok(b) => b,
         Err(e) => return fail(&e),
     };
     let pvm = vmm::host::is_pvm_host();
     if pvm {
         log::warn!("{}", vmm::host::PVM_EXPLANATION);
     }
+    // Signals are blocked and the API socket bound before any other thread starts.
     let signals = match vmm::vmm::block_termination_signals() {
         Ok(s) => s,
         Err(e) => return fail(&error_chain(&e)),
     };
-    let opts = BuildOptions {
-        device_bin_dir: cli.common.device_bin_dir,
+    let (api, _api_handle) = match &api_sock {
+        Some(p) => match start_api(p) {
+            Ok((link, handle)) => (Some(link), Some(handle)),
+            Err(e) => return fail(&e),
+        },
+        None => (None, None),
     };
-    let mut processes = Vec::new();
-    let mut runtime = None;
-    let built = build(&cfg, &opts, &mut processes, &mut runtime);
-    let vm = match built {
-        Ok(vm) => vm,
-        Err(e) => {
-            for p in processes {
-                p.stop(std::time::Duration::from_millis(500));
+    let mut vmm = match Vmm::new(VmmOptions {
+        id: cli.common.id.clone(),
+        console: console.clone(),
+        build: BuildOptions {
+            device_bin_dir: cli.common.device_bin_dir,
+        },
+        signals,
+        api,
+    }) {
+        Ok(v) => v,
+        Err(e) => return fail(&error_chain(&e)),
+    };
+    let boot_now = match boot {
+        Boot::Later => false,
+        Boot::File(spec) => {
+            if let Some(l) = &spec.logger {
+                if let Err(e) = vmm.set_logger(l) {
+                    return fail(&e);
+                }
             }
-            if let Some(dir) = runtime {
-                let _ = std::fs::remove_dir_all(dir);
+            if let Some(m) = &spec.metrics {
+                if let Err(e) = vmm.set_metrics(&m.metrics_path) {
+                    return fail(&e);
+                }
             }
-            return fail(&error_chain(&e));
+            vmm.configure(*spec, None);
+            true
+        }
+        Boot::Run(cfg) => {
+            vmm.configure(cfg.to_model(), cfg.extra_args.clone());
+            true
         }
     };
-    let panic = vm.panic.clone();
-    let raw = if cfg.console == ConsoleConfig::Stdio {
+    if boot_now {
+        if let Err(e) = vmm.start() {
+            return fail(&error_chain(&e));
+        }
+    }
+    let raw = if console == ConsoleConfig::Stdio {
         vmm::terminal::RawTerminal::enter()
     } else {
         None
     };
-    let reason = vmm::vmm::run(vm, &cfg.console, &signals);
+    let reason = vmm.run();
     drop(raw);
-    let panicked = panic.lock().map(|p| p.clone()).unwrap_or(None);
+    let panicked = vmm.panic_line();
     match (reason, panicked) {
         (Err(e), _) => fail(&error_chain(&e)),
         (Ok(_), Some(line)) => {

@@ -1,12 +1,122 @@
 //! vCPU threads: the KVM_RUN loop, dispatching exits to the I/O bus.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
+use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::bus::{BusAction, IoBus};
 use crate::exit::{ExitReason, VmExit};
+use crate::metrics::VcpuMetrics;
+
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// Where vCPU threads park while the VM is paused.
+///
+/// Pausing sets the flag and kicks the vCPU threads out of KVM_RUN (the caller repeats the
+/// kick until every thread has parked, because a kick can land just before a thread enters
+/// KVM_RUN). A parked vCPU has saved its TSC; it restores it before running again, so the
+/// guest's TSC, like its kvmclock (restored by the VMM), does not advance while paused.
+#[derive(Default)]
+pub struct VcpuGate {
+    paused: AtomicBool,
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    want_pause: bool,
+    parked: usize,
+}
+
+impl VcpuGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the vCPUs to park (they still need a kick to leave KVM_RUN).
+    pub fn request_pause(&self) {
+        self.lock().want_pause = true;
+        self.paused.store(true, Ordering::Release);
+    }
+
+    /// Waits until `n` vCPUs are parked; `kick` is called every millisecond meanwhile.
+    /// Returns false on timeout.
+    pub fn wait_parked(&self, n: usize, timeout: Duration, mut kick: impl FnMut()) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        while st.parked < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            drop(st);
+            kick();
+            st = self.lock();
+            if st.parked < n {
+                st = self
+                    .cv
+                    .wait_timeout(st, Duration::from_millis(1))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        true
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        let mut st = self.lock();
+        st.want_pause = false;
+        self.paused.store(false, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    fn park(&self, fd: &VcpuFd, index: u8) {
+        let mut st = self.lock();
+        if !st.want_pause {
+            return;
+        }
+        let tsc = read_tsc(fd);
+        if let Err(e) = &tsc {
+            log::warn!("vcpu{index}: cannot save the TSC for the pause: {e}");
+        }
+        st.parked += 1;
+        self.cv.notify_all();
+        while st.want_pause {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked -= 1;
+        drop(st);
+        if let Ok(tsc) = tsc {
+            if let Err(e) = write_tsc(fd, tsc) {
+                log::warn!("vcpu{index}: cannot restore the TSC after the pause: {e}");
+            }
+        }
+    }
+}
+
+fn read_tsc(fd: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))?;
+    fd.get_msrs(&mut msrs)?;
+    Ok(msrs.as_slice()[0].data)
+}
+
+fn write_tsc(fd: &VcpuFd, tsc: u64) -> Result<(), kvm_ioctls::Error> {
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        data: tsc,
+        ..Default::default()
+    }])
+    .map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))?;
+    fd.set_msrs(&msrs).map(|_| ())
+}
 
 /// The signal used to kick a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -33,16 +143,30 @@ pub struct Vcpu {
     pub exit: Arc<VmExit>,
     /// Set when the VM is stopping.
     pub stop: Arc<AtomicBool>,
+    /// Pause/resume.
+    pub gate: Arc<VcpuGate>,
+    /// Exit counters.
+    pub metrics: Arc<VcpuMetrics>,
 }
 
 impl Vcpu {
     /// Runs until the guest stops or `stop` is set.
     pub fn run(mut self) {
+        let m = self.metrics.clone();
+        let inc = VcpuMetrics::inc;
         while !self.stop.load(Ordering::Acquire) {
+            if self.gate.paused.load(Ordering::Acquire) {
+                self.gate.park(&self.fd, self.index);
+                continue;
+            }
             match self.fd.run() {
                 Ok(exit) => match exit {
-                    VcpuExit::IoIn(port, data) => self.bus.pio_read(port, data),
+                    VcpuExit::IoIn(port, data) => {
+                        inc(&m.io_in);
+                        self.bus.pio_read(port, data)
+                    }
                     VcpuExit::IoOut(port, data) => {
+                        inc(&m.io_out);
                         if self.bus.pio_write(port, data) == BusAction::Reset {
                             self.exit.report(ExitReason::Reset(format!(
                                 "vCPU {}: i8042 reset command",
@@ -50,13 +174,21 @@ impl Vcpu {
                             )));
                         }
                     }
-                    VcpuExit::MmioRead(addr, data) => self.bus.mmio_read(addr, data),
-                    VcpuExit::MmioWrite(addr, data) => self.bus.mmio_write(addr, data),
+                    VcpuExit::MmioRead(addr, data) => {
+                        inc(&m.mmio_read);
+                        self.bus.mmio_read(addr, data)
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        inc(&m.mmio_write);
+                        self.bus.mmio_write(addr, data)
+                    }
                     VcpuExit::Hlt => {
+                        inc(&m.hlt);
                         log::debug!("vcpu{}: HLT with interrupts off", self.index);
                         self.exit.report(ExitReason::Halted);
                     }
                     VcpuExit::Shutdown => {
+                        inc(&m.shutdown);
                         let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
                         self.exit.report(ExitReason::Reset(format!(
                             "vCPU {}: triple fault (KVM_EXIT_SHUTDOWN) at rip {rip:#x}",
@@ -64,31 +196,37 @@ impl Vcpu {
                         )));
                     }
                     VcpuExit::SystemEvent(kind, _) => {
+                        inc(&m.system_event);
                         self.exit.report(ExitReason::Reset(format!(
                             "vCPU {}: KVM system event {kind}",
                             self.index
                         )));
                     }
                     VcpuExit::InternalError => {
+                        inc(&m.failure);
                         self.exit.report(ExitReason::KvmFailure(format!(
                             "vCPU {}: KVM internal error (emulation failure)",
                             self.index
                         )));
                     }
                     VcpuExit::FailEntry(reason, cpu) => {
+                        inc(&m.failure);
                         self.exit.report(ExitReason::KvmFailure(format!(
                             "vCPU {}: KVM entry failure, hardware reason {reason:#x} on host CPU {cpu}",
                             self.index
                         )));
                     }
                     other => {
+                        inc(&m.other);
                         self.exit.report(ExitReason::KvmFailure(format!(
                             "vCPU {}: unexpected KVM exit {other:?}",
                             self.index
                         )));
                     }
                 },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    inc(&m.interrupted)
+                }
                 Err(e) => {
                     self.exit.report(ExitReason::KvmFailure(format!(
                         "vCPU {}: KVM_RUN failed: {e}",

@@ -1,33 +1,144 @@
-//! Runs a built VM: vCPU threads, and the event loop on the calling thread (console
-//! input, SIGTERM/SIGINT, device-process deaths, the guest's end), then a clean teardown.
+//! The VMM: lifecycle (Not started → Running ⇄ Paused → Stopped) and the event loop on the
+//! calling thread. The loop serves the control API (requests arrive over a channel and an
+//! eventfd from the API thread), console input, SIGTERM/SIGINT, device-process deaths, the
+//! periodic metrics flush and the guest's end; a clean teardown follows.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use api_server::metrics::ApiMetrics;
+use api_server::models::{Logger, VmConfigFile};
+use api_server::server::ApiCall;
+use kvm_bindings::kvm_clock_data;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
+use vmm_sys_util::timerfd::TimerFd;
 
-use crate::builder::BuiltVm;
-use crate::config::ConsoleConfig;
+use crate::builder::{build, BuildError, BuildOptions, BuiltVm};
+use crate::config::{ConsoleConfig, VmConfig};
 use crate::exit::ExitReason;
+use crate::metrics::VmMetrics;
 use crate::vcpu::{install_kick_handler, kick_signal};
 
-/// Errors running the VM.
+/// Errors running the VMM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// epoll, signalfd or thread creation failed.
     #[error("cannot set up the event loop: {0}")]
     EventLoop(&'static str, #[source] std::io::Error),
+    /// The VM could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// An operation is not allowed in the VM's current state.
+    #[error("{0}")]
+    State(String),
+    /// KVM refused a VM-level operation.
+    #[error("KVM refused to {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
 }
 
 const TOKEN_EXIT: u64 = 0;
 const TOKEN_SIGNAL: u64 = 1;
 const TOKEN_STDIN: u64 = 2;
 const TOKEN_CONSOLE: u64 = 3;
+const TOKEN_API: u64 = 4;
+const TOKEN_METRICS_TIMER: u64 = 5;
 const TOKEN_PROCESS: u64 = 100;
+
+/// How long a pause may take to stop every vCPU.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Firecracker flushes metrics every minute once a metrics file is set.
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+
+/// The VM's lifecycle as the API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Configuration phase: InstanceStart not yet received.
+    NotStarted,
+    /// vCPUs running.
+    Running,
+    /// vCPUs parked, guest clock stopped.
+    Paused,
+    /// The guest has ended; the VMM is tearing down.
+    Stopped,
+}
+
+impl Lifecycle {
+    /// Firecracker's spelling of the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::NotStarted => "Not started",
+            Lifecycle::Running => "Running",
+            Lifecycle::Paused => "Paused",
+            Lifecycle::Stopped => "Stopped",
+        }
+    }
+}
+
+/// The API thread's side of the link: requests and the eventfd that announces them.
+pub struct ApiLink {
+    /// Requests from the API thread.
+    pub rx: Receiver<ApiCall>,
+    /// Written by the API thread after each request.
+    pub wake: EventFd,
+    /// Request counters kept by the API thread.
+    pub metrics: Arc<ApiMetrics>,
+}
+
+/// A started VM.
+pub(crate) struct RunningVm {
+    pub(crate) built: BuiltVm,
+    pub(crate) handles: Vec<JoinHandle<()>>,
+    pub(crate) started: Instant,
+    pub(crate) paused_since: Option<Instant>,
+    pub(crate) paused_total: Duration,
+    pub(crate) clock: Option<kvm_clock_data>,
+}
+
+/// Where console input stands.
+struct Stdin {
+    open: bool,
+    watched: bool,
+    pending: VecDeque<u8>,
+}
+
+/// Where metrics lines go.
+pub(crate) struct MetricsOut {
+    pub(crate) path: String,
+    pub(crate) file: File,
+}
+
+/// One microVM monitor.
+pub struct Vmm {
+    pub(crate) id: String,
+    /// The configuration collected before InstanceStart (Firecracker's objects).
+    pub(crate) spec: VmConfigFile,
+    /// Arguments appended to the kernel command line (`skiff run --cmdline`).
+    pub(crate) extra_args: Option<String>,
+    pub(crate) console: ConsoleConfig,
+    pub(crate) opts: BuildOptions,
+    pub(crate) signals: OwnedFd,
+    epoll: Epoll,
+    api: Option<ApiLink>,
+    pub(crate) vm: Option<RunningVm>,
+    pub(crate) lifecycle: Lifecycle,
+    pub(crate) vm_metrics: Arc<VmMetrics>,
+    pub(crate) metrics_out: Option<MetricsOut>,
+    metrics_timer: Option<TimerFd>,
+    pub(crate) logger: Option<Logger>,
+    stdin: Stdin,
+    /// A reason the VMM must end for (a signal before the VM started).
+    pending_exit: Option<ExitReason>,
+    /// The guest kernel's panic line, kept past teardown.
+    panic_seen: Option<String>,
+}
 
 /// Blocks SIGTERM and SIGINT in this thread (and the threads it starts) and returns a
 /// signalfd that reads them.
@@ -72,182 +183,520 @@ fn ctl(epoll: &Epoll, op: ControlOperation, fd: i32, token: u64) -> Result<(), V
         .map_err(|e| VmmError::EventLoop("epoll_ctl", e))
 }
 
-/// Runs `vm` to its end and tears it down. Returns why it ended.
-pub fn run(
-    mut vm: BuiltVm,
-    console: &ConsoleConfig,
-    signals: &OwnedFd,
-) -> Result<ExitReason, VmmError> {
-    let mut handles: Vec<JoinHandle<()>> = Vec::new();
-    // On any error below the VM is still torn down: device processes reaped, sockets removed.
-    let mut result = install_kick_handler().map_err(|e| {
-        VmmError::EventLoop(
-            "the vCPU kick signal",
-            std::io::Error::from_raw_os_error(e.errno()),
-        )
-    });
-    for vcpu in vm.vcpus.drain(..) {
-        if result.is_err() {
-            break;
-        }
-        match std::thread::Builder::new()
-            .name(format!("vcpu{}", vcpu.index))
-            .spawn(move || vcpu.run())
-        {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                result = Err(VmmError::EventLoop("a vCPU thread", e));
-                break;
-            }
-        }
-    }
-    let reason = match result {
-        Ok(()) => event_loop(&mut vm, console, signals),
-        Err(e) => Err(e),
-    };
-    teardown(vm, handles);
-    reason
+/// What the VMM is created with.
+pub struct VmmOptions {
+    /// Instance id (Firecracker's `--id`).
+    pub id: String,
+    /// Console.
+    pub console: ConsoleConfig,
+    /// Device binaries.
+    pub build: BuildOptions,
+    /// SIGTERM/SIGINT.
+    pub signals: OwnedFd,
+    /// The control API, when enabled.
+    pub api: Option<ApiLink>,
 }
 
-fn event_loop(
-    vm: &mut BuiltVm,
-    console: &ConsoleConfig,
-    signals: &OwnedFd,
-) -> Result<ExitReason, VmmError> {
-    let epoll = Epoll::new().map_err(|e| VmmError::EventLoop("epoll", e))?;
-    ctl(
-        &epoll,
-        ControlOperation::Add,
-        vm.exit.evt.as_raw_fd(),
-        TOKEN_EXIT,
-    )?;
-    ctl(
-        &epoll,
-        ControlOperation::Add,
-        signals.as_raw_fd(),
-        TOKEN_SIGNAL,
-    )?;
-    ctl(
-        &epoll,
-        ControlOperation::Add,
-        vm.console_flush.as_raw_fd(),
-        TOKEN_CONSOLE,
-    )?;
-    for (i, p) in vm.processes.iter().enumerate() {
+impl Vmm {
+    /// A VMM in the Not started state.
+    pub fn new(o: VmmOptions) -> Result<Self, VmmError> {
+        let epoll = Epoll::new().map_err(|e| VmmError::EventLoop("epoll", e))?;
         ctl(
             &epoll,
             ControlOperation::Add,
-            p.pidfd.as_raw_fd(),
-            TOKEN_PROCESS + i as u64,
+            o.signals.as_raw_fd(),
+            TOKEN_SIGNAL,
         )?;
-    }
-    let mut stdin_open = *console == ConsoleConfig::Stdio;
-    if stdin_open
-        && ctl(
-            &epoll,
-            ControlOperation::Add,
-            libc::STDIN_FILENO,
-            TOKEN_STDIN,
-        )
-        .is_err()
-    {
-        // stdin is a regular file or /dev/null, which epoll cannot watch: no console input.
-        stdin_open = false;
-    }
-    let mut stdin_watched = stdin_open;
-    let mut pending: VecDeque<u8> = VecDeque::new();
-    let mut events = vec![EpollEvent::default(); 16];
-    loop {
-        if let Some(reason) = vm.exit.reason() {
-            return Ok(reason);
+        if let Some(api) = &o.api {
+            ctl(
+                &epoll,
+                ControlOperation::Add,
+                api.wake.as_raw_fd(),
+                TOKEN_API,
+            )?;
         }
-        // Feed queued console input as the UART's FIFO drains.
-        if !pending.is_empty() {
-            let mut serial = vm.bus.serial.lock().unwrap_or_else(|p| p.into_inner());
-            let chunk: Vec<u8> = pending
+        crate::logger::set_instance_id(&o.id);
+        Ok(Vmm {
+            id: o.id,
+            spec: VmConfigFile::default(),
+            extra_args: None,
+            console: o.console,
+            opts: o.build,
+            signals: o.signals,
+            epoll,
+            api: o.api,
+            vm: None,
+            lifecycle: Lifecycle::NotStarted,
+            vm_metrics: Arc::new(VmMetrics::default()),
+            metrics_out: None,
+            metrics_timer: None,
+            logger: None,
+            stdin: Stdin {
+                open: false,
+                watched: false,
+                pending: VecDeque::new(),
+            },
+            pending_exit: None,
+            panic_seen: None,
+        })
+    }
+
+    /// Replaces the pre-boot configuration (a config file, or `skiff run` arguments).
+    pub fn configure(&mut self, spec: VmConfigFile, extra_args: Option<String>) {
+        self.spec = spec;
+        self.extra_args = extra_args;
+    }
+
+    /// The VM description InstanceStart would boot.
+    pub(crate) fn vm_config(&self) -> VmConfig {
+        let mut cfg = VmConfig::from_model(&self.spec);
+        cfg.console = self.console.clone();
+        cfg.extra_args = self.extra_args.clone();
+        cfg
+    }
+
+    /// The first guest kernel panic line seen on the console.
+    pub fn panic_line(&self) -> Option<String> {
+        match &self.vm {
+            Some(vm) => vm.built.panic.lock().map(|p| p.clone()).unwrap_or(None),
+            None => self.panic_seen.clone(),
+        }
+    }
+
+    /// Builds and starts the VM (InstanceStart). On failure nothing is left running and
+    /// the VMM stays Not started.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        if self.lifecycle != Lifecycle::NotStarted {
+            return Err(VmmError::State(format!(
+                "the VM is already started (state: {})",
+                self.lifecycle.as_str()
+            )));
+        }
+        let cfg = self.vm_config();
+        let mut processes = Vec::new();
+        let mut runtime = None;
+        let built = match build(&cfg, &self.opts, &mut processes, &mut runtime) {
+            Ok(b) => b,
+            Err(e) => {
+                for p in processes {
+                    p.stop(Duration::from_millis(500));
+                }
+                if let Some(dir) = runtime {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                return Err(e.into());
+            }
+        };
+        let mut vm = RunningVm {
+            built,
+            handles: Vec::new(),
+            started: Instant::now(),
+            paused_since: None,
+            paused_total: Duration::ZERO,
+            clock: None,
+        };
+        if let Err(e) = self.launch(&mut vm) {
+            teardown(vm);
+            return Err(e);
+        }
+        self.vm = Some(vm);
+        self.lifecycle = Lifecycle::Running;
+        log::info!("VM started: {} vCPU(s), {} MiB", cfg.vcpus, cfg.mem_mib);
+        Ok(())
+    }
+
+    /// Registers the VM's fds with the event loop and starts the vCPU threads.
+    fn launch(&mut self, vm: &mut RunningVm) -> Result<(), VmmError> {
+        let b = &mut vm.built;
+        ctl(
+            &self.epoll,
+            ControlOperation::Add,
+            b.exit.evt.as_raw_fd(),
+            TOKEN_EXIT,
+        )?;
+        ctl(
+            &self.epoll,
+            ControlOperation::Add,
+            b.console_flush.as_raw_fd(),
+            TOKEN_CONSOLE,
+        )?;
+        for (i, p) in b.processes.iter().enumerate() {
+            ctl(
+                &self.epoll,
+                ControlOperation::Add,
+                p.pidfd.as_raw_fd(),
+                TOKEN_PROCESS + i as u64,
+            )?;
+        }
+        if self.console == ConsoleConfig::Stdio {
+            // stdin that is a regular file or /dev/null cannot be watched: no console input.
+            self.stdin.open = ctl(
+                &self.epoll,
+                ControlOperation::Add,
+                libc::STDIN_FILENO,
+                TOKEN_STDIN,
+            )
+            .is_ok();
+            self.stdin.watched = self.stdin.open;
+        }
+        install_kick_handler().map_err(|e| {
+            VmmError::EventLoop(
+                "the vCPU kick signal",
+                std::io::Error::from_raw_os_error(e.errno()),
+            )
+        })?;
+        for vcpu in b.vcpus.drain(..) {
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index))
+                .spawn(move || vcpu.run())
+                .map_err(|e| VmmError::EventLoop("a vCPU thread", e))?;
+            vm.handles.push(h);
+        }
+        Ok(())
+    }
+
+    /// Stops the vCPUs and the guest clock.
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        let vm = match (self.lifecycle, self.vm.as_mut()) {
+            (Lifecycle::Paused, _) => return Ok(()),
+            (Lifecycle::Running, Some(vm)) => vm,
+            (state, _) => {
+                return Err(VmmError::State(format!(
+                    "the VM cannot be paused in state {}",
+                    state.as_str()
+                )))
+            }
+        };
+        let gate = vm.built.gate.clone();
+        gate.request_pause();
+        let handles = &vm.handles;
+        let parked = gate.wait_parked(handles.len(), PAUSE_TIMEOUT, || {
+            for h in handles.iter().filter(|h| !h.is_finished()) {
+                let _ = h.kill(kick_signal());
+            }
+        });
+        if !parked {
+            gate.resume();
+            return Err(VmmError::State(format!(
+                "the vCPUs did not stop within {} s; the VM keeps running",
+                PAUSE_TIMEOUT.as_secs()
+            )));
+        }
+        match vm.built.vm.get_clock() {
+            Ok(c) => vm.clock = Some(c),
+            Err(e) => log::warn!("KVM_GET_CLOCK failed ({e}); the guest clock will jump"),
+        }
+        vm.paused_since = Some(Instant::now());
+        self.lifecycle = Lifecycle::Paused;
+        self.vm_metrics.pauses.fetch_add(1, Ordering::Relaxed);
+        log::info!("VM paused");
+        Ok(())
+    }
+
+    /// Runs the vCPUs again, with the guest clock where it stopped.
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        let vm = match (self.lifecycle, self.vm.as_mut()) {
+            (Lifecycle::Running, _) => return Ok(()),
+            (Lifecycle::Paused, Some(vm)) => vm,
+            (state, _) => {
+                return Err(VmmError::State(format!(
+                    "the VM cannot be resumed in state {}",
+                    state.as_str()
+                )))
+            }
+        };
+        if let Some(c) = vm.clock.take() {
+            // flags 0: not KVM_CLOCK_REALTIME, which would add the time spent paused.
+            let data = kvm_clock_data {
+                clock: c.clock,
+                ..Default::default()
+            };
+            if let Err(e) = vm.built.vm.set_clock(&data) {
+                log::warn!("KVM_SET_CLOCK failed ({e}); the guest clock jumps by the pause");
+            }
+        }
+        if let Some(since) = vm.paused_since.take() {
+            vm.paused_total += since.elapsed();
+        }
+        vm.built.gate.resume();
+        self.lifecycle = Lifecycle::Running;
+        self.vm_metrics.resumes.fetch_add(1, Ordering::Relaxed);
+        log::info!("VM resumed");
+        Ok(())
+    }
+
+    /// Applies a logger configuration (config file or `PUT /logger`).
+    pub fn set_logger(&mut self, l: &Logger) -> Result<(), String> {
+        crate::logger::configure(l).map_err(|e| crate::error_chain(&e))?;
+        self.logger = Some(l.clone());
+        Ok(())
+    }
+
+    /// Sets the metrics file (config file or `PUT /metrics`).
+    pub fn set_metrics(&mut self, path: &str) -> Result<(), String> {
+        self.set_metrics_file(path)
+            .map_err(|e| format!("cannot open metrics_path {path}: {e}"))
+    }
+
+    /// Sets (or replaces) the metrics file and arms the periodic flush.
+    pub(crate) fn set_metrics_file(&mut self, path: &str) -> Result<(), std::io::Error> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)?;
+        if self.metrics_timer.is_none() {
+            let mut t = TimerFd::new()?;
+            t.reset(METRICS_PERIOD, Some(METRICS_PERIOD))?;
+            ctl(
+                &self.epoll,
+                ControlOperation::Add,
+                t.as_raw_fd(),
+                TOKEN_METRICS_TIMER,
+            )
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            self.metrics_timer = Some(t);
+        }
+        self.metrics_out = Some(MetricsOut {
+            path: path.to_string(),
+            file,
+        });
+        Ok(())
+    }
+
+    /// Re-points the pidfd watch of device process `idx` (after it was replaced).
+    pub(crate) fn rewatch_process(&mut self, idx: usize, old: i32) -> Result<(), VmmError> {
+        let _ = ctl(
+            &self.epoll,
+            ControlOperation::Delete,
+            old,
+            TOKEN_PROCESS + idx as u64,
+        );
+        let Some(vm) = &self.vm else {
+            return Ok(());
+        };
+        if let Some(p) = vm.built.processes.get(idx) {
+            ctl(
+                &self.epoll,
+                ControlOperation::Add,
+                p.pidfd.as_raw_fd(),
+                TOKEN_PROCESS + idx as u64,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs until the VM ends (or, before InstanceStart, until a signal) and tears down.
+    pub fn run(&mut self) -> Result<ExitReason, VmmError> {
+        let result = self.event_loop();
+        if self.vm.is_some() {
+            self.lifecycle = Lifecycle::Stopped;
+            // A last metrics line, so the final counters are not lost.
+            if self.metrics_out.is_some() {
+                let _ = self.flush_metrics();
+            }
+        }
+        self.panic_seen = self.panic_line();
+        if let Some(vm) = self.vm.take() {
+            teardown(vm);
+        }
+        result
+    }
+
+    fn exit_reason(&self) -> Option<ExitReason> {
+        if let Some(r) = &self.pending_exit {
+            return Some(r.clone());
+        }
+        self.vm.as_ref().and_then(|vm| vm.built.exit.reason())
+    }
+
+    fn feed_console(&mut self) -> Result<(), VmmError> {
+        let Some(vm) = &self.vm else {
+            return Ok(());
+        };
+        if !self.stdin.pending.is_empty() {
+            let mut serial = vm
+                .built
+                .bus
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let chunk: Vec<u8> = self
+                .stdin
+                .pending
                 .iter()
                 .take(serial.fifo_capacity())
                 .copied()
                 .collect();
             if !chunk.is_empty() {
                 if let Ok(n) = serial.enqueue_raw_bytes(&chunk) {
-                    pending.drain(..n);
+                    self.stdin.pending.drain(..n);
+                    vm.built
+                        .serial_metrics
+                        .bytes_in
+                        .fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
         }
-        if stdin_open && pending.is_empty() && !stdin_watched {
+        if self.stdin.open && self.stdin.pending.is_empty() && !self.stdin.watched {
             ctl(
-                &epoll,
+                &self.epoll,
                 ControlOperation::Add,
                 libc::STDIN_FILENO,
                 TOKEN_STDIN,
             )?;
-            stdin_watched = true;
+            self.stdin.watched = true;
         }
-        let timeout = if pending.is_empty() { -1 } else { 2 };
-        let n = match epoll.wait(timeout, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(VmmError::EventLoop("epoll_wait", e)),
-        };
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_EXIT => {
-                    let _ = vm.exit.evt.read();
+        Ok(())
+    }
+
+    fn event_loop(&mut self) -> Result<ExitReason, VmmError> {
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            if let Some(reason) = self.exit_reason() {
+                return Ok(reason);
+            }
+            self.feed_console()?;
+            let timeout = if self.stdin.pending.is_empty() { -1 } else { 2 };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VmmError::EventLoop("epoll_wait", e)),
+            };
+            for ev in &events[..n] {
+                self.dispatch(ev.data())?;
+            }
+        }
+    }
+
+    fn dispatch(&mut self, token: u64) -> Result<(), VmmError> {
+        match token {
+            TOKEN_EXIT => {
+                if let Some(vm) = &self.vm {
+                    let _ = vm.built.exit.evt.read();
                 }
-                TOKEN_CONSOLE => {
-                    let _ = vm.console_flush.read();
-                    let mut serial = vm.bus.serial.lock().unwrap_or_else(|p| p.into_inner());
+            }
+            TOKEN_CONSOLE => {
+                if let Some(vm) = &self.vm {
+                    let _ = vm.built.console_flush.read();
+                    let mut serial = vm
+                        .built
+                        .bus
+                        .serial
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
                     if let Err(e) = serial.writer_mut().drain() {
                         log::warn!("console output: {e}");
                     }
                 }
-                TOKEN_SIGNAL => {
-                    if let Some(sig) = read_signal(signals) {
-                        vm.exit.report(ExitReason::Signal(sig));
-                    }
-                }
-                TOKEN_STDIN => {
-                    let mut buf = [0u8; 256];
-                    // Straight from the fd: std's buffered stdin would keep bytes that epoll
-                    // then never reports again.
-                    // SAFETY: valid fd and buffer of buf.len() bytes.
-                    let n = unsafe {
-                        libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len())
-                    };
-                    // Stop watching stdin either way: at EOF or error for good, otherwise
-                    // until the UART has taken what was read.
-                    ctl(
-                        &epoll,
-                        ControlOperation::Delete,
-                        libc::STDIN_FILENO,
-                        TOKEN_STDIN,
-                    )?;
-                    stdin_watched = false;
-                    match usize::try_from(n) {
-                        Ok(n) if n > 0 => pending.extend(&buf[..n]),
-                        _ => stdin_open = false,
-                    }
-                }
-                t if t >= TOKEN_PROCESS => {
-                    let idx = (t - TOKEN_PROCESS) as usize;
-                    if let Some(p) = vm.processes.get_mut(idx) {
-                        let why = p
-                            .check_alive()
-                            .err()
-                            .unwrap_or_else(|| format!("{} hung up", p.name));
-                        ctl(&epoll, ControlOperation::Delete, p.pidfd.as_raw_fd(), t)?;
-                        vm.exit.report(ExitReason::DeviceFailure(why));
-                    }
-                }
-                _ => {}
             }
+            TOKEN_SIGNAL => {
+                if let Some(sig) = read_signal(&self.signals) {
+                    match &self.vm {
+                        Some(vm) => vm.built.exit.report(ExitReason::Signal(sig)),
+                        None => self.pending_exit = Some(ExitReason::Signal(sig)),
+                    }
+                }
+            }
+            TOKEN_STDIN => self.read_stdin()?,
+            TOKEN_API => self.serve_api(),
+            TOKEN_METRICS_TIMER => {
+                if let Some(t) = &mut self.metrics_timer {
+                    let _ = t.wait();
+                }
+                if let Err(e) = self.flush_metrics() {
+                    log::warn!("periodic metrics flush: {e}");
+                }
+            }
+            t if t >= TOKEN_PROCESS => self.process_event((t - TOKEN_PROCESS) as usize)?,
+            _ => {}
         }
+        Ok(())
+    }
+
+    fn read_stdin(&mut self) -> Result<(), VmmError> {
+        let mut buf = [0u8; 256];
+        // Straight from the fd: std's buffered stdin would keep bytes that epoll then never
+        // reports again.
+        // SAFETY: valid fd and buffer of buf.len() bytes.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        // Stop watching stdin either way: at EOF or error for good, otherwise until the
+        // UART has taken what was read.
+        ctl(
+            &self.epoll,
+            ControlOperation::Delete,
+            libc::STDIN_FILENO,
+            TOKEN_STDIN,
+        )?;
+        self.stdin.watched = false;
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => self.stdin.pending.extend(&buf[..n]),
+            _ => self.stdin.open = false,
+        }
+        Ok(())
+    }
+
+    fn process_event(&mut self, idx: usize) -> Result<(), VmmError> {
+        let Some(vm) = &mut self.vm else {
+            return Ok(());
+        };
+        let Some(p) = vm.built.processes.get_mut(idx) else {
+            return Ok(());
+        };
+        // A pidfd is readable only once its process has exited; an event for a live
+        // process is a stale one for a process that was replaced in the same batch.
+        let Err(why) = p.check_alive() else {
+            return Ok(());
+        };
+        ctl(
+            &self.epoll,
+            ControlOperation::Delete,
+            p.pidfd.as_raw_fd(),
+            TOKEN_PROCESS + idx as u64,
+        )?;
+        vm.built.exit.report(ExitReason::DeviceFailure(why));
+        Ok(())
+    }
+
+    fn serve_api(&mut self) {
+        let Some(api) = &self.api else {
+            return;
+        };
+        let _ = api.wake.read();
+        let calls: Vec<ApiCall> = api.rx.try_iter().collect();
+        for call in calls {
+            let result = self.handle(call.request);
+            // The API thread may have given up on a client that went away.
+            let _ = call.reply.send(result);
+        }
+    }
+
+    /// Request counters of the API thread.
+    pub(crate) fn api_metrics(&self) -> Option<&ApiMetrics> {
+        self.api.as_ref().map(|a| a.metrics.as_ref())
+    }
+
+    /// Writes one metrics line now.
+    pub(crate) fn flush_metrics(&mut self) -> Result<(), String> {
+        let snapshot = crate::report::Snapshot::take(self);
+        let Some(out) = &mut self.metrics_out else {
+            return Err("no metrics file is set: PUT /metrics first".into());
+        };
+        std::io::Write::write_all(&mut out.file, snapshot.json_line().as_bytes())
+            .map_err(|e| format!("cannot write metrics to {}: {e}", out.path))?;
+        self.vm_metrics.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
-fn teardown(vm: BuiltVm, handles: Vec<JoinHandle<()>>) {
-    vm.stop.store(true, Ordering::Release);
+fn teardown(vm: RunningVm) {
+    let RunningVm { built, handles, .. } = vm;
+    built.stop.store(true, Ordering::Release);
+    // Parked vCPUs must wake to see the stop flag.
+    built.gate.resume();
     // Kick every vCPU out of KVM_RUN until its thread has finished.
     loop {
         let running: Vec<&JoinHandle<()>> = handles.iter().filter(|h| !h.is_finished()).collect();
@@ -271,7 +720,7 @@ fn teardown(vm: BuiltVm, handles: Vec<JoinHandle<()>>) {
         runtime_dir,
         ram,
         ..
-    } = vm;
+    } = built;
     if let Err(e) = bus
         .serial
         .lock()

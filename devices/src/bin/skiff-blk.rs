@@ -29,6 +29,10 @@ struct Args {
     /// Maximum size of each queue.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
+    /// Inherited fd of the VMM's 4096-byte metrics memfd to count into (layout in
+    /// docs/CONTRACTS.md); without it the counters stay in process memory.
+    #[arg(long, value_name = "N")]
+    metrics_fd: Option<i32>,
     /// Serial returned by GET_ID (up to 20 bytes; default derived from the image).
     #[arg(long)]
     serial: Option<String>,
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         },
         num_queues: args.num_queues,
         queue_size: args.queue_size,
+        metrics_fd: args.metrics_fd,
     };
     match block_backend::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

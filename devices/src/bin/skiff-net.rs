@@ -22,6 +22,10 @@ struct Args {
     /// Maximum size of each queue.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
+    /// Inherited fd of the VMM's 4096-byte metrics memfd to count into (layout in
+    /// docs/CONTRACTS.md); without it the counters stay in process memory.
+    #[arg(long, value_name = "N")]
+    metrics_fd: Option<i32>,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         taps: args.taps,
         mac: args.mac,
         queue_size: args.queue_size,
+        metrics_fd: args.metrics_fd,
     };
     match net_backend::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,6 +29,16 @@ const SB_CMD_DATA: u8 = 0x08;
 const SB_KBD_ENABLED: u8 = 0x10;
 const CTR_KBD_INT: u8 = 0x01;
 const CTR_SYSTEM: u8 = 0x04;
+const CTR_TRANSLATE: u8 = 0x40;
+
+/// Ctrl, Alt and Del pressed, then released, in scan code set 2 (what the keyboard sends)
+/// and set 1 (what the controller hands on when the guest enabled translation).
+const CTRL_ALT_DEL_SET2: &[u8] = &[
+    0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+];
+const CTRL_ALT_DEL_SET1: &[u8] = &[0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+/// Bytes the guest may leave unread before a key press is refused.
+const OUT_LIMIT: usize = 16;
 
 const KBD_ACK: u8 = 0xfa;
 const KBD_RESET: u8 = 0xff;
@@ -75,6 +85,27 @@ impl I8042 {
                 log::warn!("i8042: cannot raise IRQ 1: {e}");
             }
         }
+    }
+
+    /// Presses and releases Ctrl+Alt+Del on the keyboard. Fails when the guest has not
+    /// enabled the keyboard or is not reading it.
+    pub fn press_ctrl_alt_del(&mut self) -> Result<(), String> {
+        if self.status & SB_KBD_ENABLED == 0 || self.ctr & CTR_KBD_INT == 0 {
+            return Err("the guest has not enabled the i8042 keyboard or its interrupt".into());
+        }
+        if self.out.len() > OUT_LIMIT {
+            return Err(format!(
+                "the guest is not reading the i8042 keyboard ({} bytes pending)",
+                self.out.len()
+            ));
+        }
+        let codes = if self.ctr & CTR_TRANSLATE != 0 {
+            CTRL_ALT_DEL_SET1
+        } else {
+            CTRL_ALT_DEL_SET2
+        };
+        self.push(codes);
+        Ok(())
     }
 
     /// A read from data port + `offset`.
@@ -133,6 +164,22 @@ impl I8042 {
 mod tests {
     use super::*;
     use vmm_sys_util::eventfd::EventFd;
+
+    #[test]
+    fn ctrl_alt_del_follows_translation() {
+        let (mut d, irq) = dev();
+        d.press_ctrl_alt_del().unwrap();
+        assert!(irq.read().unwrap() >= 1);
+        let got: Vec<u8> = (0..CTRL_ALT_DEL_SET2.len()).map(|_| d.read(0)).collect();
+        assert_eq!(got, CTRL_ALT_DEL_SET2);
+        d.write(COMMAND_OFFSET, CMD_WRITE_CTR);
+        d.write(0, CTR_KBD_INT | CTR_SYSTEM | CTR_TRANSLATE);
+        d.press_ctrl_alt_del().unwrap();
+        let got: Vec<u8> = (0..CTRL_ALT_DEL_SET1.len()).map(|_| d.read(0)).collect();
+        assert_eq!(got, CTRL_ALT_DEL_SET1);
+        d.write(COMMAND_OFFSET, CMD_DISABLE_KBD);
+        assert!(d.press_ctrl_alt_del().unwrap_err().contains("not enabled"));
+    }
 
     fn dev() -> (I8042, EventFd) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();

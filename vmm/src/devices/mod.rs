@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod i8042;
+pub mod metrics_page;
 pub mod serial;
 pub mod virtio;
 

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
@@ -10,6 +11,7 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqLine;
+use crate::metrics::SerialMetrics;
 
 /// Where the guest console goes.
 pub enum ConsoleSink {
@@ -34,6 +36,7 @@ pub struct ConsoleOut {
     flush_evt: Option<EventFd>,
     flush_requested: bool,
     panic: Arc<Mutex<Option<String>>>,
+    metrics: Option<Arc<SerialMetrics>>,
 }
 
 const OUT_BUFFER: usize = 4096;
@@ -52,7 +55,14 @@ impl ConsoleOut {
             flush_evt,
             flush_requested: false,
             panic,
+            metrics: None,
         }
+    }
+
+    /// Counts output bytes and write errors in `m`.
+    pub fn with_metrics(mut self, m: Arc<SerialMetrics>) -> Self {
+        self.metrics = Some(m);
+        self
     }
 
     /// Writes out everything buffered.
@@ -67,6 +77,11 @@ impl ConsoleOut {
             ConsoleSink::Null => Ok(()),
         };
         self.out.clear();
+        if res.is_err() {
+            if let Some(m) = &self.metrics {
+                m.write_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         res
     }
 
@@ -95,6 +110,9 @@ impl ConsoleOut {
 
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(m) = &self.metrics {
+            m.bytes_out.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
         self.scan(buf);
         self.out.extend_from_slice(buf);
         if buf.contains(&b'\n') || self.out.len() >= OUT_BUFFER || self.flush_evt.is_none() {

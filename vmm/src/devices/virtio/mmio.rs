@@ -45,6 +45,7 @@ const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
 const STATUS_FAILED: u32 = 0x80;
 const INT_VRING: u32 = 1;
+const INT_CONFIG: u32 = 2;
 
 /// One virtio-mmio window and the device behind it.
 pub struct MmioTransport {
@@ -58,6 +59,7 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     active: bool,
+    config_changed: bool,
 }
 
 fn set_half(v: &mut u64, high: bool, half: u32) {
@@ -89,7 +91,30 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             active: false,
+            config_changed: false,
         }
+    }
+
+    /// The device behind the transport.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// Features the driver acknowledged.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// The queues as the driver configured them.
+    pub fn queues(&self) -> &[QueueConfig] {
+        &self.queues
+    }
+
+    /// Records a device configuration change: the generation moves on and InterruptStatus
+    /// reports it until the driver acknowledges. The caller raises the interrupt.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.config_changed = true;
     }
 
     /// Whether the device processes its queues.
@@ -130,11 +155,9 @@ impl MmioTransport {
             REG_QUEUE_NUM_MAX => self.queue().map_or(0, |q| u32::from(q.max_size)),
             REG_QUEUE_READY => self.queue().map_or(0, |q| u32::from(q.ready)),
             REG_INTERRUPT_STATUS => {
-                if self.active {
-                    INT_VRING
-                } else {
-                    0
-                }
+                let vring = if self.active { INT_VRING } else { 0 };
+                let config = if self.config_changed { INT_CONFIG } else { 0 };
+                vring | config
             }
             REG_STATUS => self.status,
             REG_CONFIG_GENERATION => self.config_generation,
@@ -213,7 +236,11 @@ impl MmioTransport {
                     _ => set_half(&mut q.used, true, v),
                 }
             }
-            REG_INTERRUPT_ACK => {}
+            REG_INTERRUPT_ACK => {
+                if v & INT_CONFIG != 0 {
+                    self.config_changed = false;
+                }
+            }
             REG_STATUS => self.write_status(v),
             _ => log::debug!("{}: write of unknown register {offset:#x}", self.name),
         }
@@ -269,6 +296,7 @@ impl MmioTransport {
             log::error!("{}: reset failed: {e}", self.name);
         }
         self.active = false;
+        self.config_changed = false;
         self.status = 0;
         self.acked_features = 0;
         self.device_features_sel = 0;

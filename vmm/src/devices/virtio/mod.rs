@@ -46,4 +46,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, acked_features: u64, queues: &[QueueConfig]) -> Result<(), VirtioError>;
     /// The driver reset the device after activation: stop the queues.
     fn reset(&mut self) -> Result<(), VirtioError>;
+    /// The vhost-user front end behind this device, for backend replacement.
+    fn as_vhost_user(&mut self) -> Option<&mut vhost_user::VhostUserDevice> {
+        None
+    }
 }

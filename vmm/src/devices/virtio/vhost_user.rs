@@ -42,6 +42,20 @@ pub enum VhostUserError {
     /// A ring address is outside guest memory.
     #[error("queue {0}: ring address {1:#x} is outside guest memory")]
     BadRingAddress(usize, u64),
+    /// A replacement backend cannot take over the running device.
+    #[error("the new backend cannot take over: {0}")]
+    Incompatible(String),
+}
+
+/// Timings of a backend switch, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SwitchTimings {
+    /// Feature and memory-table set-up of the new backend (before the pause).
+    pub prepare_us: u64,
+    /// First ring stopped on the old backend to last ring enabled on the new one.
+    pub pause_us: u64,
+    /// Rings moved.
+    pub rings: usize,
 }
 
 /// virtio device kinds skiff fronts.
@@ -244,33 +258,193 @@ impl VhostUserDevice {
             if !q.ready {
                 continue;
             }
-            let data = VringConfigData {
-                queue_max_size: q.max_size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: self.host_addr(i, q.desc)?,
-                used_ring_addr: self.host_addr(i, q.used)?,
-                avail_ring_addr: self.host_addr(i, q.avail)?,
-                log_addr: None,
-            };
-            kreq("SET_VRING_NUM", self.frontend.set_vring_num(i, q.size))?;
-            kreq("SET_VRING_BASE", self.frontend.set_vring_base(i, 0))?;
-            kreq("SET_VRING_ADDR", self.frontend.set_vring_addr(i, &data))?;
-            kreq(
-                "SET_VRING_CALL",
-                self.frontend.set_vring_call(i, &self.call),
+            let data = self.ring_config(i, q)?;
+            start_ring(
+                &mut self.frontend,
+                protocol_bit != 0,
+                i,
+                &data,
+                0,
+                &self.call,
+                &self.kicks[i],
             )?;
-            kreq(
-                "SET_VRING_KICK",
-                self.frontend.set_vring_kick(i, &self.kicks[i]),
-            )?;
-            if protocol_bit != 0 {
-                kreq("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, true))?;
-            }
             self.started.push(i);
         }
         Ok(())
     }
+
+    fn ring_config(&self, i: usize, q: &QueueConfig) -> Result<VringConfigData, VhostUserError> {
+        Ok(VringConfigData {
+            queue_max_size: q.max_size,
+            queue_size: q.size,
+            flags: 0,
+            desc_table_addr: self.host_addr(i, q.desc)?,
+            used_ring_addr: self.host_addr(i, q.used)?,
+            avail_ring_addr: self.host_addr(i, q.avail)?,
+            log_addr: None,
+        })
+    }
+
+    fn uses_ring_enable(features: u64) -> bool {
+        features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Makes `next`, a fresh connection to a replacement backend already negotiated by
+    /// [`VhostUserDevice::new`], the backend of this device, without the guest noticing
+    /// more than a pause. `acked` and `queues` are what the driver set up; `active` says
+    /// whether the rings run.
+    ///
+    /// The new backend gets its features and memory table first, while the old one still
+    /// serves. Then each running ring is stopped on the old backend (GET_VRING_BASE waits
+    /// for requests in progress and returns the next available index) and started on the
+    /// new one at that index, with the same kick and call eventfds, so KVM's ioeventfds and
+    /// irqfds stay as they are. If the new backend fails during the switch, the rings are
+    /// restarted on the old one. The old connection is closed on success, which tells the
+    /// old backend to exit. The device's config space becomes the new backend's.
+    pub fn take_over(
+        &mut self,
+        mut next: VhostUserDevice,
+        acked: u64,
+        queues: &[QueueConfig],
+        active: bool,
+    ) -> Result<SwitchTimings, VhostUserError> {
+        if next.kind != self.kind {
+            return Err(VhostUserError::Incompatible(format!(
+                "it serves a {:?} device, not {:?}",
+                next.kind, self.kind
+            )));
+        }
+        let offered = next.features();
+        if active && acked & !offered != 0 {
+            return Err(VhostUserError::Incompatible(format!(
+                "it lacks features {:#x} that the guest driver uses",
+                acked & !offered
+            )));
+        }
+        if let Some(&max) = self.started.iter().max() {
+            if max >= next.num_queues {
+                return Err(VhostUserError::Incompatible(format!(
+                    "it offers {} queue(s); the guest uses {}",
+                    next.num_queues,
+                    max + 1
+                )));
+            }
+        }
+        let mut t = SwitchTimings::default();
+        let prep = Instant::now();
+        if active {
+            let next_bit =
+                next.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            kreq("SET_FEATURES", next.frontend.set_features(acked | next_bit))?;
+            let regions = self
+                .mem
+                .iter()
+                .map(|r| {
+                    VhostUserMemoryRegionInfo::from_guest_region(r)
+                        .map_err(|e| VhostUserError::Request("SET_MEM_TABLE", e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            kreq("SET_MEM_TABLE", next.frontend.set_mem_table(&regions))?;
+        }
+        t.prepare_us = prep.elapsed().as_micros() as u64;
+
+        let pause = Instant::now();
+        let old_enable = Self::uses_ring_enable(self.backend_features);
+        let new_enable = Self::uses_ring_enable(next.backend_features);
+        let mut moved: Vec<(usize, u32)> = Vec::new();
+        let mut failure = None;
+        for &i in &self.started {
+            if old_enable {
+                if let Err(e) = kreq("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, false)) {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            match kreq("GET_VRING_BASE", self.frontend.get_vring_base(i)) {
+                Ok(base) => moved.push((i, base)),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            for &(i, base) in &moved {
+                let r = queues
+                    .get(i)
+                    .ok_or(VhostUserError::BadRingAddress(i, 0))
+                    .and_then(|q| self.ring_config(i, q))
+                    .and_then(|data| {
+                        start_ring(
+                            &mut next.frontend,
+                            new_enable,
+                            i,
+                            &data,
+                            base,
+                            &self.call,
+                            &self.kicks[i],
+                        )
+                    });
+                if let Err(e) = r {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            // Give the rings back to the old backend at the positions it reported.
+            for &(i, base) in &moved {
+                let r = queues
+                    .get(i)
+                    .ok_or(VhostUserError::BadRingAddress(i, 0))
+                    .and_then(|q| self.ring_config(i, q))
+                    .and_then(|data| {
+                        start_ring(
+                            &mut self.frontend,
+                            old_enable,
+                            i,
+                            &data,
+                            base,
+                            &self.call,
+                            &self.kicks[i],
+                        )
+                    });
+                if let Err(re) = r {
+                    log::error!("queue {i}: cannot give the ring back to the old backend: {re}");
+                }
+            }
+            return Err(e);
+        }
+        t.pause_us = pause.elapsed().as_micros() as u64;
+        t.rings = moved.len();
+        // The old connection closes here.
+        self.frontend = next.frontend;
+        self.backend_features = next.backend_features;
+        self.protocol = next.protocol;
+        self.config = next.config;
+        Ok(t)
+    }
+}
+
+/// Sets up ring `i` on a backend and enables it: size, base index, addresses, call, kick.
+fn start_ring(
+    frontend: &mut Frontend,
+    enable: bool,
+    i: usize,
+    data: &VringConfigData,
+    base: u32,
+    call: &EventFd,
+    kick: &EventFd,
+) -> Result<(), VhostUserError> {
+    kreq("SET_VRING_NUM", frontend.set_vring_num(i, data.queue_size))?;
+    kreq("SET_VRING_BASE", frontend.set_vring_base(i, base as u16))?;
+    kreq("SET_VRING_ADDR", frontend.set_vring_addr(i, data))?;
+    kreq("SET_VRING_CALL", frontend.set_vring_call(i, call))?;
+    kreq("SET_VRING_KICK", frontend.set_vring_kick(i, kick))?;
+    if enable {
+        kreq("SET_VRING_ENABLE", frontend.set_vring_enable(i, true))?;
+    }
+    Ok(())
 }
 
 impl VirtioDevice for VhostUserDevice {
@@ -316,6 +490,10 @@ impl VirtioDevice for VhostUserDevice {
 
     fn activate(&mut self, acked: u64, queues: &[QueueConfig]) -> Result<(), VirtioError> {
         Ok(self.start(acked, queues)?)
+    }
+
+    fn as_vhost_user(&mut self) -> Option<&mut VhostUserDevice> {
+        Some(self)
     }
 
     fn reset(&mut self) -> Result<(), VirtioError> {

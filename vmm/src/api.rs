@@ -1,0 +1,311 @@
+//! The VMM's answers to API requests. Runs on the event-loop thread only. Configuration
+//! requests are checked against the whole candidate configuration before they replace
+//! it, so a bad request leaves the previous configuration intact; after InstanceStart
+//! only what can change at runtime is accepted, as in Firecracker.
+
+use api_server::models::{
+    ActionType, Drive, InstanceInfo, NetworkInterface, PartialDrive, SkiffDevice, SkiffDevices,
+    SkiffVmState, Version, VmConfigFile, VmStateChange,
+};
+use api_server::request::{ApiFault, ApiReply, ApiRequest, ApiResult};
+
+use crate::config::{ConfigError, VmConfig};
+use crate::error_chain;
+use crate::report::{kind_name, Snapshot};
+use crate::vmm::{Lifecycle, Vmm};
+
+fn json<T: serde::Serialize>(v: &T) -> ApiResult {
+    serde_json::to_value(v)
+        .map(ApiReply::Json)
+        .map_err(|e| ApiFault::internal(format!("cannot serialise the answer: {e}")))
+}
+
+fn bad(e: &dyn std::error::Error) -> ApiFault {
+    ApiFault::bad_request(error_chain(e))
+}
+
+/// Which part of a candidate configuration to check.
+enum Part {
+    Machine,
+    Boot,
+    Devices,
+}
+
+fn max_vcpus() -> usize {
+    kvm_ioctls::Kvm::new()
+        .map(|k| k.get_max_vcpus())
+        .unwrap_or(254)
+}
+
+fn check(spec: &VmConfigFile, part: Part) -> Result<(), ApiFault> {
+    let cfg = VmConfig::from_model(spec);
+    let r: Result<(), ConfigError> = match part {
+        Part::Machine => cfg.validate_machine(max_vcpus(), crate::host::host_memory_bytes()),
+        Part::Boot => cfg.validate_boot(),
+        Part::Devices => cfg.validate_devices(),
+    };
+    r.map_err(|e| bad(&e))
+}
+
+impl Vmm {
+    fn preboot(&self, what: &str) -> Result<(), ApiFault> {
+        if self.lifecycle == Lifecycle::NotStarted {
+            Ok(())
+        } else {
+            Err(ApiFault::bad_request(format!(
+                "{what} cannot be changed after InstanceStart (the VM is {})",
+                self.lifecycle.as_str()
+            )))
+        }
+    }
+
+    fn postboot(&self, what: &str) -> Result<(), ApiFault> {
+        match self.lifecycle {
+            Lifecycle::Running | Lifecycle::Paused => Ok(()),
+            s => Err(ApiFault::bad_request(format!(
+                "{what} is only allowed after InstanceStart (the VM is {})",
+                s.as_str()
+            ))),
+        }
+    }
+
+    /// Tries `change` on a copy of the configuration, checks `part`, and keeps it.
+    fn amend(
+        &mut self,
+        part: Part,
+        change: impl FnOnce(&mut VmConfigFile),
+    ) -> Result<ApiReply, ApiFault> {
+        let mut candidate = self.spec.clone();
+        change(&mut candidate);
+        check(&candidate, part)?;
+        self.spec = candidate;
+        Ok(ApiReply::NoContent)
+    }
+
+    /// Answers one request.
+    pub fn handle(&mut self, req: ApiRequest) -> ApiResult {
+        match req {
+            ApiRequest::GetInstanceInfo => json(&InstanceInfo {
+                app_name: "skiff".into(),
+                id: self.id.clone(),
+                state: self.lifecycle.as_str().into(),
+                vmm_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            ApiRequest::GetVersion => json(&Version {
+                firecracker_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            ApiRequest::GetMachineConfig => json(&self.spec.machine_config),
+            ApiRequest::PutMachineConfig(mc) => {
+                self.preboot("machine-config")?;
+                self.amend(Part::Machine, |s| s.machine_config = mc)
+            }
+            ApiRequest::PatchMachineConfig(update) => {
+                self.preboot("machine-config")?;
+                self.amend(Part::Machine, |s| {
+                    s.machine_config = update.apply(&s.machine_config)
+                })
+            }
+            ApiRequest::PutBootSource(b) => {
+                self.preboot("boot-source")?;
+                self.amend(Part::Boot, |s| s.boot_source = b)
+            }
+            ApiRequest::PutDrive(d) => {
+                self.preboot("drives")?;
+                self.amend(Part::Devices, |s| upsert_drive(&mut s.drives, d))
+            }
+            ApiRequest::PutNetworkInterface(n) => {
+                self.preboot("network-interfaces")?;
+                self.amend(Part::Devices, |s| upsert_net(&mut s.network_interfaces, n))
+            }
+            ApiRequest::PatchDrive(p) => self.patch_drive(p),
+            ApiRequest::PatchNetworkInterface(p) => {
+                self.postboot("PATCH /network-interfaces")?;
+                if !self
+                    .spec
+                    .network_interfaces
+                    .iter()
+                    .any(|n| n.iface_id == p.iface_id)
+                {
+                    return Err(ApiFault::bad_request(format!(
+                        "no network interface '{}'",
+                        p.iface_id
+                    )));
+                }
+                // Only rate limiters can change here, and the router refuses those as not
+                // supported: nothing is left to change.
+                Ok(ApiReply::NoContent)
+            }
+            ApiRequest::Action(a) => match a.action_type {
+                ActionType::InstanceStart => match self.start() {
+                    Ok(()) => Ok(ApiReply::NoContent),
+                    Err(e) => Err(bad(&e)),
+                },
+                ActionType::SendCtrlAltDel => self.ctrl_alt_del(),
+                ActionType::FlushMetrics => self
+                    .flush_metrics()
+                    .map(|_| ApiReply::NoContent)
+                    .map_err(ApiFault::bad_request),
+            },
+            ApiRequest::PatchVm(v) => {
+                let r = match v.state {
+                    VmStateChange::Paused => self.pause(),
+                    VmStateChange::Resumed => self.resume(),
+                };
+                r.map(|_| ApiReply::NoContent).map_err(|e| bad(&e))
+            }
+            ApiRequest::GetVmConfig => {
+                let mut full = self.spec.clone();
+                full.logger = self.logger.clone();
+                full.metrics = self
+                    .metrics_out
+                    .as_ref()
+                    .map(|m| api_server::models::Metrics {
+                        metrics_path: m.path.clone(),
+                    });
+                json(&full)
+            }
+            ApiRequest::PutLogger(l) => {
+                self.preboot("logger")?;
+                self.set_logger(&l).map_err(ApiFault::bad_request)?;
+                Ok(ApiReply::NoContent)
+            }
+            ApiRequest::PutMetrics(m) => {
+                self.preboot("metrics")?;
+                self.set_metrics(&m.metrics_path)
+                    .map_err(ApiFault::bad_request)?;
+                Ok(ApiReply::NoContent)
+            }
+            ApiRequest::GetSkiffVm => {
+                let snap = Snapshot::take(self);
+                json(&SkiffVmState {
+                    state: self.lifecycle.as_str().into(),
+                    uptime_ms: snap.uptime_ms,
+                    paused_ms: snap.paused_ms,
+                    vcpus: self.spec.machine_config.vcpu_count,
+                    mem_size_mib: self.spec.machine_config.mem_size_mib,
+                    pid: std::process::id(),
+                })
+            }
+            ApiRequest::GetSkiffDevices => json(&self.device_states()),
+            ApiRequest::GetSkiffMetrics => {
+                Ok(ApiReply::Prometheus(Snapshot::take(self).prometheus()))
+            }
+        }
+    }
+
+    fn ctrl_alt_del(&mut self) -> ApiResult {
+        if self.lifecycle != Lifecycle::Running {
+            return Err(ApiFault::bad_request(format!(
+                "SendCtrlAltDel needs a running VM (the VM is {})",
+                self.lifecycle.as_str()
+            )));
+        }
+        let Some(vm) = &self.vm else {
+            return Err(ApiFault::internal("no VM"));
+        };
+        vm.built
+            .bus
+            .i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .press_ctrl_alt_del()
+            .map(|_| ApiReply::NoContent)
+            .map_err(ApiFault::bad_request)
+    }
+
+    fn patch_drive(&mut self, p: PartialDrive) -> ApiResult {
+        self.postboot("PATCH /drives")?;
+        let Some(path) = p.path_on_host else {
+            // Nothing to change (rate limiters are refused by the router).
+            return if self.spec.drives.iter().any(|d| d.drive_id == p.drive_id) {
+                Ok(ApiReply::NoContent)
+            } else {
+                Err(ApiFault::bad_request(format!("no drive '{}'", p.drive_id)))
+            };
+        };
+        self.change_media(&p.drive_id, &path)?;
+        if let Some(d) = self
+            .spec
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == p.drive_id)
+        {
+            d.path_on_host = Some(path);
+        }
+        Ok(ApiReply::NoContent)
+    }
+
+    fn device_states(&self) -> SkiffDevices {
+        let Some(vm) = &self.vm else {
+            // Before boot: what is configured.
+            let cfg = self.vm_config();
+            let mut devices: Vec<SkiffDevice> = cfg
+                .drives
+                .iter()
+                .map(|d| SkiffDevice {
+                    id: d.id.clone(),
+                    kind: "block".into(),
+                    socket: match &d.backend {
+                        crate::config::DriveBackend::Socket(s) => s.display().to_string(),
+                        crate::config::DriveBackend::Image(_) => String::new(),
+                    },
+                    pid: None,
+                    binary: None,
+                    backing: match &d.backend {
+                        crate::config::DriveBackend::Image(p) => p.display().to_string(),
+                        crate::config::DriveBackend::Socket(s) => s.display().to_string(),
+                    },
+                    restarts: 0,
+                    activated: false,
+                })
+                .collect();
+            devices.extend(cfg.nets.iter().map(|n| SkiffDevice {
+                id: n.id.clone(),
+                kind: "net".into(),
+                socket: String::new(),
+                pid: None,
+                binary: None,
+                backing: n.tap.clone(),
+                restarts: 0,
+                activated: false,
+            }));
+            return SkiffDevices { devices };
+        };
+        let b = &vm.built;
+        SkiffDevices {
+            devices: b
+                .devices
+                .iter()
+                .map(|d| SkiffDevice {
+                    id: d.id.clone(),
+                    kind: kind_name(d.kind).into(),
+                    socket: d.socket.display().to_string(),
+                    pid: d.process.and_then(|i| b.processes.get(i)).map(|p| p.pid()),
+                    binary: d.binary.as_ref().map(|p| p.display().to_string()),
+                    backing: d.backing.clone(),
+                    restarts: d.restarts,
+                    activated: b
+                        .bus
+                        .virtio
+                        .get(d.transport)
+                        .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).is_active())
+                        .unwrap_or(false),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn upsert_drive(drives: &mut Vec<Drive>, d: Drive) {
+    match drives.iter_mut().find(|x| x.drive_id == d.drive_id) {
+        Some(x) => *x = d,
+        None => drives.push(d),
+    }
+}
+
+fn upsert_net(nets: &mut Vec<NetworkInterface>, n: NetworkInterface) {
+    match nets.iter_mut().find(|x| x.iface_id == n.iface_id) {
+        Some(x) => *x = n,
+        None => nets.push(n),
+    }
+}
