@@ -162,6 +162,8 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("cpu-config", "custom CPU templates"),
     ("serial", "serial console configuration"),
     ("hotplug", "memory hotplug"),
+    ("pmem", "virtio-pmem devices"),
+    ("memory-hotplug", "memory hotplug"),
 ];
 
 /// Routes one request: the path's endpoint, the method, then the body.
@@ -261,8 +263,21 @@ fn json<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiFault> {
             "missing body: a JSON {what} object is required"
         )));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiFault::bad_request(format!("invalid {what} body: {e}")))
+    // serde_path_to_error names the field a type error is in ("vcpu_count: invalid type").
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            ApiFault::bad_request(format!("invalid {what} body: {inner}"))
+        } else {
+            ApiFault::bad_request(format!("invalid {what} body: {path}: {inner}"))
+        }
+    })?;
+    // Trailing garbage after the object is an error too.
+    de.end()
+        .map_err(|e| ApiFault::bad_request(format!("invalid {what} body: {e}")))?;
+    Ok(value)
 }
 
 fn unsupported(e: ModelsError) -> ApiFault {
