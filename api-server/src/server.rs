@@ -307,19 +307,20 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
+        let me = Arc::new(self);
         loop {
-            let Some(server) = self.shared.server().clone() else {
+            let Some(server) = me.shared.server().clone() else {
                 return;
             };
             match server.recv() {
-                Ok(rq) => self.handle(rq),
+                Ok(rq) => me.dispatch(rq),
                 Err(e) => {
-                    if self.shared.stopping() {
+                    if me.shared.stopping() {
                         return;
                     }
                     warn!("API socket accept failed: {e}; restarting the HTTP server");
                     drop(server);
-                    if !self.restart() {
+                    if !me.restart() {
                         return;
                     }
                 }
@@ -348,6 +349,26 @@ impl Worker {
                 }
                 Err(e) => warn!("cannot restart the HTTP server: {e}"),
             }
+        }
+    }
+
+    /// Handles `rq` on this thread when its body (if any) is already buffered, which
+    /// tiny_http does for bodies up to 1 KiB: every request Firecracker's API defines fits.
+    /// A larger or chunked body is read on a thread of its own, so a client that declares a
+    /// body and then stalls cannot hold up the API for everyone else.
+    fn dispatch(self: &Arc<Self>, rq: Request) {
+        let expects_continue = rq.headers().iter().any(|h| h.field.equiv("Expect"));
+        let buffered = !expects_continue
+            && matches!(rq.body_length(), Some(n) if n <= BUFFERED_BODY || n > MAX_BODY);
+        if buffered {
+            return self.handle(rq);
+        }
+        let me = Arc::clone(self);
+        if let Err(e) = thread::Builder::new()
+            .name("skiff-api-body".into())
+            .spawn(move || me.handle(rq))
+        {
+            warn!("cannot start a thread to read a request body: {e}");
         }
     }
 
@@ -414,6 +435,10 @@ impl Worker {
         }
     }
 }
+
+/// Bodies up to this size are read by tiny_http's connection thread before `recv()`
+/// returns the request.
+const BUFFERED_BODY: usize = 1024;
 
 /// The body, at most [`MAX_BODY`] bytes (chunked bodies are cut off there too).
 fn read_body(rq: &mut Request) -> Result<Vec<u8>, ApiFault> {

@@ -259,6 +259,22 @@ fn garbage_and_half_requests_do_not_stop_the_server() {
         .unwrap();
     assert!(c.version().is_ok());
     drop(stalled);
+    // Nor does one that declares a body larger than tiny_http buffers and then stalls in
+    // it, or one that waits for 100-continue and never sends the body.
+    let mut in_body = UnixStream::connect(&h.socket).unwrap();
+    in_body
+        .write_all(b"PUT /drives/a HTTP/1.1\r\nContent-Length: 5000\r\n\r\n{\"drive_id\"")
+        .unwrap();
+    let mut in_continue = UnixStream::connect(&h.socket).unwrap();
+    in_continue
+        .write_all(b"PUT /drives/a HTTP/1.1\r\nContent-Length: 20\r\nExpect: 100-continue\r\n\r\n")
+        .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let mut quick = ApiClient::new(&h.socket).with_timeout(Duration::from_secs(5));
+    assert!(quick.version().is_ok());
+    assert!(quick.put_drive(&drive("quick")).is_ok());
+    drop(in_body);
+    drop(in_continue);
 }
 
 #[test]
