@@ -53,6 +53,7 @@ fn main() {
         Guest false api_patch_drive_changes_media,
         Guest false api_firecracker_python_client,
         Guest false api_bad_requests_keep_vm_running,
+        Guest false api_config_file_keeps_api,
         Host false missing_kernel,
         Host false not_a_kernel,
         Host false zero_vcpus,

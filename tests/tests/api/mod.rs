@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use api_server::client::{ApiClient, ClientError};
 use api_server::models::{
-    ActionType, BootSource, Drive, MachineConfig, Metrics, NetworkInterface, PartialDrive,
-    VmStateChange,
+    ActionType, BootSource, Drive, LogLevel, Logger, MachineConfig, Metrics, NetworkInterface,
+    PartialDrive, VmStateChange,
 };
 use tests::{ensure, host, Result, TestDir, TestVm, DEFAULT_BOOT_ARGS};
 
@@ -144,7 +144,30 @@ pub fn api_boot_sequence() -> Result {
             metrics_path: metrics.display().to_string(),
         })
         .map_err(|e| format!("PUT /metrics: {e}"))?;
+    let log = dir.join("skiff.log");
+    a.api
+        .put_logger(&Logger {
+            log_path: Some(log.display().to_string()),
+            level: Some(LogLevel::Info),
+            show_level: Some(true),
+            show_log_origin: Some(true),
+            module: None,
+        })
+        .map_err(|e| format!("PUT /logger: {e}"))?;
     a.start_guest()?;
+    let text = std::fs::read_to_string(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let started = text
+        .lines()
+        .find(|l| l.contains("VM started"))
+        .ok_or_else(|| format!("the log file lacks the start line:\n{text}"))?;
+    ensure!(
+        started.starts_with("20")
+            && started.as_bytes().get(10) == Some(&b'T')
+            && started.contains("[skiff:api_test:")
+            && started.contains(" INFO ")
+            && started.contains(".rs:"),
+        "log line without timestamp, id, level or origin: {started:?}"
+    );
     let out = a.vm.run_ok(
         "nproc; ping -c 2 -W 5 172.31.9.1 >/dev/null && echo PING-OK",
         CMD,
@@ -538,6 +561,39 @@ pub fn api_bad_requests_keep_vm_running() -> Result {
     ensure!(info.state == "Running", "after the bad requests: {info:?}");
     let out = a.vm.run_ok("echo still-here", CMD)?;
     ensure!(last_line(&out) == "still-here", "guest said {out:?}");
+    a.vm.reboot_and_wait(EXIT)
+}
+
+/// `--config-file` with `--api-sock` boots at once and keeps the API for runtime requests.
+pub fn api_config_file_keeps_api() -> Result {
+    let dir = TestDir::new("api-cfgfile")?;
+    let cfg = dir.config(&vmlinux()?)?;
+    let file = dir.join("vm.json");
+    std::fs::write(&file, cfg.to_json().to_string()).map_err(|e| e.to_string())?;
+    let f = file.to_string_lossy().into_owned();
+    let mut a = ApiVm::start(&dir, &["--config-file", &f])?;
+    a.vm.wait_ready(BOOT)?;
+    let info = a.api.instance_info().map_err(|e| e.to_string())?;
+    ensure!(
+        info.state == "Running",
+        "GET / with --config-file: {info:?}"
+    );
+    fault(
+        a.api.put_boot_source(&BootSource {
+            kernel_image_path: vmlinux()?.display().to_string(),
+            ..Default::default()
+        }),
+        400,
+        &["after instancestart"],
+    )?;
+    a.api
+        .patch_vm(VmStateChange::Paused)
+        .map_err(|e| format!("pause: {e}"))?;
+    a.api
+        .patch_vm(VmStateChange::Resumed)
+        .map_err(|e| format!("resume: {e}"))?;
+    let out = a.vm.run_ok("echo after-resume", CMD)?;
+    ensure!(last_line(&out) == "after-resume", "guest said {out:?}");
     a.vm.reboot_and_wait(EXIT)
 }
 
