@@ -348,35 +348,45 @@ where
     let req = match parse(mem, &descs) {
         Ok(req) => req,
         Err(BlockError::NoStatus) => {
-            metrics.invalid_requests.inc(1);
-            warn!(
-                "dropping request {}: no writable status byte",
-                chain.head_index()
-            );
+            if metrics.invalid_requests.inc_logged() {
+                warn!(
+                    "dropping request {}: no writable status byte ({} invalid requests so far)",
+                    chain.head_index(),
+                    metrics.invalid_requests.get()
+                );
+            }
             return 0;
         }
         Err(e) => {
-            metrics.invalid_requests.inc(1);
-            warn!("bad request {}: {e}", chain.head_index());
+            if metrics.invalid_requests.inc_logged() {
+                warn!(
+                    "bad request {}: {e} ({} invalid requests so far)",
+                    chain.head_index(),
+                    metrics.invalid_requests.get()
+                );
+            }
             return write_status(mem, descs_status(&descs), VIRTIO_BLK_S_IOERR as u8, 0);
         }
     };
     let (status, written) = match execute(disk, mem, &req, metrics) {
         Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
         Err(e) => {
-            if e.is_host_io() {
-                metrics.io_errors.inc(1);
+            let counter = if e.is_host_io() {
+                &metrics.io_errors
             } else {
-                metrics.invalid_requests.inc(1);
-            }
+                &metrics.invalid_requests
+            };
+            let log_it = counter.inc_logged();
             match &e {
                 BlockError::Unsupported(_) | BlockError::ReadOnly => debug!("request failed: {e}"),
-                _ => warn!(
-                    "request type {} sector {} failed: {}",
+                _ if log_it => warn!(
+                    "request type {} sector {} failed: {} ({} so far)",
                     req.kind,
                     req.sector,
-                    crate::error_chain(&e)
+                    crate::error_chain(&e),
+                    counter.get()
                 ),
+                _ => {}
             }
             (e.status(), 0)
         }

@@ -146,6 +146,13 @@ impl Counter {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Adds one and says whether this occurrence should be logged: the 1st, 2nd, 4th,
+    /// 8th, ... so that a guest sending bad requests in a loop cannot flood the log.
+    #[inline]
+    pub fn inc_logged(&self) -> bool {
+        (self.0.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+    }
+
     /// The current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)

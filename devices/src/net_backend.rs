@@ -186,12 +186,16 @@ impl NetBackend {
                     break;
                 }
                 Err(e @ NetError::Io(_)) => {
-                    warn!("TAP {} read: {}", tap.name(), crate::error_chain(&e));
+                    if worth_logging(&self.metrics, &e, false) {
+                        warn!("TAP {} read: {}", tap.name(), crate::error_chain(&e));
+                    }
                     vring.get_mut().get_queue_mut().go_to_previous_position();
                     break;
                 }
                 Err(e) => {
-                    warn!("rx chain {head} dropped: {}", crate::error_chain(&e));
+                    if worth_logging(&self.metrics, &e, false) {
+                        warn!("rx chain {head} dropped: {}", crate::error_chain(&e));
+                    }
                     vring.add_used(head, 0).map_err(NetBackendError::Vring)?;
                     used = true;
                 }
@@ -233,11 +237,15 @@ impl NetBackend {
                         blocked = true;
                         break;
                     }
-                    Err(e) => warn!(
-                        "tx frame dropped on TAP {}: {}",
-                        tap.name(),
-                        crate::error_chain(&e)
-                    ),
+                    Err(e) => {
+                        if worth_logging(&self.metrics, &e, true) {
+                            warn!(
+                                "tx frame dropped on TAP {}: {}",
+                                tap.name(),
+                                crate::error_chain(&e)
+                            )
+                        }
+                    }
                 }
                 vring.add_used(head, 0).map_err(NetBackendError::Vring)?;
                 used = true;
@@ -480,4 +488,16 @@ mod tests {
         assert!(parse_mac("52:54:00:ab:cd:zz").is_err());
         assert!(parse_mac("525:4:00:ab:cd:ef").is_err());
     }
+}
+
+/// Whether an error, already counted, is worth a log line: the 1st, 2nd, 4th, 8th, ...
+/// of its counter, so a guest sending bad frames in a loop cannot flood the log.
+fn worth_logging(m: &NetMetrics, e: &NetError, tx: bool) -> bool {
+    let counter = match e {
+        NetError::BadChain(_) | NetError::Guest(_) => &m.invalid_requests,
+        _ if tx => &m.tx_errors,
+        NetError::Io(_) => &m.rx_errors,
+        _ => &m.rx_dropped,
+    };
+    counter.get().is_power_of_two()
 }
