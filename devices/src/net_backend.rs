@@ -474,6 +474,18 @@ pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
     Ok(())
 }
 
+/// Whether an error, already counted, is worth a log line: the 1st, 2nd, 4th, 8th, ...
+/// of its counter, so a guest sending bad frames in a loop cannot flood the log.
+fn worth_logging(m: &NetMetrics, e: &NetError, tx: bool) -> bool {
+    let counter = match e {
+        NetError::BadChain(_) | NetError::Guest(_) => &m.invalid_requests,
+        _ if tx => &m.tx_errors,
+        NetError::Io(_) => &m.rx_errors,
+        _ => &m.rx_dropped,
+    };
+    counter.get().is_power_of_two()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,16 +500,4 @@ mod tests {
         assert!(parse_mac("52:54:00:ab:cd:zz").is_err());
         assert!(parse_mac("525:4:00:ab:cd:ef").is_err());
     }
-}
-
-/// Whether an error, already counted, is worth a log line: the 1st, 2nd, 4th, 8th, ...
-/// of its counter, so a guest sending bad frames in a loop cannot flood the log.
-fn worth_logging(m: &NetMetrics, e: &NetError, tx: bool) -> bool {
-    let counter = match e {
-        NetError::BadChain(_) | NetError::Guest(_) => &m.invalid_requests,
-        _ if tx => &m.tx_errors,
-        NetError::Io(_) => &m.rx_errors,
-        _ => &m.rx_dropped,
-    };
-    counter.get().is_power_of_two()
 }
