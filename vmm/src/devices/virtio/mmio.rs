@@ -6,6 +6,8 @@
 //! reports a used-buffer notification once the device runs (the driver then checks its
 //! queues), as Firecracker does for its vhost-user devices.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::{QueueConfig, VirtioDevice};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -60,6 +62,15 @@ pub struct MmioTransport {
     config_generation: u32,
     active: bool,
     config_changed: bool,
+}
+
+/// Guest accesses that broke the virtio-mmio rules, in all transports.
+static GUEST_MISUSE: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one guest access that broke the rules; true for the 1st, 2nd, 4th, 8th, ...,
+/// the ones worth a log line (a guest doing it in a loop cannot flood the log).
+fn guest_misuse() -> bool {
+    (GUEST_MISUSE.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
 }
 
 fn set_half(v: &mut u64, high: bool, half: u32) {
@@ -134,11 +145,13 @@ impl MmioTransport {
             return;
         }
         if data.len() != 4 {
-            log::warn!(
-                "{}: {}-byte read of register {offset:#x} ignored",
-                self.name,
-                data.len()
-            );
+            if guest_misuse() {
+                log::warn!(
+                    "{}: {}-byte read of register {offset:#x} ignored",
+                    self.name,
+                    data.len()
+                );
+            }
             data.fill(0);
             return;
         }
@@ -176,11 +189,13 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::warn!(
-                "{}: {}-byte write of register {offset:#x} ignored",
-                self.name,
-                data.len()
-            );
+            if guest_misuse() {
+                log::warn!(
+                    "{}: {}-byte write of register {offset:#x} ignored",
+                    self.name,
+                    data.len()
+                );
+            }
             return;
         };
         let v = u32::from_le_bytes(bytes);
@@ -207,22 +222,28 @@ impl MmioTransport {
             | REG_QUEUE_DEVICE_LOW
             | REG_QUEUE_DEVICE_HIGH => {
                 if !configurable {
-                    log::warn!(
-                        "{}: queue register {offset:#x} written in status {:#x}",
-                        self.name,
-                        self.status
-                    );
+                    if guest_misuse() {
+                        log::warn!(
+                            "{}: queue register {offset:#x} written in status {:#x}",
+                            self.name,
+                            self.status
+                        );
+                    }
                     return;
                 }
                 let name = self.name.clone();
                 let Some(q) = self.queue() else {
-                    log::warn!("{name}: write to a queue that does not exist");
+                    if guest_misuse() {
+                        log::warn!("{name}: write to a queue that does not exist");
+                    }
                     return;
                 };
                 match offset {
                     REG_QUEUE_NUM => {
                         if v == 0 || v > u32::from(q.max_size) || !v.is_power_of_two() {
-                            log::warn!("{name}: invalid queue size {v}");
+                            if guest_misuse() {
+                                log::warn!("{name}: invalid queue size {v}");
+                            }
                         } else {
                             q.size = v as u16;
                         }
