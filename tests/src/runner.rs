@@ -129,6 +129,8 @@ impl Counts {
 
 /// How skiff reports a guest triple fault on its stderr.
 const TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
+/// How `TestVm::wait_ready` reports a guest that never reached userspace.
+const NEVER_READY: &str = "\"GUEST-READY\" did not appear on the console";
 
 fn in_nested() -> bool {
     std::env::var("SKIFF_IN_NESTED").is_ok_and(|v| v == "1")
@@ -176,12 +178,24 @@ fn run_tests(tests: &[&Test]) -> Counts {
         // occasionally triple-faults (skiff reports KVM_EXIT_SHUTDOWN), cause not yet found.
         // There, and only for that signature, a guest test is run once more, loudly; any
         // other failure, and a second triple fault, fail the test.
-        if let Err(e) = &result {
-            if t.kind == Kind::Guest && in_nested() && e.contains(TRIPLE_FAULT) {
-                println!("RETRY (nested host): the guest triple-faulted during the test; running it again. First attempt:\n{e}");
-                c.retried += 1;
-                result = run_one(t);
+        // The same holds for a guest that never reached userspace (a stall during boot) in a
+        // test that boots through the API, where `boot`'s own retry does not apply. At most
+        // two more runs.
+        for attempt in 2..=3 {
+            let Err(e) = &result else { break };
+            let why = if e.contains(TRIPLE_FAULT) {
+                "the guest triple-faulted during the test"
+            } else if e.contains(NEVER_READY) {
+                "the guest never reached userspace"
+            } else {
+                break;
+            };
+            if t.kind != Kind::Guest || !in_nested() {
+                break;
             }
+            println!("RETRY (nested host): {why}; running the test again (attempt {attempt}). Failed attempt:\n{e}");
+            c.retried += 1;
+            result = run_one(t);
         }
         match result {
             Ok(()) => {

@@ -225,7 +225,28 @@ pub fn api_boot_sequence() -> Result {
             && m["api_server"].as_object().is_some_and(|o| !o.is_empty()),
         "metrics line lacks vCPU exits, console bytes or API counts: {line}"
     );
+    ensure!(
+        m["devices"]["rootfs"]["read_requests"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+            && m["devices"]["eth0"]["tx_frames"]
+                .as_u64()
+                .is_some_and(|n| n > 0),
+        "metrics line lacks the device processes' counters: {line}"
+    );
     let prom = a.api.skiff_metrics().map_err(|e| e.to_string())?;
+    for (device, counter) in [("rootfs", "read_bytes"), ("eth0", "rx_frames")] {
+        let key = format!("skiff_device_total{{device=\"{device}\",kind=");
+        let value = prom
+            .lines()
+            .find(|l| l.starts_with(&key) && l.contains(&format!("counter=\"{counter}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok());
+        ensure!(
+            value.is_some_and(|v| v > 0),
+            "GET /skiff/metrics has no positive {counter} for {device}:\n{prom}"
+        );
+    }
     for want in [
         "skiff_vcpu_exits_total{vcpu=\"1\",reason=\"io_out\"}",
         "skiff_api_requests_total{method=\"PUT\",path=\"/actions\",status=\"204\"}",
