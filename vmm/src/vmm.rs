@@ -272,6 +272,11 @@ impl Vmm {
                 self.lifecycle.as_str()
             )));
         }
+        if self.spec.boot_source.kernel_image_path.is_empty() {
+            return Err(VmmError::State(
+                "no kernel configured: PUT /boot-source before InstanceStart".into(),
+            ));
+        }
         let cfg = self.vm_config();
         let mut processes = Vec::new();
         let mut runtime = None;
