@@ -3,8 +3,15 @@
 //! never touches VM state; it waits for the VMM's [`ApiResult`] and writes it back.
 //!
 //! tiny_http accepts connections and parses requests on threads of its own (one accept
-//! thread and one per open connection); every request is then answered on the single
-//! `skiff-api` thread, in arrival order.
+//! thread and one per open connection). A request whose body tiny_http has already
+//! buffered (every body Firecracker's API defines) is answered on the `skiff-api` thread in
+//! arrival order; one with a larger, chunked or 100-continue body is read and answered on a
+//! thread of its own, so a client that stalls in its body holds up nobody else. The VMM
+//! still sees one request at a time.
+//!
+//! Known limits of tiny_http 0.12: no header-size limit, no idle timeout, no write timeout
+//! (a client that does not read its answers blocks the thread writing them; shutdown waits
+//! at most a second for it).
 
 use std::fs;
 use std::io::{self, Read};
@@ -271,7 +278,15 @@ impl ApiServerHandle {
             server.unblock();
         }
         if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
+            // The thread can be stuck writing an answer to a client that does not read;
+            // do not let that hold up the VMM's exit.
+            let deadline = std::time::Instant::now() + JOIN_LIMIT;
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if !thread.is_finished() {
+                warn!("the skiff-api thread is stuck answering a client; not waiting for it");
+            } else if thread.join().is_err() {
                 error!("the skiff-api thread panicked");
             }
         }
@@ -293,6 +308,9 @@ impl Drop for ApiServerHandle {
         self.stop();
     }
 }
+
+/// How long shutdown waits for the `skiff-api` thread.
+const JOIN_LIMIT: Duration = Duration::from_secs(1);
 
 /// What the `skiff-api` thread owns.
 struct Worker {

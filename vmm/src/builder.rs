@@ -175,6 +175,9 @@ fn runtime_dir() -> Result<PathBuf, BuildError> {
 }
 use std::os::unix::fs::DirBuilderExt;
 
+/// How long a device process may take to answer one vhost-user request.
+const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// skiff-blk's arguments for serving `image` on `socket`.
 pub(crate) fn blk_args(socket: &Path, image: &Path, read_only: bool) -> Vec<String> {
     let mut args = vec![
@@ -387,6 +390,9 @@ pub fn build(
             })
             .map_err(|e| BuildError::Backend(format!("{} is not reachable", p.name), e))?
         };
+        // A backend that stops answering fails the request instead of hanging a vCPU.
+        let _ = stream.set_read_timeout(Some(BACKEND_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(BACKEND_TIMEOUT));
         let dev =
             VhostUserDevice::new(p.kind, stream, p.max_queues, ram.mem.clone()).map_err(|e| {
                 BuildError::Backend(format!("{}: vhost-user negotiation failed", p.name), e)

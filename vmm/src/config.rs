@@ -303,6 +303,19 @@ impl VmConfig {
         }
         let mut seen_ids = HashMap::new();
         let mut seen_images: HashMap<(u64, u64), (&str, bool)> = HashMap::new();
+        for id in self
+            .drives
+            .iter()
+            .map(|d| &d.id)
+            .chain(self.nets.iter().map(|n| &n.id))
+        {
+            if !api_server::router::valid_id(id) {
+                return invalid(format!(
+                    "device id '{id}' must be 1 to {} letters, digits or underscores",
+                    api_server::router::MAX_ID_LEN
+                ));
+            }
+        }
         for d in &self.drives {
             if seen_ids.insert(d.id.as_str(), ()).is_some() {
                 return invalid(format!("drive id '{}' is used twice", d.id));

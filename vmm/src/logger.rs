@@ -89,11 +89,13 @@ impl Log for SkiffLogger {
         if !self.enabled(r.metadata()) {
             return;
         }
+        // Formatted before taking the lock: a Display impl that logs must not deadlock.
+        let msg = r.args().to_string();
         let mut target = self.target.lock().unwrap_or_else(|p| p.into_inner());
         let Some(t) = target.as_mut() else {
             // One write per line, so lines from threads do not interleave. \r keeps lines
             // readable when the console has put the terminal in raw mode.
-            let line = format!("skiff: {} {}\r\n", r.level(), r.args());
+            let line = format!("skiff: {} {msg}\r\n", r.level());
             let _ = std::io::stderr().lock().write_all(line.as_bytes());
             return;
         };
@@ -119,7 +121,8 @@ impl Log for SkiffLogger {
                 r.line().unwrap_or(0)
             ));
         }
-        line.push_str(&format!("{}\n", r.args()));
+        line.push_str(&msg);
+        line.push('\n');
         match t.file.write(line.as_bytes()) {
             Ok(n) if n == line.len() => LINES.fetch_add(1, Ordering::Relaxed),
             _ => MISSED_LINES.fetch_add(1, Ordering::Relaxed),
@@ -189,7 +192,10 @@ pub fn configure(cfg: &LoggerConfig) -> Result<(), LoggerError> {
         }
     }
     drop(target);
-    log::set_max_level(level_filter(cfg.level.unwrap_or(LogLevel::Info)));
+    // As Firecracker: a request without a level keeps the current one.
+    if let Some(l) = cfg.level {
+        log::set_max_level(level_filter(l));
+    }
     Ok(())
 }
 

@@ -21,7 +21,8 @@ use vmm::vmm::{Vmm, VmmOptions};
 ///   skiff run --kernel ... [--api-sock PATH]   boot from the command line
 ///
 /// Exit status: 0 when the guest reboots or powers off, 1 on an error (message on stderr),
-/// 3 when the guest kernel panicked, 128+N when stopped by signal N.
+/// 3 when the guest kernel panicked, 128+N when stopped by signal N (SIGTERM, SIGINT,
+/// SIGHUP end the VM cleanly).
 #[derive(Parser, Debug)]
 #[command(version, args_conflicts_with_subcommands = true, verbatim_doc_comment)]
 struct Cli {
@@ -293,13 +294,8 @@ fn main() -> ExitCode {
             return fail(&error_chain(&e));
         }
     }
-    let raw = if console == ConsoleConfig::Stdio {
-        vmm::terminal::RawTerminal::enter()
-    } else {
-        None
-    };
+    // The terminal goes raw when the VM starts (Vmm::start) and back at its end.
     let reason = vmm.run();
-    drop(raw);
     let panicked = vmm.panic_line();
     match (reason, panicked) {
         (Err(e), _) => fail(&error_chain(&e)),

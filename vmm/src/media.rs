@@ -16,8 +16,21 @@ use crate::devices::virtio::vhost_user::{connect_with_retry, DeviceKind, VhostUs
 use crate::error_chain;
 use crate::vmm::Vmm;
 
+/// How long a replacement backend may take to answer one vhost-user request.
+const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn bad(m: impl Into<String>) -> ApiFault {
     ApiFault::bad_request(m)
+}
+
+/// Stops and reaps a device process without holding up the event loop.
+fn stop_in_background(p: DeviceProcess) {
+    let spawned = std::thread::Builder::new()
+        .name("skiff-reap".into())
+        .spawn(move || p.stop(Duration::from_secs(2)));
+    if let Err(e) = spawned {
+        log::warn!("cannot start a thread to stop a device process: {e}");
+    }
 }
 
 impl Vmm {
@@ -80,12 +93,15 @@ impl Vmm {
         let prepared =
             connect_with_retry(&socket, Duration::from_secs(10), || process.check_alive())
                 .and_then(|stream| {
+                    // A backend that stops answering must not hang the event loop.
+                    let _ = stream.set_read_timeout(Some(BACKEND_TIMEOUT));
+                    let _ = stream.set_write_timeout(Some(BACKEND_TIMEOUT));
                     VhostUserDevice::new(DeviceKind::Block, stream, vcpus, b.ram.mem.clone())
                 });
-        let next = match prepared {
+        let mut next = match prepared {
             Ok(n) => n,
             Err(e) => {
-                process.stop(Duration::from_millis(500));
+                stop_in_background(process);
                 return Err(bad(format!(
                     "the new {name} for {path} did not come up: {}; the old image is still served",
                     error_chain(&e)
@@ -93,25 +109,63 @@ impl Vmm {
             }
         };
         let transport = &b.bus.virtio[slot.transport];
-        let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
-        let acked = t.acked_features();
-        let queues = t.queues().to_vec();
-        let active = t.is_active();
-        let Some(dev) = t.device_mut().as_vhost_user() else {
-            process.stop(Duration::from_millis(500));
+        // What the driver negotiated, read under a short lock; vCPUs keep running while the
+        // new backend is prepared.
+        let snapshot = |t: &mut crate::devices::virtio::mmio::MmioTransport| {
+            let in_use = t.device_mut().as_vhost_user().map(|d| d.queues_in_use());
+            (t.acked_features(), t.is_active(), t.status(), in_use)
+        };
+        let before = snapshot(&mut transport.lock().unwrap_or_else(|p| p.into_inner()));
+        let (acked, active, status, in_use) = before;
+        let Some(in_use) = in_use else {
+            stop_in_background(process);
             return Err(ApiFault::internal("the drive is not a vhost-user device"));
         };
-        let timings = match dev.take_over(next, acked, &queues, active) {
-            Ok(t) => t,
+        if status != 0 && !active {
+            stop_in_background(process);
+            return Err(bad(format!(
+                "the guest driver is setting up drive '{drive_id}' (status {status:#x}); try again"
+            )));
+        }
+        let prepare_us = match next.prepare_takeover(DeviceKind::Block, acked, in_use, active) {
+            Ok(us) => us,
             Err(e) => {
-                drop(t);
-                process.stop(Duration::from_millis(500));
+                stop_in_background(process);
                 return Err(bad(format!(
                     "cannot switch drive '{drive_id}' to {path}: {}; the old image is still served",
                     error_chain(&e)
                 )));
             }
         };
+        let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
+        if snapshot(&mut t) != before {
+            drop(t);
+            stop_in_background(process);
+            return Err(bad(format!(
+                "the guest driver reset or set up drive '{drive_id}' during the switch; try again"
+            )));
+        }
+        let queues = t.queues().to_vec();
+        let result = match t.device_mut().as_vhost_user() {
+            Some(dev) => dev.take_over(next, &queues),
+            None => Err(
+                crate::devices::virtio::vhost_user::VhostUserError::Incompatible(
+                    "not a vhost-user device".into(),
+                ),
+            ),
+        };
+        let mut timings = match result {
+            Ok(t) => t,
+            Err(e) => {
+                drop(t);
+                stop_in_background(process);
+                return Err(bad(format!(
+                    "cannot switch drive '{drive_id}' to {path}: {}; the old image is still served",
+                    error_chain(&e)
+                )));
+            }
+        };
+        timings.prepare_us = prepare_us;
         if active {
             t.config_changed();
             if let Some(dev) = t.device_mut().as_vhost_user() {
@@ -128,10 +182,15 @@ impl Vmm {
         slot.socket = socket;
         slot.backing = path.to_string();
         slot.restarts += 1;
-        self.rewatch_process(proc_idx, old_pidfd)
-            .map_err(|e| ApiFault::internal(error_chain(&e)))?;
-        // The old backend's connection is closed; it exits on its own.
-        old.stop(Duration::from_secs(2));
+        if let Err(e) = self.rewatch_process(proc_idx, old_pidfd) {
+            log::error!(
+                "drive '{drive_id}': cannot watch the new device process: {}",
+                error_chain(&e)
+            );
+        }
+        // The old backend's connection is closed; it exits on its own and is reaped off
+        // the event loop.
+        stop_in_background(old);
         let _ = std::fs::remove_file(old_socket);
         self.vm_metrics
             .media_changes

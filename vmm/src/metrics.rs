@@ -74,6 +74,8 @@ pub struct VmMetrics {
     pub resumes: AtomicU64,
     /// Metrics lines written.
     pub flushes: AtomicU64,
+    /// Metrics lines that could not be written whole.
+    pub flushes_missed: AtomicU64,
     /// Drive media changed through PATCH /drives.
     pub media_changes: AtomicU64,
 }

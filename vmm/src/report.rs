@@ -79,6 +79,7 @@ impl Snapshot {
                 ("pauses", g(&m.pauses)),
                 ("resumes", g(&m.resumes)),
                 ("metrics_flushes", g(&m.flushes)),
+                ("metrics_flushes_missed", g(&m.flushes_missed)),
                 ("media_changes", g(&m.media_changes)),
             ],
             logger: vec![

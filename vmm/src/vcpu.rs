@@ -30,6 +30,8 @@ pub struct VcpuGate {
 struct GateState {
     want_pause: bool,
     parked: usize,
+    /// The pause was given up: parked vCPUs must not restore their saved TSC.
+    aborted: bool,
 }
 
 impl VcpuGate {
@@ -39,7 +41,10 @@ impl VcpuGate {
 
     /// Asks the vCPUs to park (they still need a kick to leave KVM_RUN).
     pub fn request_pause(&self) {
-        self.lock().want_pause = true;
+        let mut st = self.lock();
+        st.want_pause = true;
+        st.aborted = false;
+        drop(st);
         self.paused.store(true, Ordering::Release);
     }
 
@@ -68,8 +73,19 @@ impl VcpuGate {
 
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
+        self.release(false);
+    }
+
+    /// Gives up a pause that did not complete: vCPUs that parked run on without restoring
+    /// their TSC, since the guest clock was never stopped.
+    pub fn abort(&self) {
+        self.release(true);
+    }
+
+    fn release(&self, aborted: bool) {
         let mut st = self.lock();
         st.want_pause = false;
+        st.aborted = aborted;
         self.paused.store(false, Ordering::Release);
         self.cv.notify_all();
     }
@@ -89,7 +105,11 @@ impl VcpuGate {
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.parked -= 1;
+        let aborted = st.aborted;
         drop(st);
+        if aborted {
+            return;
+        }
         if let Ok(tsc) = tsc {
             if let Err(e) = write_tsc(fd, tsc) {
                 log::warn!("vcpu{index}: cannot restore the TSC after the pause: {e}");

@@ -138,9 +138,11 @@ pub struct Vmm {
     pending_exit: Option<ExitReason>,
     /// The guest kernel's panic line, kept past teardown.
     panic_seen: Option<String>,
+    /// The terminal in raw mode while the guest owns the console.
+    raw_terminal: Option<crate::terminal::RawTerminal>,
 }
 
-/// Blocks SIGTERM and SIGINT in this thread (and the threads it starts) and returns a
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and the threads it starts) and returns a
 /// signalfd that reads them.
 pub fn block_termination_signals() -> Result<OwnedFd, VmmError> {
     // SAFETY: sigset operations on a local, zero-initialised set.
@@ -149,6 +151,7 @@ pub fn block_termination_signals() -> Result<OwnedFd, VmmError> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
     };
@@ -238,6 +241,7 @@ impl Vmm {
             },
             pending_exit: None,
             panic_seen: None,
+            raw_terminal: None,
         })
     }
 
@@ -301,8 +305,24 @@ impl Vmm {
             clock: None,
         };
         if let Err(e) = self.launch(&mut vm) {
+            if self.stdin.watched {
+                let _ = ctl(
+                    &self.epoll,
+                    ControlOperation::Delete,
+                    libc::STDIN_FILENO,
+                    TOKEN_STDIN,
+                );
+            }
+            self.stdin = Stdin {
+                open: false,
+                watched: false,
+                pending: VecDeque::new(),
+            };
             teardown(vm);
             return Err(e);
+        }
+        if self.console == ConsoleConfig::Stdio {
+            self.raw_terminal = crate::terminal::RawTerminal::enter();
         }
         self.vm = Some(vm);
         self.lifecycle = Lifecycle::Running;
@@ -375,13 +395,15 @@ impl Vmm {
         let gate = vm.built.gate.clone();
         gate.request_pause();
         let handles = &vm.handles;
-        let parked = gate.wait_parked(handles.len(), PAUSE_TIMEOUT, || {
+        // A vCPU thread that has ended (it panicked) can never park.
+        let live = handles.iter().filter(|h| !h.is_finished()).count();
+        let parked = gate.wait_parked(live, PAUSE_TIMEOUT, || {
             for h in handles.iter().filter(|h| !h.is_finished()) {
                 let _ = h.kill(kick_signal());
             }
         });
         if !parked {
-            gate.resume();
+            gate.abort();
             return Err(VmmError::State(format!(
                 "the vCPUs did not stop within {} s; the VM keeps running",
                 PAUSE_TIMEOUT.as_secs()
@@ -508,6 +530,7 @@ impl Vmm {
         if let Some(vm) = self.vm.take() {
             teardown(vm);
         }
+        self.raw_terminal = None;
         result
     }
 
@@ -637,8 +660,11 @@ impl Vmm {
             TOKEN_STDIN,
         )?;
         self.stdin.watched = false;
+        let err = std::io::Error::last_os_error();
         match usize::try_from(n) {
             Ok(n) if n > 0 => self.stdin.pending.extend(&buf[..n]),
+            // Spurious wake-up: watch again (feed_console re-adds it).
+            Err(_) if matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
             _ => self.stdin.open = false,
         }
         Ok(())
@@ -690,8 +716,28 @@ impl Vmm {
         let Some(out) = &mut self.metrics_out else {
             return Err("no metrics file is set: PUT /metrics first".into());
         };
-        std::io::Write::write_all(&mut out.file, snapshot.json_line().as_bytes())
-            .map_err(|e| format!("cannot write metrics to {}: {e}", out.path))?;
+        // One write: on a FIFO whose reader is slow a line is written whole or not at all
+        // (lines up to PIPE_BUF), never half.
+        let line = snapshot.json_line();
+        match std::io::Write::write(&mut out.file, line.as_bytes()) {
+            Ok(n) if n == line.len() => {}
+            Ok(n) => {
+                self.vm_metrics
+                    .flushes_missed
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(format!(
+                    "metrics line cut short at {n} of {} bytes on {}",
+                    line.len(),
+                    out.path
+                ));
+            }
+            Err(e) => {
+                self.vm_metrics
+                    .flushes_missed
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(format!("cannot write metrics to {}: {e}", out.path));
+            }
+        }
         self.vm_metrics.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

@@ -111,6 +111,11 @@ impl MmioTransport {
         self.device.as_mut()
     }
 
+    /// The device status the driver wrote (0 after a reset).
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
     /// Features the driver acknowledged.
     pub fn acked_features(&self) -> u64 {
         self.acked_features

@@ -50,7 +50,8 @@ pub enum VhostUserError {
 /// Timings of a backend switch, in microseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SwitchTimings {
-    /// Feature and memory-table set-up of the new backend (before the pause).
+    /// Feature and memory-table set-up of the new backend (before the pause, filled in by
+    /// the caller from [`VhostUserDevice::prepare_takeover`]).
     pub prepare_us: u64,
     /// First ring stopped on the old backend to last ring enabled on the new one.
     pub pause_us: u64,
@@ -289,53 +290,41 @@ impl VhostUserDevice {
         features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
 
-    /// Makes `next`, a fresh connection to a replacement backend already negotiated by
-    /// [`VhostUserDevice::new`], the backend of this device, without the guest noticing
-    /// more than a pause. `acked` and `queues` are what the driver set up; `active` says
-    /// whether the rings run.
-    ///
-    /// The new backend gets its features and memory table first, while the old one still
-    /// serves. Then each running ring is stopped on the old backend (GET_VRING_BASE waits
-    /// for requests in progress and returns the next available index) and started on the
-    /// new one at that index, with the same kick and call eventfds, so KVM's ioeventfds and
-    /// irqfds stay as they are. If the new backend fails during the switch, the rings are
-    /// restarted on the old one. The old connection is closed on success, which tells the
-    /// old backend to exit. The device's config space becomes the new backend's.
-    pub fn take_over(
+    /// First half of a backend replacement, done on `self` = the *new* backend while the
+    /// old one still serves and no lock is held: checks that it can serve what the driver
+    /// negotiated with the old one (`old_features` offered, `acked`, `queues_in_use`) and,
+    /// when the device runs, sends it the features and the memory table. Returns the time
+    /// it took in microseconds.
+    pub fn prepare_takeover(
         &mut self,
-        mut next: VhostUserDevice,
+        kind: DeviceKind,
         acked: u64,
-        queues: &[QueueConfig],
+        queues_in_use: usize,
         active: bool,
-    ) -> Result<SwitchTimings, VhostUserError> {
-        if next.kind != self.kind {
+    ) -> Result<u64, VhostUserError> {
+        if kind != self.kind {
             return Err(VhostUserError::Incompatible(format!(
-                "it serves a {:?} device, not {:?}",
-                next.kind, self.kind
+                "it serves a {:?} device, not {kind:?}",
+                self.kind
             )));
         }
-        let offered = next.features();
-        if active && acked & !offered != 0 {
+        let offered = self.features();
+        if acked & !offered != 0 {
             return Err(VhostUserError::Incompatible(format!(
                 "it lacks features {:#x} that the guest driver uses",
                 acked & !offered
             )));
         }
-        if let Some(&max) = self.started.iter().max() {
-            if max >= next.num_queues {
-                return Err(VhostUserError::Incompatible(format!(
-                    "it offers {} queue(s); the guest uses {}",
-                    next.num_queues,
-                    max + 1
-                )));
-            }
+        if queues_in_use > self.num_queues {
+            return Err(VhostUserError::Incompatible(format!(
+                "it offers {} queue(s); the guest uses {queues_in_use}",
+                self.num_queues
+            )));
         }
-        let mut t = SwitchTimings::default();
         let prep = Instant::now();
         if active {
-            let next_bit =
-                next.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-            kreq("SET_FEATURES", next.frontend.set_features(acked | next_bit))?;
+            let bit = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            kreq("SET_FEATURES", self.frontend.set_features(acked | bit))?;
             let regions = self
                 .mem
                 .iter()
@@ -344,14 +333,38 @@ impl VhostUserDevice {
                         .map_err(|e| VhostUserError::Request("SET_MEM_TABLE", e))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            kreq("SET_MEM_TABLE", next.frontend.set_mem_table(&regions))?;
+            kreq("SET_MEM_TABLE", self.frontend.set_mem_table(&regions))?;
         }
-        t.prepare_us = prep.elapsed().as_micros() as u64;
+        Ok(prep.elapsed().as_micros() as u64)
+    }
 
+    /// Number of rings the driver has running (the highest started index + 1).
+    pub fn queues_in_use(&self) -> usize {
+        self.started.iter().max().map_or(0, |m| m + 1)
+    }
+
+    /// Second half of a backend replacement: makes `next`, prepared by
+    /// [`VhostUserDevice::prepare_takeover`], the backend of this device, without the guest
+    /// noticing more than a pause. `queues` is what the driver set up.
+    ///
+    /// Each running ring is stopped on the old backend (GET_VRING_BASE waits for requests
+    /// in progress and returns the next available index) and started on the new one at that
+    /// index, with the same kick and call eventfds, so KVM's ioeventfds and irqfds stay as
+    /// they are. If anything fails, the rings the new backend got are stopped there again
+    /// and every ring goes back to the old backend at the newest index, so the two never
+    /// serve one ring together. The old connection is closed on success, which tells the
+    /// old backend to exit. The device's config space becomes the new backend's.
+    pub fn take_over(
+        &mut self,
+        mut next: VhostUserDevice,
+        queues: &[QueueConfig],
+    ) -> Result<SwitchTimings, VhostUserError> {
+        let mut t = SwitchTimings::default();
         let pause = Instant::now();
         let old_enable = Self::uses_ring_enable(self.backend_features);
         let new_enable = Self::uses_ring_enable(next.backend_features);
-        let mut moved: Vec<(usize, u32)> = Vec::new();
+        // (ring, base, running on the new backend)
+        let mut moved: Vec<(usize, u32, bool)> = Vec::new();
         let mut failure = None;
         for &i in &self.started {
             if old_enable {
@@ -361,15 +374,22 @@ impl VhostUserDevice {
                 }
             }
             match kreq("GET_VRING_BASE", self.frontend.get_vring_base(i)) {
-                Ok(base) => moved.push((i, base)),
+                Ok(base) => moved.push((i, base, false)),
                 Err(e) => {
+                    // The ring is disabled but still set up on the old backend.
+                    if old_enable {
+                        if let Err(re) = self.frontend.set_vring_enable(i, true) {
+                            log::error!("queue {i}: cannot re-enable it on the old backend: {re}");
+                        }
+                    }
                     failure = Some(e);
                     break;
                 }
             }
         }
         if failure.is_none() {
-            for &(i, base) in &moved {
+            for m in moved.iter_mut() {
+                let (i, base, _) = *m;
                 let r = queues
                     .get(i)
                     .ok_or(VhostUserError::BadRingAddress(i, 0))
@@ -385,15 +405,34 @@ impl VhostUserDevice {
                             &self.kicks[i],
                         )
                     });
-                if let Err(e) = r {
-                    failure = Some(e);
-                    break;
+                match r {
+                    Ok(()) => m.2 = true,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
             }
         }
         if let Some(e) = failure {
-            // Give the rings back to the old backend at the positions it reported.
-            for &(i, base) in &moved {
+            for (i, base, on_new) in moved.iter_mut() {
+                if *on_new {
+                    // Stop it on the new backend first, at the index it reached.
+                    if new_enable {
+                        let _ = next.frontend.set_vring_enable(*i, false);
+                    }
+                    match next.frontend.get_vring_base(*i) {
+                        Ok(b) => *base = b,
+                        Err(re) => log::error!(
+                            "queue {i}: the new backend did not report its ring index ({re}); \
+                             resuming the old one at {base}"
+                        ),
+                    }
+                }
+            }
+            // Closing the new connection makes the new backend let go of everything.
+            drop(next);
+            for &(i, base, _) in &moved {
                 let r = queues
                     .get(i)
                     .ok_or(VhostUserError::BadRingAddress(i, 0))
