@@ -11,9 +11,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::models::{
-    ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, Logger, MachineConfig,
-    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    SkiffDevices, SkiffVmState, Version, Vm, VmStateChange,
+    ActionType, BootSource, DeviceUpgrade, Drive, InstanceActionInfo, InstanceInfo, Logger,
+    MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, SkiffDevices, SkiffVmState, UpgradeReport, UpgradeReports, Version,
+    Vm, VmStateChange, VmUpgrade,
 };
 
 /// Largest response head (status line and headers) accepted.
@@ -22,6 +23,9 @@ const MAX_HEAD: usize = 64 << 10;
 const MAX_BODY: usize = 64 << 20;
 /// How often [`wait_ready`] retries.
 const POLL: Duration = Duration::from_millis(10);
+/// Default of [`ApiClient::slow_timeout`]: an upgrade starts and negotiates a new device
+/// process per device, which can take seconds on a slow host.
+pub const SLOW_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of the API client.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +139,7 @@ pub struct ApiClient {
     socket: PathBuf,
     conn: Option<Conn>,
     timeout: Option<Duration>,
+    slow_timeout: Duration,
 }
 
 /// Why one exchange failed.
@@ -158,6 +163,7 @@ impl ApiClient {
             socket: socket.into(),
             conn: None,
             timeout: None,
+            slow_timeout: SLOW_TIMEOUT,
         }
     }
 
@@ -177,6 +183,24 @@ impl ApiClient {
         self.timeout = Some(timeout);
         self.conn = None;
         self
+    }
+
+    /// The least bound on the slow requests (the device upgrades), whatever
+    /// [`with_timeout`](Self::with_timeout) says: they wait max(timeout, `slow`)
+    /// (default [`SLOW_TIMEOUT`]). Without a timeout they are not bounded either.
+    pub fn with_slow_timeout(mut self, slow: Duration) -> Self {
+        self.slow_timeout = slow;
+        self
+    }
+
+    /// The bound on each read and write of a request, if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// The bound on each read and write of a slow request (an upgrade), if any.
+    pub fn slow_timeout(&self) -> Option<Duration> {
+        self.timeout.map(|t| t.max(self.slow_timeout))
     }
 
     /// The socket's path.
@@ -310,6 +334,30 @@ impl ApiClient {
         self.call(method, path, Some(&bytes)).map(drop)
     }
 
+    /// A request with a JSON body and a JSON answer, bounded by
+    /// [`slow_timeout`](Self::slow_timeout) instead of the usual timeout.
+    fn send_slow<T: Serialize, R: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &T,
+    ) -> Result<R, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|source| ClientError::Json {
+            action: "encode",
+            path: path.to_owned(),
+            source,
+        })?;
+        let usual = self.timeout;
+        self.timeout = self.slow_timeout();
+        let r = self.call(method, path, Some(&bytes));
+        self.timeout = usual;
+        serde_json::from_slice(&r?.body).map_err(|source| ClientError::Json {
+            action: "decode",
+            path: path.to_owned(),
+            source,
+        })
+    }
+
     /// `GET /`.
     pub fn instance_info(&mut self) -> Result<InstanceInfo, ClientError> {
         self.get("/")
@@ -409,6 +457,27 @@ impl ApiClient {
     /// `GET /skiff/devices`.
     pub fn skiff_devices(&mut self) -> Result<SkiffDevices, ClientError> {
         self.get("/skiff/devices")
+    }
+
+    /// `PUT /skiff/devices/{id}/upgrade`: replaces the device's process by one of `binary`
+    /// (default: the binary it runs now) while the guest runs. Waits up to
+    /// [`slow_timeout`](Self::slow_timeout).
+    pub fn upgrade_device(
+        &mut self,
+        id: &str,
+        binary: Option<&str>,
+    ) -> Result<UpgradeReport, ClientError> {
+        let path = format!("/skiff/devices/{}/upgrade", escape(id));
+        let body = DeviceUpgrade {
+            binary: binary.map(str::to_owned),
+        };
+        self.send_slow("PUT", &path, &body)
+    }
+
+    /// `PUT /skiff/upgrade`: replaces the process of every device, one after the other.
+    /// Waits up to [`slow_timeout`](Self::slow_timeout).
+    pub fn upgrade_all(&mut self, upgrade: &VmUpgrade) -> Result<UpgradeReports, ClientError> {
+        self.send_slow("PUT", "/skiff/upgrade", upgrade)
     }
 
     /// `GET /skiff/metrics` (Prometheus text).
@@ -676,6 +745,98 @@ mod tests {
     fn ids_are_escaped() {
         assert_eq!(escape("eth0_a"), "eth0_a");
         assert_eq!(escape("a b/c?\r\n"), "a%20b%2Fc%3F%0D%0A");
+    }
+
+    /// A one-connection server that answers each request after `delay` with `body`
+    /// (status 200), and hands back the request heads and bodies it read.
+    fn slow_server(
+        sock: &Path,
+        delay: Duration,
+        body: &'static str,
+    ) -> thread::JoinHandle<Vec<String>> {
+        let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+        thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return seen,
+                    Ok(n) => n,
+                };
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                thread::sleep(delay);
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if s.write_all(answer.as_bytes()).is_err() {
+                    return seen;
+                }
+            }
+        })
+    }
+
+    const REPORT: &str = r#"{"id":"rootfs","kind":"block","old_pid":1,"new_pid":2,
+        "old_binary":"/a","new_binary":"/b","pause_us":3,"spawn_us":4,"negotiate_us":5,
+        "prepare_us":6,"total_us":7,"rings":1}"#;
+
+    #[test]
+    fn upgrades_wait_longer_than_other_requests() {
+        let dir = std::env::temp_dir().join(format!("skiff-client-slow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let server = slow_server(&sock, Duration::from_millis(300), REPORT);
+        let mut c = ApiClient::new(&sock)
+            .with_timeout(Duration::from_millis(50))
+            .with_slow_timeout(Duration::from_secs(20));
+        assert_eq!(c.timeout(), Some(Duration::from_millis(50)));
+        assert_eq!(c.slow_timeout(), Some(Duration::from_secs(20)));
+        let r = c.upgrade_device("root fs", Some("/b")).unwrap();
+        assert_eq!(
+            (r.id.as_str(), r.old_pid, r.new_pid, r.rings),
+            ("rootfs", 1, 2, 1)
+        );
+        // The usual timeout is back for the next request.
+        assert_eq!(c.timeout(), Some(Duration::from_millis(50)));
+        let e = c.version().unwrap_err();
+        assert!(matches!(e, ClientError::Io { .. }), "{e}");
+        drop(c);
+        let seen = server.join().unwrap();
+        assert!(
+            seen[0].starts_with("PUT /skiff/devices/root%20fs/upgrade HTTP/1.1\r\n")
+                && seen[0].ends_with("\r\n\r\n{\"binary\":\"/b\"}"),
+            "{seen:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn upgrade_all_sends_only_given_binaries() {
+        let dir = std::env::temp_dir().join(format!("skiff-client-all-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let server = slow_server(&sock, Duration::ZERO, r#"{"devices":[]}"#);
+        let mut c = ApiClient::new(&sock);
+        assert_eq!(c.slow_timeout(), None, "no timeout stays no timeout");
+        let up = VmUpgrade {
+            net_binary: Some("/n".into()),
+            ..VmUpgrade::default()
+        };
+        assert_eq!(c.upgrade_all(&up).unwrap(), UpgradeReports::default());
+        let c = c.with_timeout(Duration::from_secs(90));
+        assert_eq!(c.slow_timeout(), Some(Duration::from_secs(90)));
+        drop(c);
+        let seen = server.join().unwrap();
+        assert!(
+            seen[0].starts_with("PUT /skiff/upgrade HTTP/1.1\r\n")
+                && seen[0].ends_with("\r\n\r\n{\"net_binary\":\"/n\"}"),
+            "{seen:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

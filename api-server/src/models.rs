@@ -430,6 +430,69 @@ pub struct SkiffDevices {
     pub devices: Vec<SkiffDevice>,
 }
 
+/// `PUT /skiff/devices/{id}/upgrade` body: replace the device's process while the guest
+/// runs.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceUpgrade {
+    /// The new device binary (default: the one running now, started afresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<String>,
+}
+
+/// `PUT /skiff/upgrade` body: replace the process of every device of the VM.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmUpgrade {
+    /// New skiff-blk binary for every skiff-served drive (default: the current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blk_binary: Option<String>,
+    /// New skiff-net binary for every network interface (default: the current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_binary: Option<String>,
+}
+
+/// What one device upgrade did (answer of the upgrade endpoints).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeReport {
+    /// drive_id or iface_id.
+    pub id: String,
+    /// "block" or "net".
+    pub kind: String,
+    /// The process that served the device before.
+    pub old_pid: u32,
+    /// The process that serves it now.
+    pub new_pid: u32,
+    /// Binary of the old process.
+    pub old_binary: String,
+    /// Binary of the new process.
+    pub new_binary: String,
+    /// The guest-visible pause: first ring stopped on the old process to last ring
+    /// enabled on the new one, in microseconds.
+    pub pause_us: u64,
+    /// Starting the new process until its socket accepted, in microseconds.
+    pub spawn_us: u64,
+    /// vhost-user negotiation with the new process (owner, features, protocol features,
+    /// config), in microseconds.
+    pub negotiate_us: u64,
+    /// Features and memory table sent to the new process before the switch, in
+    /// microseconds.
+    pub prepare_us: u64,
+    /// The whole upgrade, in microseconds.
+    pub total_us: u64,
+    /// Rings handed over.
+    pub rings: usize,
+}
+
+/// Answer of `PUT /skiff/upgrade`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeReports {
+    /// One report per device, in device order.
+    pub devices: Vec<UpgradeReport>,
+}
+
 fn unsupported(field: impl Into<String>, detail: impl Into<String>) -> ModelsError {
     ModelsError::Unsupported {
         field: field.into(),

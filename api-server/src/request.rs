@@ -3,8 +3,9 @@
 //! acts on requests; the HTTP thread only parses and routes.
 
 use crate::models::{
-    BootSource, Drive, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, Vm,
+    BootSource, DeviceUpgrade, Drive, InstanceActionInfo, Logger, MachineConfig,
+    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, Vm,
+    VmUpgrade,
 };
 
 /// A parsed, routed request.
@@ -46,6 +47,10 @@ pub enum ApiRequest {
     GetSkiffDevices,
     /// `GET /skiff/metrics` (Prometheus text format)
     GetSkiffMetrics,
+    /// `PUT /skiff/devices/{id}/upgrade`
+    UpgradeDevice(String, DeviceUpgrade),
+    /// `PUT /skiff/upgrade`
+    UpgradeAll(VmUpgrade),
 }
 
 /// A successful answer.

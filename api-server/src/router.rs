@@ -15,8 +15,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::models::{
-    BootSource, Drive, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics,
-    ModelsError, NetworkInterface, PartialDrive, PartialNetworkInterface, Vm,
+    BootSource, DeviceUpgrade, Drive, InstanceActionInfo, Logger, MachineConfig,
+    MachineConfigUpdate, Metrics, ModelsError, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, Vm, VmUpgrade,
 };
 use crate::request::{ApiFault, ApiRequest};
 
@@ -148,6 +149,35 @@ pub const ROUTES: &[Route] = &[
     }),
     r("GET", "/skiff/metrics", "skiff_metrics", |_, _| {
         Ok(ApiRequest::GetSkiffMetrics)
+    }),
+    r(
+        "PUT",
+        "/skiff/devices/{id}/upgrade",
+        "skiff_upgrade",
+        |id, b| {
+            let id = id.unwrap_or_default();
+            if !valid_id(id) {
+                return Err(ApiFault::bad_request(format!(
+                    "device id '{}' must be 1 to {MAX_ID_LEN} letters, digits or underscores",
+                    shown(id)
+                )));
+            }
+            // An empty body means "the same binary".
+            let u: DeviceUpgrade = if b.iter().all(u8::is_ascii_whitespace) {
+                DeviceUpgrade::default()
+            } else {
+                json(b, "upgrade")?
+            };
+            Ok(ApiRequest::UpgradeDevice(id.to_string(), u))
+        },
+    ),
+    r("PUT", "/skiff/upgrade", "skiff_upgrade_all", |_, b| {
+        let u: VmUpgrade = if b.iter().all(u8::is_ascii_whitespace) {
+            VmUpgrade::default()
+        } else {
+            json(b, "upgrade")?
+        };
+        Ok(ApiRequest::UpgradeAll(u))
     }),
 ];
 

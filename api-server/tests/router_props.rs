@@ -2,9 +2,9 @@
 //! or a 4xx fault with a message, and well-formed requests reach the expected variant.
 
 use api_server::models::{
-    ActionType, BootSource, Drive, InstanceActionInfo, LogLevel, Logger, MachineConfig,
-    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, Vm,
-    VmStateChange,
+    ActionType, BootSource, DeviceUpgrade, Drive, InstanceActionInfo, LogLevel, Logger,
+    MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, Vm, VmStateChange, VmUpgrade,
 };
 use api_server::request::ApiRequest;
 use api_server::router::{route, valid_id, ROUTES};
@@ -51,6 +51,16 @@ const SAMPLES: &[(&str, &str, &str)] = &[
         r#"{"log_path": "/l", "level": "Info", "show_level": true}"#,
     ),
     ("PUT", "/metrics", r#"{"metrics_path": "/m"}"#),
+    (
+        "PUT",
+        "/skiff/devices/rootfs/upgrade",
+        r#"{"binary": "/usr/bin/skiff-blk"}"#,
+    ),
+    (
+        "PUT",
+        "/skiff/upgrade",
+        r#"{"blk_binary": "/b", "net_binary": "/n"}"#,
+    ),
 ];
 
 fn method() -> impl Strategy<Value = String> {
@@ -65,8 +75,10 @@ fn method() -> impl Strategy<Value = String> {
 fn path() -> impl Strategy<Value = String> {
     let known = prop::sample::select(ROUTES.iter().map(|r| r.path).collect::<Vec<_>>());
     prop_oneof![
-        (known, "[A-Za-z0-9_%./-]{0,70}")
-            .prop_map(|(p, id)| p.replace("{drive_id}", &id).replace("{iface_id}", &id)),
+        (known, "[A-Za-z0-9_%./-]{0,70}").prop_map(|(p, id)| p
+            .replace("{drive_id}", &id)
+            .replace("{iface_id}", &id)
+            .replace("{id}", &id)),
         "(/[a-z{}_%?#.-]{0,12}){0,4}",
         prop::sample::select(vec![
             "/mmds/config",
@@ -198,5 +210,23 @@ proptest! {
         let state = if paused { VmStateChange::Paused } else { VmStateChange::Resumed };
         let v = Vm { state };
         prop_assert_eq!(route("PATCH", "/vm", &serde_json::to_vec(&v).unwrap()), Ok(ApiRequest::PatchVm(v)));
+    }
+
+    #[test]
+    fn upgrade_routes(id in id(), binary in opt_text(), blk in opt_text(), net in opt_text(),
+                      blank in "[ \t\r\n]{0,4}") {
+        let path = format!("/skiff/devices/{id}/upgrade");
+        let u = DeviceUpgrade { binary };
+        prop_assert_eq!(route("PUT", &path, &serde_json::to_vec(&u).unwrap()), Ok(ApiRequest::UpgradeDevice(id.clone(), u)));
+        prop_assert_eq!(route("PUT", &path, blank.as_bytes()), Ok(ApiRequest::UpgradeDevice(id, DeviceUpgrade::default())));
+        let v = VmUpgrade { blk_binary: blk, net_binary: net };
+        prop_assert_eq!(route("PUT", "/skiff/upgrade", &serde_json::to_vec(&v).unwrap()), Ok(ApiRequest::UpgradeAll(v)));
+        prop_assert_eq!(route("PUT", "/skiff/upgrade", blank.as_bytes()), Ok(ApiRequest::UpgradeAll(VmUpgrade::default())));
+    }
+
+    #[test]
+    fn upgrade_path_ids_follow_firecracker_rule(id in "[^/?#]{0,70}") {
+        let r = route("PUT", &format!("/skiff/devices/{id}/upgrade"), b"");
+        prop_assert_eq!(r.is_ok(), valid_id(&id), "{:?}", r);
     }
 }

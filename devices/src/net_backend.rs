@@ -2,11 +2,13 @@
 //! queue pair (queue 2k = rx, 2k+1 = tx), plus a control queue when there is
 //! more than one pair (Linux requires CTRL_VQ for MQ).
 
+use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use clap::Parser;
 use log::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -63,13 +65,107 @@ pub enum NetBackendError {
     Signal(#[source] io::Error),
 }
 
+/// How one TAP (queue pair) is given on the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapSpec {
+    /// `--tap NAME`: skiff-net opens (or creates) the TAP itself.
+    Name(String),
+    /// `--tap-fd N`: an fd the VMM opened and passed down (see [`Tap::from_fd`]).
+    Fd(RawFd),
+}
+
+impl TapSpec {
+    /// The option that gives this kind of TAP.
+    pub fn option(&self) -> &'static str {
+        match self {
+            TapSpec::Name(_) => "--tap",
+            TapSpec::Fd(_) => "--tap-fd",
+        }
+    }
+
+    /// Opens the TAP.
+    pub fn open(&self) -> Result<Tap, TapError> {
+        match self {
+            TapSpec::Name(name) => Tap::open(name),
+            TapSpec::Fd(fd) => Tap::from_fd(*fd),
+        }
+    }
+}
+
+impl fmt::Display for TapSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TapSpec::Name(name) => write!(f, "--tap {name}"),
+            TapSpec::Fd(fd) => write!(f, "--tap-fd {fd}"),
+        }
+    }
+}
+
+/// vhost-user virtio-net backend; one TAP per queue pair.
+#[derive(Debug, Parser)]
+#[command(name = "skiff-net", version)]
+#[command(group(clap::ArgGroup::new("tap_list").required(true).args(["taps", "tap_fds"])))]
+pub struct NetArgs {
+    /// vhost-user socket to listen on (a stale file is removed).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// TAP interface to open (or create) by name; repeat for a multi-queue device (one TAP
+    /// per queue pair). Either --tap or --tap-fd gives the TAPs, not both.
+    #[arg(long = "tap", value_name = "NAME")]
+    pub taps: Vec<String>,
+    /// Inherited fd of a TAP the caller (the VMM) opened and keeps open; repeat for a
+    /// multi-queue device (one TAP per queue pair).
+    ///
+    /// The TAP must have been opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR (checked with
+    /// TUNGETIFF, which also gives the interface name for logs). skiff-net sets O_NONBLOCK
+    /// and FD_CLOEXEC on it, the vnet header size (12) and the offloads the guest acks,
+    /// as for --tap. On exit it only closes the fd: it never deletes the interface or
+    /// changes its persistence. The same open TAP may be shared with the VMM and, during
+    /// an upgrade, with the previous skiff-net: skiff-net stops reading and writing it for
+    /// a queue pair once that pair's rings are stopped (GET_VRING_BASE).
+    #[arg(
+        long = "tap-fd",
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(0..)
+    )]
+    pub tap_fds: Vec<i32>,
+    /// MAC address in the config space (aa:bb:cc:dd:ee:ff).
+    #[arg(long, value_parser = parse_mac)]
+    pub mac: Option<[u8; 6]>,
+    /// Maximum size of each queue.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// Inherited fd of the VMM's 4096-byte metrics memfd to count into (layout in
+    /// docs/CONTRACTS.md); without it the counters stay in process memory.
+    #[arg(long, value_name = "N")]
+    pub metrics_fd: Option<i32>,
+}
+
+impl From<NetArgs> for NetOptions {
+    fn from(args: NetArgs) -> Self {
+        let taps = if args.tap_fds.is_empty() {
+            args.taps.into_iter().map(TapSpec::Name).collect()
+        } else {
+            args.tap_fds.into_iter().map(TapSpec::Fd).collect()
+        };
+        NetOptions {
+            socket: args.socket,
+            taps,
+            mac: args.mac,
+            queue_size: args.queue_size,
+            metrics_fd: args.metrics_fd,
+        }
+    }
+}
+
 /// Everything skiff-net needs to start.
 #[derive(Clone, Debug)]
 pub struct NetOptions {
     /// vhost-user socket path.
     pub socket: PathBuf,
-    /// TAP names, one per queue pair.
-    pub taps: Vec<String>,
+    /// The TAPs, one per queue pair, all given by name or all by fd.
+    pub taps: Vec<TapSpec>,
     /// MAC address for the config space.
     pub mac: Option<[u8; 6]>,
     /// Maximum queue size.
@@ -187,7 +283,7 @@ impl NetBackend {
                 }
                 Err(e @ NetError::Io(_)) => {
                     if worth_logging(&self.metrics, &e, false) {
-                        warn!("TAP {} read: {}", tap.name(), crate::error_chain(&e));
+                        warn!("TAP {tap} read: {}", crate::error_chain(&e));
                     }
                     vring.get_mut().get_queue_mut().go_to_previous_position();
                     break;
@@ -239,11 +335,7 @@ impl NetBackend {
                     }
                     Err(e) => {
                         if worth_logging(&self.metrics, &e, true) {
-                            warn!(
-                                "tx frame dropped on TAP {}: {}",
-                                tap.name(),
-                                crate::error_chain(&e)
-                            )
+                            warn!("tx frame dropped on TAP {tap}: {}", crate::error_chain(&e))
                         }
                     }
                 }
@@ -422,30 +514,64 @@ impl VhostUserBackend for NetBackend {
     }
 }
 
-/// Opens the TAPs, listens on the socket and serves one frontend until it disconnects.
-pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
-    if opts.taps.is_empty() || opts.taps.len() > MAX_PAIRS {
+/// Checks the TAP list: 1..=MAX_PAIRS TAPs, all given the same way, no fd number twice
+/// nor equal to `--metrics-fd`.
+pub fn check_taps(taps: &[TapSpec], metrics_fd: Option<RawFd>) -> Result<(), NetBackendError> {
+    let Some(first) = taps.first() else {
         return Err(NetBackendError::InvalidArgument(format!(
-            "number of --tap (1..={MAX_PAIRS})"
+            "TAP list: give 1..={MAX_PAIRS} --tap NAME or --tap-fd N"
+        )));
+    };
+    let option = first.option();
+    if taps.len() > MAX_PAIRS {
+        return Err(NetBackendError::InvalidArgument(format!(
+            "number of {option} ({}, at most {MAX_PAIRS})",
+            taps.len()
         )));
     }
+    if let Some(other) = taps.iter().find(|t| t.option() != option) {
+        return Err(NetBackendError::InvalidArgument(format!(
+            "{other}: the TAPs are given either by --tap NAME or by --tap-fd N, not both"
+        )));
+    }
+    for (i, t) in taps.iter().enumerate() {
+        let TapSpec::Fd(fd) = t else { continue };
+        if taps[..i].contains(t) {
+            return Err(NetBackendError::InvalidArgument(format!(
+                "--tap-fd {fd}: given twice (one fd per TAP)"
+            )));
+        }
+        if metrics_fd == Some(*fd) {
+            return Err(NetBackendError::InvalidArgument(format!(
+                "--tap-fd {fd}: it is also the --metrics-fd"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Opens every TAP, in order (queue pair k uses TAP k). Call [`check_taps`] first.
+pub fn open_taps(taps: &[TapSpec]) -> Result<Vec<Tap>, NetBackendError> {
+    Ok(taps
+        .iter()
+        .map(TapSpec::open)
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Opens the TAPs, listens on the socket and serves one frontend until it disconnects.
+pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
+    check_taps(&opts.taps, opts.metrics_fd)?;
     if opts.queue_size == 0 || !opts.queue_size.is_power_of_two() || opts.queue_size > 32768 {
         return Err(NetBackendError::InvalidArgument(
             "--queue-size (power of two up to 32768)".into(),
         ));
     }
-    // First, while the inherited fd is the only one this process did not open itself.
+    // Before opening anything, while the inherited fds (metrics page, --tap-fd, checked
+    // distinct above) are the only ones this process did not open itself.
     let metrics = NetMetrics::register(&metrics::page_from_arg(opts.metrics_fd)?)?;
-    let taps = opts
-        .taps
-        .iter()
-        .map(|name| Tap::open(name))
-        .collect::<Result<Vec<_>, _>>()?;
-    info!(
-        "TAP {} with {} queue pair(s)",
-        opts.taps.join(","),
-        taps.len()
-    );
+    let taps = open_taps(&opts.taps)?;
+    let names: Vec<String> = taps.iter().map(Tap::to_string).collect();
+    info!("TAP {} with {} queue pair(s)", names.join(","), taps.len());
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let backend = Arc::new(NetBackend::new(
         taps,
@@ -464,7 +590,7 @@ pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
                 EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
                 u64::from(backend.tap_event()),
             )
-            .map_err(|e| NetBackendError::Register(tap.name().to_string(), e))?;
+            .map_err(|e| NetBackendError::Register(tap.to_string(), e))?;
     }
     info!("listening on {}", opts.socket.display());
     daemon
@@ -499,5 +625,106 @@ mod tests {
         assert!(parse_mac("52:54:00:ab:cd").is_err());
         assert!(parse_mac("52:54:00:ab:cd:zz").is_err());
         assert!(parse_mac("525:4:00:ab:cd:ef").is_err());
+    }
+
+    fn parse(args: &[&str]) -> Result<NetOptions, clap::Error> {
+        let argv = ["skiff-net", "--socket", "/s.sock"].iter().chain(args);
+        NetArgs::try_parse_from(argv).map(NetOptions::from)
+    }
+
+    #[test]
+    fn taps_by_name_or_by_fd() {
+        use clap::CommandFactory;
+        NetArgs::command().debug_assert();
+        let o = parse(&["--tap", "t0", "--tap", "t1", "--mac", "52:54:00:00:00:01"]).unwrap();
+        assert_eq!(
+            o.taps,
+            [TapSpec::Name("t0".into()), TapSpec::Name("t1".into())]
+        );
+        let o = parse(&["--tap-fd", "7", "--tap-fd", "5", "--metrics-fd", "9"]).unwrap();
+        assert_eq!(o.taps, [TapSpec::Fd(7), TapSpec::Fd(5)]);
+        assert_eq!(o.metrics_fd, Some(9));
+        check_taps(&o.taps, o.metrics_fd).unwrap();
+    }
+
+    #[test]
+    fn tap_options_are_exclusive_and_required() {
+        use clap::error::ErrorKind;
+        let e = parse(&["--tap", "t0", "--tap-fd", "5"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ArgumentConflict);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("'--tap <NAME>' cannot be used with '--tap-fd <N>'"),
+            "{msg}"
+        );
+
+        let e = parse(&[]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(e.to_string().contains("<--tap <NAME>|--tap-fd <N>>"), "{e}");
+
+        for bad in ["x", "-1"] {
+            let e = parse(&["--tap-fd", bad]).unwrap_err();
+            assert!(e.to_string().contains("--tap-fd <N>"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn tap_list_is_checked_naming_the_option() {
+        let err = |taps: &[TapSpec], metrics: Option<RawFd>| {
+            check_taps(taps, metrics).unwrap_err().to_string()
+        };
+        let fds: Vec<TapSpec> = (3..3 + MAX_PAIRS as RawFd + 1).map(TapSpec::Fd).collect();
+        assert_eq!(
+            err(&fds, None),
+            "invalid number of --tap-fd (17, at most 16)"
+        );
+        check_taps(&fds[..MAX_PAIRS], None).unwrap();
+        let names: Vec<TapSpec> = (0..=MAX_PAIRS)
+            .map(|i| TapSpec::Name(format!("t{i}")))
+            .collect();
+        assert_eq!(
+            err(&names, None),
+            "invalid number of --tap (17, at most 16)"
+        );
+        assert!(err(&[], None).contains("--tap NAME or --tap-fd N"));
+        assert_eq!(
+            err(&[TapSpec::Fd(5), TapSpec::Fd(6), TapSpec::Fd(5)], None),
+            "invalid --tap-fd 5: given twice (one fd per TAP)"
+        );
+        assert_eq!(
+            err(&[TapSpec::Fd(5)], Some(5)),
+            "invalid --tap-fd 5: it is also the --metrics-fd"
+        );
+        assert_eq!(
+            err(&[TapSpec::Name("t0".into()), TapSpec::Fd(5)], None),
+            "invalid --tap-fd 5: the TAPs are given either by --tap NAME or by --tap-fd N, not both"
+        );
+    }
+
+    #[test]
+    fn run_refuses_a_bad_tap_fd_before_serving() {
+        let opts = parse(&["--tap-fd", "65000"]).unwrap();
+        let e = run(&opts).unwrap_err();
+        assert_eq!(
+            crate::error_chain(&e),
+            format!(
+                "--tap-fd 65000 is not an open file descriptor: {}",
+                io::Error::from_raw_os_error(libc::EBADF)
+            )
+        );
+    }
+
+    #[test]
+    fn help_documents_tap_fd() {
+        use clap::CommandFactory;
+        let help = NetArgs::command().render_long_help().to_string();
+        for s in [
+            "--tap-fd <N>",
+            "IFF_TAP|IFF_NO_PI|IFF_VNET_HDR",
+            "TUNGETIFF",
+            "--tap <NAME>",
+        ] {
+            assert!(help.contains(s), "{s} missing from --help:\n{help}");
+        }
     }
 }

@@ -1,16 +1,24 @@
-//! TAP devices opened through /dev/net/tun with a 12-byte virtio-net header.
+//! TAP devices with a 12-byte virtio-net header: opened through /dev/net/tun by name
+//! (`--tap`), or inherited already open from the VMM (`--tap-fd`).
+//!
+//! Neither path ever calls TUNSETPERSIST: a TAP that `--tap` created disappears when
+//! skiff-net exits, a persistent one stays; an inherited fd is only closed, so the
+//! interface stays as long as the VMM (or its persist flag) keeps it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// `_IOW('T', 202, int)`
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `_IOR('T', 210, unsigned int)`, fills a `struct ifreq` with the name and flags.
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 /// `_IOW('T', 208, unsigned int)`
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// `_IOW('T', 216, int)`
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TUN: libc::c_short = 0x0001;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -50,6 +58,37 @@ pub enum TapError {
     /// TUNSETOFFLOAD failed.
     #[error("cannot set offloads {1:#x} on TAP {0}")]
     Offload(String, u32, #[source] io::Error),
+    /// `--tap-fd` is 0, 1 or 2.
+    #[error("--tap-fd {0} is a standard stream, not a TAP")]
+    FdStdStream(RawFd),
+    /// `--tap-fd` is not open in this process.
+    #[error("--tap-fd {0} is not an open file descriptor")]
+    FdNotOpen(RawFd, #[source] io::Error),
+    /// `--tap-fd` does not answer TUNGETIFF: not a TUN/TAP fd.
+    #[error("--tap-fd {0} is not a TUN/TAP file descriptor (TUNGETIFF failed)")]
+    FdNotTun(RawFd, #[source] io::Error),
+    /// `--tap-fd` is /dev/net/tun but attached to no interface (EBADFD).
+    #[error(
+        "--tap-fd {0} is /dev/net/tun but attached to no interface \
+         (no TUNSETIFF on it, or the interface was deleted)"
+    )]
+    FdDetached(RawFd),
+    /// `--tap-fd` is a TUN/TAP fd opened with the wrong flags.
+    #[error(
+        "--tap-fd {fd} (interface {name}) {problem}; skiff-net needs a TAP opened with \
+         IFF_TAP|IFF_NO_PI|IFF_VNET_HDR"
+    )]
+    FdFlags {
+        /// The fd.
+        fd: RawFd,
+        /// Interface name from TUNGETIFF.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// fcntl on `--tap-fd` failed.
+    #[error("--tap-fd {0}: cannot set O_NONBLOCK and FD_CLOEXEC")]
+    FdFlagsSet(RawFd, #[source] io::Error),
 }
 
 #[repr(C)]
@@ -59,11 +98,13 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// An attached TAP queue.
+/// An attached TAP queue. Dropping it closes the fd and nothing else.
 #[derive(Debug)]
 pub struct Tap {
     file: File,
     name: String,
+    /// The `--tap-fd` number when the fd was inherited.
+    inherited: Option<RawFd>,
 }
 
 impl Tap {
@@ -98,27 +139,82 @@ impl Tap {
                 _ => TapError::SetIff(name.to_string(), err),
             });
         }
-        let tap = Tap {
+        Tap {
             file,
             name: name.to_string(),
+            inherited: None,
+        }
+        .configure()
+    }
+
+    /// Takes over fd `fd`, inherited from the VMM (`--tap-fd`): a TAP it opened with
+    /// IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, checked with TUNGETIFF, which also gives the
+    /// interface name. Sets O_NONBLOCK (on the open file description, which the VMM and a
+    /// previous skiff-net may share) and FD_CLOEXEC (on this fd only), then configures it
+    /// as [`Tap::open`] does: vnet header size 12, no offloads.
+    ///
+    /// The fd is checked before this takes ownership of it: on an error from the checks
+    /// it is left open and untouched. The caller must not use or close it after success,
+    /// nor pass the same number twice.
+    pub fn from_fd(fd: RawFd) -> Result<Self, TapError> {
+        if (0..=2).contains(&fd) {
+            return Err(TapError::FdStdStream(fd));
+        }
+        // SAFETY: F_GETFD only reads the flags of descriptor number `fd`, if it exists.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(TapError::FdNotOpen(fd, io::Error::last_os_error()));
+        }
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
         };
+        // SAFETY: TUNGETIFF writes a `struct ifreq` (see `open`) into `req`, which lives
+        // across the call; other fds reject the request number without writing.
+        let ret = unsafe { libc::ioctl(fd, TUNGETIFF as _, &mut req as *mut IfReq) };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            return Err(match err.raw_os_error() {
+                Some(libc::EBADFD) => TapError::FdDetached(fd),
+                _ => TapError::FdNotTun(fd, err),
+            });
+        }
+        let len = req.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
+        let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
+        if let Some(problem) = flags_problem(req.flags) {
+            return Err(TapError::FdFlags { fd, name, problem });
+        }
+        // SAFETY: `fd` is open and a TAP (checked above); it was inherited for --tap-fd
+        // and nothing else in this process owns it (the caller passes each number once).
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        set_fd_flags(&file).map_err(|e| TapError::FdFlagsSet(fd, e))?;
+        Tap {
+            file,
+            name,
+            inherited: Some(fd),
+        }
+        .configure()
+    }
+
+    /// Vnet header size 12, no offloads (the guest's acked features set them later).
+    fn configure(self) -> Result<Self, TapError> {
         let size = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer, which is valid for the call.
         let ret = unsafe {
             libc::ioctl(
-                tap.file.as_raw_fd(),
+                self.file.as_raw_fd(),
                 TUNSETVNETHDRSZ as _,
                 &size as *const libc::c_int,
             )
         };
         if ret < 0 {
             return Err(TapError::VnetHdrSize(
-                name.to_string(),
+                self.name.clone(),
                 io::Error::last_os_error(),
             ));
         }
-        tap.set_offload(0)?;
-        Ok(tap)
+        self.set_offload(0)?;
+        Ok(self)
     }
 
     /// Sets the TUN_F_* offloads the guest can receive.
@@ -145,6 +241,62 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The `--tap-fd` number when the fd was inherited, None when opened by name.
+    pub fn inherited_fd(&self) -> Option<RawFd> {
+        self.inherited
+    }
+}
+
+impl std::fmt::Display for Tap {
+    /// `NAME`, or `NAME (--tap-fd N)` for an inherited fd.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.inherited {
+            Some(fd) => write!(f, "{} (--tap-fd {fd})", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// What is wrong with TUNGETIFF flags for skiff-net, None when they are usable.
+fn flags_problem(flags: libc::c_short) -> Option<String> {
+    if flags & IFF_TAP == 0 {
+        return Some(if flags & IFF_TUN != 0 {
+            "is a TUN device (IFF_TUN), not a TAP".to_string()
+        } else {
+            format!("is not a TAP (flags {flags:#06x})")
+        });
+    }
+    let missing: Vec<&str> = [(IFF_NO_PI, "IFF_NO_PI"), (IFF_VNET_HDR, "IFF_VNET_HDR")]
+        .into_iter()
+        .filter(|&(bit, _)| flags & bit == 0)
+        .map(|(_, name)| name)
+        .collect();
+    if missing.is_empty() {
+        None
+    } else {
+        Some(format!("was opened without {}", missing.join(" and ")))
+    }
+}
+
+/// Sets O_NONBLOCK (if missing) and FD_CLOEXEC on an inherited fd.
+fn set_fd_flags(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL/F_GETFD/F_SETFD read or set flags of an fd we own.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if fl & libc::O_NONBLOCK == 0 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fdfl = libc::fcntl(fd, libc::F_GETFD);
+        if fdfl < 0 || libc::fcntl(fd, libc::F_SETFD, fdfl | libc::FD_CLOEXEC) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl AsRawFd for Tap {
@@ -177,28 +329,5 @@ pub fn offload_flags(acked: u64) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offloads_follow_acked_features() {
-        assert_eq!(offload_flags(0), 0);
-        // TSO without CSUM is not a valid combination: no offloads.
-        assert_eq!(offload_flags(1 << 7), 0);
-        assert_eq!(
-            offload_flags((1 << 1) | (1 << 7) | (1 << 8)),
-            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
-        );
-        assert_eq!(offload_flags((1 << 1) | (1 << 10)), TUN_F_CSUM | TUN_F_UFO);
-        assert_eq!(std::mem::size_of::<IfReq>(), 40);
-    }
-
-    #[test]
-    fn rejects_bad_names() {
-        assert!(matches!(Tap::open(""), Err(TapError::InvalidName(_))));
-        assert!(matches!(
-            Tap::open("a-very-long-tap-name"),
-            Err(TapError::InvalidName(_))
-        ));
-    }
-}
+#[path = "tap_tests.rs"]
+mod tests;

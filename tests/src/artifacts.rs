@@ -41,6 +41,11 @@ impl GuestArtifacts {
     pub fn initramfs(&self) -> PathBuf {
         self.dir.join("initramfs-busybox.cpio.gz")
     }
+    /// The bench root filesystem (busybox + fio + iperf3), zstd-compressed: use
+    /// [`crate::TestDir::bench_rootfs`].
+    pub fn bench_rootfs_zst(&self) -> PathBuf {
+        self.dir.join("rootfs-bench.ext4.zst")
+    }
 }
 
 /// The workspace root (the directory with the root Cargo.toml, resources/ and .ci/).

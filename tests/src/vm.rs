@@ -149,6 +149,25 @@ impl TestDir {
         Ok(dst)
     }
 
+    /// A private, writable copy of the bench root filesystem (busybox, fio, iperf3).
+    pub fn bench_rootfs(&self) -> Result<PathBuf> {
+        let src = artifacts::guest_artifacts()?.bench_rootfs_zst();
+        let dst = self.join("rootfs-bench.ext4");
+        let out = Command::new("zstd")
+            .args(["-q", "-d", "-f", "--long=27", "-o"])
+            .arg(&dst)
+            .arg(&src)
+            .output()
+            .map_err(|e| format!("cannot run zstd (apt-get install zstd): {e}"))?;
+        crate::ensure!(
+            out.status.success(),
+            "zstd -d {} failed: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(dst)
+    }
+
     /// A sparse file of exactly `size` bytes.
     pub fn sparse_image(&self, name: &str, size: u64) -> Result<PathBuf> {
         let p = self.join(name);
@@ -258,7 +277,10 @@ fn tail(s: &str, n: usize) -> &str {
 }
 
 /// A running (or exited) `skiff`. Dropping it kills skiff's whole process group (device processes too).
+/// [`TestVm::spawn`] runs another VMM (QEMU) the same way: guest console on stdin/stdout.
 pub struct TestVm {
+    /// What the messages call the process ("skiff", "qemu-system-x86_64").
+    program: String,
     child: Child,
     stdin: Option<ChildStdin>,
     console: Arc<Stream>,
@@ -289,18 +311,26 @@ impl TestVm {
         // The device binaries must be next to skiff: name the missing one rather than let skiff fail.
         artifacts::binary("skiff-blk")?;
         artifacts::binary("skiff-net")?;
+        let mut cmd = Command::new(&skiff);
+        cmd.args(args);
+        Self::spawn("skiff", cmd)
+    }
+
+    /// Starts any VMM whose guest serial console is its stdin/stdout (e.g. QEMU with
+    /// `-serial stdio`) in its own process group; `program` names it in messages.
+    pub fn spawn(program: &str, mut cmd: Command) -> Result<TestVm> {
         let verbose = std::env::var_os("SKIFF_TEST_VERBOSE").is_some_and(|v| v == "1");
-        let mut child = Command::new(&skiff)
-            .args(args)
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", skiff.display()))?;
+            .map_err(|e| format!("cannot start {}: {e}", cmd.get_program().to_string_lossy()))?;
         let out = child.stdout.take().ok_or("no stdout pipe")?;
         let err = child.stderr.take().ok_or("no stderr pipe")?;
         Ok(TestVm {
+            program: program.to_string(),
             stdin: child.stdin.take(),
             console: Stream::spawn(out, verbose.then_some("console")),
             stderr: Stream::spawn(err, verbose.then_some("stderr")),
@@ -329,8 +359,9 @@ impl TestVm {
     /// The last lines of console and stderr, for failure messages.
     pub fn diagnostics(&self) -> String {
         format!(
-            "\n----- console (tail) -----\n{}\n----- skiff stderr (tail) -----\n{}\n-----",
+            "\n----- console (tail) -----\n{}\n----- {} stderr (tail) -----\n{}\n-----",
             tail(&self.console_text(), 3000),
+            self.program,
             tail(&self.stderr_text(), 3000)
         )
     }
@@ -369,7 +400,10 @@ impl TestVm {
 
     /// Types raw text on the guest console, a little at a time so a small UART FIFO keeps up.
     pub fn send(&mut self, text: &str) -> Result {
-        let stdin = self.stdin.as_mut().ok_or("skiff's stdin is closed")?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| format!("{}'s stdin is closed", self.program))?;
         for chunk in text.as_bytes().chunks(32) {
             stdin
                 .write_all(chunk)
@@ -442,7 +476,8 @@ impl TestVm {
         let st = self.wait_exit(timeout)?;
         crate::ensure!(
             st.code() == Some(0),
-            "after guest reboot skiff exited with {st}, want 0{}",
+            "after guest reboot {} exited with {st}, want 0{}",
+            self.program,
             self.diagnostics()
         );
         Ok(())
@@ -470,11 +505,12 @@ impl TestVm {
                 }
                 Ok(None) => {
                     return Err(format!(
-                        "skiff did not exit within {timeout:?}{}",
+                        "{} did not exit within {timeout:?}{}",
+                        self.program,
                         self.diagnostics()
                     ))
                 }
-                Err(e) => return Err(format!("waiting for skiff: {e}")),
+                Err(e) => return Err(format!("waiting for {}: {e}", self.program)),
             }
         }
     }

@@ -9,10 +9,14 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 mod api;
+mod interop;
+mod upgrade;
 
 use api::*;
+use interop::*;
 use tests::runner::{self, Kind, Test};
 use tests::{ensure, guest_artifacts, host, DriveSpec, NetSpec, Result, TestDir, TestVm, VmConfig};
+use upgrade::*;
 
 /// Generous: inside the nested test host everything runs under TCG.
 const BOOT: Duration = Duration::from_secs(60);
@@ -54,6 +58,11 @@ fn main() {
         Guest false api_firecracker_python_client,
         Guest false api_bad_requests_keep_vm_running,
         Guest false api_config_file_keeps_api,
+        Guest false upgrade_blk_100_under_fio,
+        Guest true upgrade_net_100_under_tcp,
+        Guest false upgrade_failures_keep_old_process,
+        Guest false interop_qemu_boots_from_skiff_blk,
+        Guest false interop_skiff_boots_from_qemu_storage_daemon,
         Host false missing_kernel,
         Host false not_a_kernel,
         Host false zero_vcpus,

@@ -204,6 +204,30 @@ fn every_pre_boot_subcommand() {
     ] {
         vmm.expect(1, args);
     }
+    // Upgrades too, whatever the body: 400 (the routes exist, the VM does not run).
+    for args in [
+        &["upgrade", "rootfs"][..],
+        &["upgrade", "eth0", "--binary", "/nonexistent/skiff-net"],
+        &["upgrade", "--all"],
+        &[
+            "upgrade",
+            "--all",
+            "--blk-binary",
+            "/b",
+            "--net-binary",
+            "/n",
+        ],
+        &["--json", "upgrade", "--all"],
+    ] {
+        let out = vmm.ctl(args);
+        assert_eq!(out.status.code(), Some(1), "skiffctl {args:?}: {out:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.starts_with("skiffctl: 400: "),
+            "skiffctl {args:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "skiffctl {args:?}: {out:?}");
+    }
     // Writes print nothing with --json.
     assert_eq!(
         vmm.expect(0, &["--json", "machine-config", "patch", "--vcpus", "1"]),
@@ -239,6 +263,9 @@ fn every_pre_boot_subcommand() {
     );
     vmm.expect(2, &["machine-config", "patch"]);
     vmm.expect(2, &["drive", "put", "d"]);
+    vmm.expect(2, &["upgrade"]);
+    vmm.expect(2, &["upgrade", "rootfs", "--all"]);
+    vmm.expect(2, &["upgrade", "rootfs", "--net-binary", "/n"]);
     vmm.expect(2, &["no-such-command"]);
 }
 

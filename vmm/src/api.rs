@@ -9,7 +9,12 @@ use api_server::models::{
 };
 use api_server::request::{ApiFault, ApiReply, ApiRequest, ApiResult};
 
+use std::path::PathBuf;
+
+use api_server::models::{UpgradeReport, UpgradeReports};
+
 use crate::config::{ConfigError, VmConfig};
+use crate::devices::virtio::vhost_user::DeviceKind;
 use crate::error_chain;
 use crate::report::{kind_name, Snapshot};
 use crate::vmm::{Lifecycle, Vmm};
@@ -187,9 +192,68 @@ impl Vmm {
                 })
             }
             ApiRequest::GetSkiffDevices => json(&self.device_states()),
+            ApiRequest::UpgradeDevice(id, u) => {
+                let idx = self.device_index(&id)?;
+                let r = self.replace_device_process(idx, u.binary.map(PathBuf::from), None, false);
+                self.count_upgrade(&r);
+                json(&r?)
+            }
+            ApiRequest::UpgradeAll(u) => {
+                let n = self.vm.as_ref().map_or(0, |vm| vm.built.devices.len());
+                if self.vm.is_none() {
+                    return Err(ApiFault::bad_request(format!(
+                        "device upgrades need a started VM (the VM is {})",
+                        self.lifecycle.as_str()
+                    )));
+                }
+                let mut reports = Vec::new();
+                for idx in 0..n {
+                    let (kind, external) = match &self.vm {
+                        Some(vm) => (
+                            vm.built.devices[idx].kind,
+                            vm.built.devices[idx].process.is_none(),
+                        ),
+                        None => break,
+                    };
+                    if external {
+                        continue;
+                    }
+                    let binary = match kind {
+                        DeviceKind::Block => u.blk_binary.clone(),
+                        DeviceKind::Net => u.net_binary.clone(),
+                    };
+                    let r =
+                        self.replace_device_process(idx, binary.map(PathBuf::from), None, false);
+                    self.count_upgrade(&r);
+                    match r {
+                        Ok(rep) => reports.push(rep),
+                        Err(f) => {
+                            let done: Vec<&str> = reports.iter().map(|r| r.id.as_str()).collect();
+                            return Err(ApiFault::bad_request(format!(
+                                "{} (devices upgraded before this one: {})",
+                                f.message,
+                                if done.is_empty() {
+                                    "none".into()
+                                } else {
+                                    done.join(", ")
+                                }
+                            )));
+                        }
+                    }
+                }
+                json(&UpgradeReports { devices: reports })
+            }
             ApiRequest::GetSkiffMetrics => {
                 Ok(ApiReply::Prometheus(Snapshot::take(self).prometheus()))
             }
+        }
+    }
+
+    fn count_upgrade(&self, r: &Result<UpgradeReport, ApiFault>) {
+        if r.is_err() {
+            self.vm_metrics
+                .upgrades_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

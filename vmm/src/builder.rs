@@ -29,7 +29,9 @@ use crate::exit::VmExit;
 use crate::layout::*;
 use crate::memory::{create_guest_ram, GuestRam, MemoryError};
 use crate::metrics::{SerialMetrics, VcpuMetrics};
+use crate::tap::{TapError, TapFd};
 use crate::vcpu::{Vcpu, VcpuGate};
+use std::os::fd::{AsFd, AsRawFd};
 
 /// Errors building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,9 @@ pub enum BuildError {
     /// An eventfd or other host resource.
     #[error("cannot create {0}")]
     Host(&'static str, #[source] std::io::Error),
+    /// A network interface's TAP device.
+    #[error("network interface '{0}'")]
+    Tap(String, #[source] TapError),
     /// A device's metrics page.
     #[error(transparent)]
     MetricsPage(#[from] MetricsPageError),
@@ -129,6 +134,12 @@ pub struct DeviceSlot {
     pub restarts: u32,
     /// The page the device process counts in (kept across its replacements).
     pub metrics: Option<Arc<MetricsPage>>,
+    /// The TAP device (net), opened by the VMM and handed to each skiff-net it starts.
+    pub tap: Option<Arc<TapFd>>,
+    /// The guest MAC (net).
+    pub mac: Option<String>,
+    /// The maximum number of queues asked of the backend.
+    pub max_queues: usize,
 }
 
 impl DeviceSlot {
@@ -158,6 +169,8 @@ struct PendingDevice {
     read_only: bool,
     max_queues: usize,
     metrics: Option<Arc<MetricsPage>>,
+    tap: Option<Arc<TapFd>>,
+    mac: Option<String>,
 }
 
 fn runtime_dir() -> Result<PathBuf, BuildError> {
@@ -188,6 +201,28 @@ pub(crate) fn blk_args(socket: &Path, image: &Path, read_only: bool) -> Vec<Stri
     ];
     if read_only {
         args.push("--read-only".into());
+    }
+    args
+}
+
+/// skiff-net's arguments for serving the TAP `tap` on `socket`, counting in `page`.
+pub(crate) fn net_args(
+    socket: &Path,
+    tap: &TapFd,
+    mac: Option<&str>,
+    page: &MetricsPage,
+) -> Vec<String> {
+    let mut args = vec![
+        "--socket".to_string(),
+        socket.display().to_string(),
+        "--tap-fd".to_string(),
+        tap.as_fd().as_raw_fd().to_string(),
+        "--metrics-fd".to_string(),
+        page.fd().as_raw_fd().to_string(),
+    ];
+    if let Some(mac) = mac {
+        args.push("--mac".into());
+        args.push(mac.to_string());
     }
     args
 }
@@ -238,28 +273,22 @@ fn start_device_processes(
             read_only: d.read_only,
             max_queues: cfg.vcpus.max(1) as usize,
             metrics,
+            tap: None,
+            mac: None,
         });
     }
     for (i, n) in cfg.nets.iter().enumerate() {
         let name = format!("skiff-net for interface '{}' (TAP {})", n.id, n.tap);
         let socket = dir.join(format!("net{i}.sock"));
-        let mut args = vec![
-            "--socket".to_string(),
-            socket.display().to_string(),
-            "--tap".to_string(),
-            n.tap.clone(),
-        ];
-        if let Some(mac) = &n.mac {
-            args.push("--mac".into());
-            args.push(mac.clone());
-        }
+        let tap = Arc::new(TapFd::open(&n.tap).map_err(|e| BuildError::Tap(n.id.clone(), e))?);
         let page = Arc::new(MetricsPage::create(&n.id)?);
-        processes.push(DeviceProcess::spawn_with_metrics(
+        let args = net_args(&socket, &tap, n.mac.as_deref(), &page);
+        processes.push(DeviceProcess::spawn_with_fds(
             name.clone(),
             &net,
             &args,
             socket.clone(),
-            &page,
+            &[tap.as_fd(), page.fd()],
         )?);
         pending.push(PendingDevice {
             kind: DeviceKind::Net,
@@ -271,6 +300,8 @@ fn start_device_processes(
             backing: n.tap.clone(),
             read_only: false,
             metrics: Some(page),
+            tap: Some(tap),
+            mac: n.mac.clone(),
             // One rx/tx pair per TAP, plus a control queue when there are several.
             max_queues: 33,
         });
@@ -425,6 +456,9 @@ pub fn build(
             read_only: p.read_only,
             restarts: 0,
             metrics: p.metrics,
+            tap: p.tap,
+            mac: p.mac,
+            max_queues: p.max_queues,
         });
     }
 

@@ -1,7 +1,7 @@
 //! Device processes (`skiff-blk`, `skiff-net`): started per device, watched through a
 //! pidfd, stopped and reaped at the end.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,7 +62,7 @@ impl DeviceProcess {
         args: &[String],
         socket: PathBuf,
     ) -> Result<Self, DeviceProcessError> {
-        Self::start(name, bin, args, socket, None)
+        Self::start(name, bin, args, socket, Vec::new())
     }
 
     /// Starts `bin args... --metrics-fd N`, where N is `metrics`'s memfd, inherited by this
@@ -80,7 +80,20 @@ impl DeviceProcess {
         let mut args = args.to_vec();
         args.push("--metrics-fd".to_string());
         args.push(fd.to_string());
-        Self::start(name, bin, &args, socket, Some(fd))
+        Self::start(name, bin, &args, socket, vec![fd])
+    }
+
+    /// Starts `bin args...` with `fds` inherited by this child only (at the same numbers,
+    /// which the caller puts in `args`). Otherwise as [`DeviceProcess::spawn`].
+    pub fn spawn_with_fds(
+        name: String,
+        bin: &Path,
+        args: &[String],
+        socket: PathBuf,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Self, DeviceProcessError> {
+        let raw = fds.iter().map(|f| f.as_raw_fd()).collect();
+        Self::start(name, bin, args, socket, raw)
     }
 
     fn start(
@@ -88,7 +101,7 @@ impl DeviceProcess {
         bin: &Path,
         args: &[String],
         socket: PathBuf,
-        inherit: Option<RawFd>,
+        inherit: Vec<RawFd>,
     ) -> Result<Self, DeviceProcessError> {
         let mut cmd = Command::new(bin);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
@@ -108,7 +121,7 @@ impl DeviceProcess {
                 // Keep this fd across exec in the child's copy of the fd table only. Same
                 // number as in the VMM, so it cannot collide with stdio or std's own
                 // exec-error pipe (both distinct open fds here).
-                if let Some(fd) = inherit {
+                for &fd in &inherit {
                     let flags = libc::fcntl(fd, libc::F_GETFD);
                     if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                         return Err(std::io::Error::last_os_error());

@@ -78,4 +78,72 @@ pub struct VmMetrics {
     pub flushes_missed: AtomicU64,
     /// Drive media changed through PATCH /drives.
     pub media_changes: AtomicU64,
+    /// Device-process switches (upgrades, media changes): the guest-visible pause.
+    pub switch_pause: PauseHistogram,
+    /// Device upgrades that failed (the old process kept serving).
+    pub upgrades_failed: AtomicU64,
+}
+
+/// Upper bounds of the pause histogram buckets, in microseconds (Prometheus `le`).
+pub const PAUSE_BUCKETS_US: [u64; 10] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
+];
+
+/// A lock-free histogram of pauses in microseconds: per-bucket counts (not cumulative),
+/// an overflow bucket, the sum and the count.
+#[derive(Default)]
+pub struct PauseHistogram {
+    buckets: [AtomicU64; PAUSE_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+    max_us: AtomicU64,
+}
+
+impl PauseHistogram {
+    /// Records one pause.
+    pub fn record(&self, us: u64) {
+        let i = PAUSE_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(PAUSE_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bucket bound (the last is +Inf), the sum, the count, the max.
+    pub fn snapshot(&self) -> (Vec<(Option<u64>, u64)>, u64, u64, u64) {
+        let mut acc = 0;
+        let mut out = Vec::new();
+        for (i, b) in self.buckets.iter().enumerate() {
+            acc += b.load(Ordering::Relaxed);
+            out.push((PAUSE_BUCKETS_US.get(i).copied(), acc));
+        }
+        (
+            out,
+            self.sum_us.load(Ordering::Relaxed),
+            self.count.load(Ordering::Relaxed),
+            self.max_us.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = PauseHistogram::default();
+        for us in [10, 60, 60, 900, 1_000_000] {
+            h.record(us);
+        }
+        let (b, sum, count, max) = h.snapshot();
+        assert_eq!(b[0], (Some(50), 1));
+        assert_eq!(b[1], (Some(100), 3));
+        assert_eq!(b[4], (Some(1_000), 4));
+        assert_eq!(b.last(), Some(&(None, 5)));
+        assert_eq!((sum, count, max), (1_001_030, 5, 1_000_000));
+    }
 }

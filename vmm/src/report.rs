@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub vm: Vec<(&'static str, u64)>,
     /// Logger: (name, value).
     pub logger: Vec<(&'static str, u64)>,
+    /// Device-process switch pauses: cumulative (bound µs, count), sum µs, count, max µs.
+    pub switch_pause: (Vec<(Option<u64>, u64)>, u64, u64, u64),
     /// API requests.
     pub api: Vec<ApiCounter>,
     /// Devices.
@@ -81,7 +83,9 @@ impl Snapshot {
                 ("metrics_flushes", g(&m.flushes)),
                 ("metrics_flushes_missed", g(&m.flushes_missed)),
                 ("media_changes", g(&m.media_changes)),
+                ("upgrades_failed", g(&m.upgrades_failed)),
             ],
+            switch_pause: m.switch_pause.snapshot(),
             logger: vec![
                 ("lines", g(&crate::logger::LINES)),
                 ("missed_lines", g(&crate::logger::MISSED_LINES)),
@@ -178,6 +182,14 @@ impl Snapshot {
             "logger": pairs(&self.logger),
             "api_server": api,
             "devices": devices,
+            "device_switch_pause_us": {
+                "count": self.switch_pause.2,
+                "sum": self.switch_pause.1,
+                "max": self.switch_pause.3,
+                "buckets": self.switch_pause.0.iter().map(|(le, n)| {
+                    json!({"le": le.map_or("+Inf".to_string(), |v| v.to_string()), "count": n})
+                }).collect::<Vec<_>>(),
+            },
         });
         format!("{v}\n")
     }
@@ -272,6 +284,25 @@ impl Snapshot {
                 c.method, c.path, c.status, c.count
             );
         }
+        family(
+            &mut o,
+            "device_switch_pause_seconds",
+            "histogram",
+            "Guest-visible pause of device-process switches (upgrades, media changes).",
+        );
+        let (buckets, sum_us, count, _) = &self.switch_pause;
+        for (le, n) in buckets {
+            let le = le.map_or("+Inf".to_string(), |us| format!("{}", us as f64 / 1e6));
+            let _ = writeln!(
+                o,
+                "skiff_device_switch_pause_seconds_bucket{{le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "skiff_device_switch_pause_seconds_sum {}\nskiff_device_switch_pause_seconds_count {count}",
+            *sum_us as f64 / 1e6
+        );
         family(
             &mut o,
             "device_restarts_total",

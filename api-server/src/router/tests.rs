@@ -1,5 +1,5 @@
 use super::*;
-use crate::models::{ActionType, LogLevel, VmStateChange};
+use crate::models::{ActionType, DeviceUpgrade, LogLevel, VmStateChange, VmUpgrade};
 
 fn fault(method: &str, path: &str, body: &str) -> ApiFault {
     match route(method, path, body.as_bytes()) {
@@ -119,6 +119,140 @@ fn put_and_patch_bodies() {
         ),
         Ok(ApiRequest::PatchNetworkInterface(_))
     ));
+}
+
+#[test]
+fn upgrade_device() {
+    // An empty (or blank) body means "the same binary".
+    for body in ["", " \r\n", "{}", r#"{"binary": null}"#] {
+        assert_eq!(
+            route("PUT", "/skiff/devices/rootfs/upgrade", body.as_bytes()).unwrap(),
+            ApiRequest::UpgradeDevice("rootfs".into(), DeviceUpgrade::default()),
+            "{body:?}"
+        );
+    }
+    assert_eq!(
+        route(
+            "PUT",
+            "/skiff/devices/eth_0/upgrade?x#y",
+            br#"{"binary": "/opt/skiff-net"}"#
+        )
+        .unwrap(),
+        ApiRequest::UpgradeDevice(
+            "eth_0".into(),
+            DeviceUpgrade {
+                binary: Some("/opt/skiff-net".into())
+            }
+        )
+    );
+    let long = "a".repeat(MAX_ID_LEN + 1);
+    for bad in ["bad-id", "b%20d", "", long.as_str(), "é", "{id}"] {
+        let path = format!("/skiff/devices/{bad}/upgrade");
+        for body in ["", "{}"] {
+            assert_fault("PUT", &path, body, 400, &["device id", "1 to 64"]);
+        }
+    }
+    assert_fault(
+        "PUT",
+        "/skiff/devices/rootfs/upgrade",
+        r#"{"binary": "/b", "path": "/x"}"#,
+        400,
+        &["invalid upgrade body", "unknown field `path`"],
+    );
+    assert_fault(
+        "PUT",
+        "/skiff/devices/rootfs/upgrade",
+        r#"{"binary": 7}"#,
+        400,
+        &["binary", "invalid type"],
+    );
+    assert_fault(
+        "PUT",
+        "/skiff/devices/rootfs/upgrade",
+        r#"{} x"#,
+        400,
+        &["invalid upgrade body", "trailing"],
+    );
+    assert_fault(
+        "PUT",
+        "/skiff/devices/rootfs/upgrade",
+        "{",
+        400,
+        &["invalid upgrade body", "EOF"],
+    );
+    assert_fault(
+        "GET",
+        "/skiff/devices/rootfs/upgrade",
+        "",
+        405,
+        &["allowed: PUT"],
+    );
+    for path in [
+        "/skiff/devices/rootfs",
+        "/skiff/devices/rootfs/upgrade/",
+        "/skiff/devices/upgrade",
+    ] {
+        assert_fault("PUT", path, "", 404, &["no endpoint"]);
+    }
+}
+
+#[test]
+fn upgrade_all() {
+    for body in [
+        "",
+        "\n",
+        "{}",
+        r#"{"blk_binary": null, "net_binary": null}"#,
+    ] {
+        assert_eq!(
+            route("PUT", "/skiff/upgrade", body.as_bytes()).unwrap(),
+            ApiRequest::UpgradeAll(VmUpgrade::default()),
+            "{body:?}"
+        );
+    }
+    assert_eq!(
+        route(
+            "PUT",
+            "/skiff/upgrade",
+            br#"{"blk_binary": "/b", "net_binary": "/n"}"#
+        )
+        .unwrap(),
+        ApiRequest::UpgradeAll(VmUpgrade {
+            blk_binary: Some("/b".into()),
+            net_binary: Some("/n".into()),
+        })
+    );
+    assert_eq!(
+        route("PUT", "/skiff/upgrade", br#"{"net_binary": "/n"}"#).unwrap(),
+        ApiRequest::UpgradeAll(VmUpgrade {
+            blk_binary: None,
+            net_binary: Some("/n".into()),
+        })
+    );
+    assert_fault(
+        "PUT",
+        "/skiff/upgrade",
+        r#"{"binary": "/b"}"#,
+        400,
+        &["invalid upgrade body", "unknown field `binary`"],
+    );
+    assert_fault(
+        "PUT",
+        "/skiff/upgrade",
+        r#"{"blk_binary": ["/b"]}"#,
+        400,
+        &["blk_binary", "invalid type"],
+    );
+    for body in ["null", "7", r#""/b""#] {
+        assert_fault(
+            "PUT",
+            "/skiff/upgrade",
+            body,
+            400,
+            &["invalid upgrade body"],
+        );
+    }
+    assert_fault("PATCH", "/skiff/upgrade", "{}", 405, &["allowed: PUT"]);
 }
 
 #[test]
@@ -328,7 +462,11 @@ fn long_client_text_is_cut() {
 #[test]
 fn table_is_consistent() {
     for (i, r) in ROUTES.iter().enumerate() {
-        let concrete = r.path.replace("{drive_id}", "d").replace("{iface_id}", "d");
+        let concrete = r
+            .path
+            .replace("{drive_id}", "d")
+            .replace("{iface_id}", "d")
+            .replace("{id}", "d");
         assert_eq!(resolve(r.method, &concrete).ok(), Some(i), "{r:?}");
         assert!(["GET", "PUT", "PATCH"].contains(&r.method), "{r:?}");
         assert!(!r.name.is_empty());

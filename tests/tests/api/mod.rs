@@ -48,6 +48,18 @@ impl ApiVm {
         mem: u64,
         extra_cmdline: &str,
     ) -> Result {
+        let rootfs = dir.copy_rootfs()?;
+        self.configure_rootfs(&rootfs, vcpus, mem, extra_cmdline)
+    }
+
+    /// As [`ApiVm::configure`] with a given root filesystem image.
+    pub fn configure_rootfs(
+        &mut self,
+        rootfs: &Path,
+        vcpus: u32,
+        mem: u64,
+        extra_cmdline: &str,
+    ) -> Result {
         let api = &mut self.api;
         api.put_machine_config(&MachineConfig {
             vcpu_count: vcpus,
@@ -63,7 +75,7 @@ impl ApiVm {
         .map_err(|e| format!("PUT /boot-source: {e}"))?;
         api.put_drive(&Drive {
             drive_id: "rootfs".into(),
-            path_on_host: Some(dir.copy_rootfs()?.display().to_string()),
+            path_on_host: Some(rootfs.display().to_string()),
             is_root_device: true,
             is_read_only: Some(false),
             ..Default::default()

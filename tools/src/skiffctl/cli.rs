@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use api_server::models::{
     ActionType, BootSource, Drive, LogLevel, Logger, MachineConfig, MachineConfigUpdate, Metrics,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, VmStateChange,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, VmStateChange, VmUpgrade,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -35,7 +35,8 @@ pub struct Cli {
     /// Print the API's JSON answers as received instead of readable text.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Seconds to wait for each answer, and for the socket in `wait-ready`.
+    /// Seconds to wait for each answer (`upgrade`: at least 60), and for the socket in
+    /// `wait-ready`.
     #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
     pub timeout: f64,
     #[command(subcommand)]
@@ -112,6 +113,30 @@ pub enum Cmd {
     Devices,
     /// Counters in Prometheus text format (GET /skiff/metrics).
     Metrics,
+    /// Replace a device's process, or every device's, while the guest runs
+    /// (PUT /skiff/devices/{id}/upgrade, PUT /skiff/upgrade).
+    #[command(after_help = "\
+The new process is started and negotiated before the old one is touched; if it fails,
+the old process keeps serving and skiffctl exits 1 with the reason. With --all the
+devices are upgraded one after the other and the first failure stops the run: the
+devices before it stay upgraded.")]
+    Upgrade {
+        /// Device id (drive_id or iface_id).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Upgrade every device instead of one.
+        #[arg(long)]
+        all: bool,
+        /// New device binary (default: the one running now).
+        #[arg(long, value_name = "PATH", conflicts_with = "all")]
+        binary: Option<String>,
+        /// With --all: new skiff-blk binary for every drive (default: the current one).
+        #[arg(long, value_name = "PATH", requires = "all", conflicts_with = "id")]
+        blk_binary: Option<String>,
+        /// With --all: new skiff-net binary for every interface (default: the current one).
+        #[arg(long, value_name = "PATH", requires = "all", conflicts_with = "id")]
+        net_binary: Option<String>,
+    },
     /// Any request; the response body goes to stdout as received.
     Raw {
         /// HTTP method (GET, PUT, PATCH, ...).
@@ -276,6 +301,11 @@ pub enum Op {
     SkiffVm,
     SkiffDevices,
     SkiffMetrics,
+    UpgradeDevice {
+        id: String,
+        binary: Option<String>,
+    },
+    UpgradeAll(VmUpgrade),
     Raw {
         method: String,
         path: String,
@@ -307,6 +337,8 @@ impl Op {
             Op::SkiffVm => ("GET", "/skiff/vm"),
             Op::SkiffDevices => ("GET", "/skiff/devices"),
             Op::SkiffMetrics => ("GET", "/skiff/metrics"),
+            Op::UpgradeDevice { .. } => ("PUT", "/skiff/devices/{id}/upgrade"),
+            Op::UpgradeAll(_) => ("PUT", "/skiff/upgrade"),
             Op::Raw { .. } | Op::WaitReady => return None,
         })
     }
@@ -436,6 +468,20 @@ impl Cmd {
             Cmd::State => Op::SkiffVm,
             Cmd::Devices => Op::SkiffDevices,
             Cmd::Metrics => Op::SkiffMetrics,
+            Cmd::Upgrade {
+                id,
+                all,
+                binary,
+                blk_binary,
+                net_binary,
+            } => match (id, all) {
+                (None, true) => Op::UpgradeAll(VmUpgrade {
+                    blk_binary,
+                    net_binary,
+                }),
+                (Some(id), false) => Op::UpgradeDevice { id, binary },
+                _ => return Err("upgrade: give a device id or --all".into()),
+            },
             Cmd::Raw { method, path, body } => Op::Raw {
                 method: method.to_ascii_uppercase(),
                 path,
@@ -474,6 +520,7 @@ mod tests {
             Op::PutMetrics(b) => serde_json::to_value(b),
             Op::Action(a) => serde_json::to_value(a),
             Op::PatchVm(s) => serde_json::to_value(s),
+            Op::UpgradeAll(b) => serde_json::to_value(b),
             other => panic!("{other:?} has no body"),
         }
         .unwrap()
@@ -499,6 +546,8 @@ mod tests {
         "state",
         "devices",
         "metrics",
+        "upgrade rootfs",
+        "upgrade --all",
     ];
 
     #[test]
@@ -632,6 +681,44 @@ mod tests {
             }
         );
         assert!(matches!(op("raw PUT /x {}"), Op::Raw { body: RawBody::Arg(b), .. } if b == "{}"));
+    }
+
+    #[test]
+    fn upgrade_one_or_all() {
+        assert_eq!(
+            op("upgrade rootfs"),
+            Op::UpgradeDevice {
+                id: "rootfs".into(),
+                binary: None
+            }
+        );
+        assert_eq!(
+            op("upgrade eth0 --binary /opt/skiff-net"),
+            Op::UpgradeDevice {
+                id: "eth0".into(),
+                binary: Some("/opt/skiff-net".into())
+            }
+        );
+        assert_eq!(body(&op("upgrade --all")), serde_json::json!({}));
+        assert_eq!(
+            body(&op("upgrade --all --blk-binary /b --net-binary /n")),
+            serde_json::json!({"blk_binary": "/b", "net_binary": "/n"})
+        );
+        assert_eq!(
+            body(&op("upgrade --net-binary /n --all")),
+            serde_json::json!({"net_binary": "/n"})
+        );
+        for args in [
+            "upgrade",
+            "upgrade rootfs --all",
+            "upgrade --all --binary /b",
+            "upgrade rootfs --blk-binary /b",
+            "upgrade --net-binary /n",
+        ] {
+            let argv = std::iter::once("skiffctl").chain(args.split_whitespace());
+            let e = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args}: {e}");
+        }
     }
 
     #[test]

@@ -171,6 +171,22 @@ fn run(
         Op::SkiffVm => Ok(Some(render::vm_state(&c.skiff_vm()?))),
         Op::SkiffDevices => Ok(Some(render::devices(&c.skiff_devices()?))),
         Op::SkiffMetrics => Ok(Some(c.skiff_metrics()?)),
+        Op::UpgradeDevice { id, binary } => {
+            let r = c.upgrade_device(&id, binary.as_deref())?;
+            Ok(Some(if json {
+                serde_json::to_string(&r).unwrap_or_default()
+            } else {
+                render::upgrade(&r)
+            }))
+        }
+        Op::UpgradeAll(u) => {
+            let r = c.upgrade_all(&u)?;
+            Ok(Some(if json {
+                serde_json::to_string(&r).unwrap_or_default()
+            } else {
+                render::upgrades(&r)
+            }))
+        }
         Op::Raw { method, path, body } => {
             let body = match body {
                 RawBody::None => None,

@@ -1,6 +1,8 @@
 //! Readable text for the API's answers: short lines for people, one fact per field.
 
-use api_server::models::{InstanceInfo, MachineConfig, SkiffDevices, SkiffVmState};
+use api_server::models::{
+    InstanceInfo, MachineConfig, SkiffDevices, SkiffVmState, UpgradeReport, UpgradeReports,
+};
 
 fn plural(n: u32, one: &str) -> String {
     if n == 1 {
@@ -99,6 +101,33 @@ pub fn devices(d: &SkiffDevices) -> String {
         .join("\n")
 }
 
+/// One device upgrade: `rootfs (block): pid 1 -> 2, pause 310 us (spawn ..., 1 ring)`,
+/// with the binaries when they differ.
+pub fn upgrade(r: &UpgradeReport) -> String {
+    let mut s = format!("{} ({}): pid {} -> {}", r.id, r.kind, r.old_pid, r.new_pid);
+    if r.old_binary != r.new_binary {
+        s.push_str(&format!(", binary {} -> {}", r.old_binary, r.new_binary));
+    }
+    let rings = if r.rings == 1 {
+        "1 ring".to_owned()
+    } else {
+        format!("{} rings", r.rings)
+    };
+    s.push_str(&format!(
+        ", pause {} us (spawn {} us, negotiate {} us, prepare {} us, total {} us, {rings})",
+        r.pause_us, r.spawn_us, r.negotiate_us, r.prepare_us, r.total_us
+    ));
+    s
+}
+
+/// `PUT /skiff/upgrade`: one line per device.
+pub fn upgrades(r: &UpgradeReports) -> String {
+    if r.devices.is_empty() {
+        return "no devices to upgrade".into();
+    }
+    r.devices.iter().map(upgrade).collect::<Vec<_>>().join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use api_server::models::SkiffDevice;
@@ -135,6 +164,50 @@ mod tests {
             machine_config(&c),
             "1 vCPU, 128 MiB, smt off, huge pages None"
         );
+    }
+
+    fn report(id: &str, kind: &str, rings: usize) -> UpgradeReport {
+        UpgradeReport {
+            id: id.into(),
+            kind: kind.into(),
+            old_pid: 123,
+            new_pid: 456,
+            old_binary: "/usr/bin/skiff-blk".into(),
+            new_binary: "/usr/bin/skiff-blk".into(),
+            pause_us: 310,
+            spawn_us: 2100,
+            negotiate_us: 400,
+            prepare_us: 90,
+            total_us: 3200,
+            rings,
+        }
+    }
+
+    #[test]
+    fn upgrade_lines() {
+        let r = report("rootfs", "block", 1);
+        assert_eq!(
+            upgrade(&r),
+            "rootfs (block): pid 123 -> 456, pause 310 us (spawn 2100 us, negotiate 400 us, \
+             prepare 90 us, total 3200 us, 1 ring)"
+        );
+        let mut n = report("eth0", "net", 2);
+        n.old_binary = "/a/skiff-net".into();
+        n.new_binary = "/b/skiff-net".into();
+        assert_eq!(
+            upgrade(&n),
+            "eth0 (net): pid 123 -> 456, binary /a/skiff-net -> /b/skiff-net, pause 310 us \
+             (spawn 2100 us, negotiate 400 us, prepare 90 us, total 3200 us, 2 rings)"
+        );
+        assert_eq!(
+            upgrades(&UpgradeReports::default()),
+            "no devices to upgrade"
+        );
+        let all = upgrades(&UpgradeReports {
+            devices: vec![r, n],
+        });
+        assert_eq!(all.lines().count(), 2, "{all}");
+        assert!(all.starts_with("rootfs (block): ") && all.contains("\neth0 (net): "));
     }
 
     #[test]

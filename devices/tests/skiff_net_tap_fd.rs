@@ -1,0 +1,249 @@
+//! skiff-net `--tap-fd` as a process: exit status and stderr for bad fds, and (as root) a
+//! TAP opened here, inherited by skiff-net, that outlives it. Root-only parts fail when CI
+//! is set and are skipped loudly otherwise (see devices/src/tap_tests.rs). The TAP is
+//! named `sktfd<pid>x`, non-persistent, deleted by the kernel when its last fd closes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use vmm_sys_util::tempdir::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_skiff-net");
+/// The fd number skiff-net inherits the test's fd as.
+const CHILD_FD: RawFd = 100;
+
+/// skiff-net on `socket` with `fd` (if any) inherited as CHILD_FD.
+fn command(socket: &Path, args: &[&str], fd: Option<RawFd>) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null());
+    if let Some(src) = fd {
+        // SAFETY: the closure only calls dup2, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(src, CHILD_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd
+}
+
+fn run(args: &[&str], fd: Option<RawFd>) -> (i32, String) {
+    let Output { status, stderr, .. } = command(Path::new("/nonexistent-dir/net.sock"), args, fd)
+        .output()
+        .expect("run skiff-net");
+    (
+        status.code().expect("exit code"),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_tap_fds_exit_1_naming_the_option() {
+    let (code, err) = run(&["--tap-fd", "65000"], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("skiff-net: --tap-fd 65000 is not an open file descriptor"),
+        "{err}"
+    );
+
+    let (code, err) = run(&["--tap-fd", "2"], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("skiff-net: --tap-fd 2 is a standard stream"),
+        "{err}"
+    );
+
+    let file = File::open(BIN).expect("open a regular file");
+    let (code, err) = run(&["--tap-fd", "100"], Some(file.as_raw_fd()));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("skiff-net: --tap-fd 100 is not a TUN/TAP file descriptor"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tap_and_tap_fd_are_exclusive() {
+    let (code, err) = run(&["--tap", "t0", "--tap-fd", "5"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("'--tap <NAME>' cannot be used with '--tap-fd <N>'"),
+        "{err}"
+    );
+    let (code, err) = run(&[], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("<--tap <NAME>|--tap-fd <N>>"), "{err}");
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+fn can_create_taps(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test} needs root to create TAP devices and CI is set: run the devices tests as root"
+    );
+    // Straight to fd 2, not eprintln!: libtest hides a passing test's captured output.
+    let msg = format!(
+        "!!!!! SKIPPED {test}: needs root to create TAP devices \
+         (run as root; with CI=true this is a failure) !!!!!\n"
+    );
+    let _ = io::stderr().write_all(msg.as_bytes());
+    false
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// Opens (creating) TAP `name` as the VMM does, close-on-exec.
+fn vmm_tap(name: &str, flags: libc::c_short) -> File {
+    assert!(name.len() < 16);
+    assert!(!exists(name), "{name} exists already");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    let mut req = IfReq {
+        name: [0; 16],
+        flags,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes, as IfReq).
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
+    assert_eq!(ret, 0, "TUNSETIFF {name}: {}", io::Error::last_os_error());
+    file
+}
+
+fn tap_flags(file: &File) -> libc::c_short {
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    // SAFETY: TUNGETIFF writes a `struct ifreq`.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNGETIFF as _, &mut req as *mut IfReq) };
+    assert_eq!(ret, 0, "TUNGETIFF: {}", io::Error::last_os_error());
+    req.flags
+}
+
+/// Whether the interface has disappeared, waiting up to 2 s: the kernel unregisters a
+/// non-persistent TAP asynchronously after its last fd is closed.
+fn gone(name: &str) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while exists(name) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
+}
+
+fn exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+#[test]
+fn skiff_net_serves_an_inherited_tap_and_leaves_it_to_the_vmm() {
+    if !can_create_taps("skiff_net_serves_an_inherited_tap_and_leaves_it_to_the_vmm") {
+        return;
+    }
+    let name = format!("sktfd{}x", std::process::id());
+    let tap = vmm_tap(&name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
+    let before = tap_flags(&tap);
+    let dir = TempDir::new().expect("temp dir");
+    let socket = dir.as_path().join("net.sock");
+
+    let mut child = command(&socket, &["--tap-fd", "100"], Some(tap.as_raw_fd()))
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn skiff-net");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let listening = loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) => {
+                let done = line.contains("listening on");
+                log.push(line);
+                if done {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    child.kill().expect("kill skiff-net");
+    child.wait().expect("reap skiff-net");
+    assert!(listening, "skiff-net did not start:\n{}", log.join("\n"));
+    let expected = format!("TAP {name} (--tap-fd 100) with 1 queue pair(s)");
+    assert!(
+        log.iter().any(|l| l.contains(&expected)),
+        "no '{expected}' in:\n{}",
+        log.join("\n")
+    );
+
+    // skiff-net is gone: the TAP is still there, as the VMM left it.
+    assert!(exists(&name));
+    assert_eq!(tap_flags(&tap), before);
+    drop(tap);
+    assert!(gone(&name), "{name} left behind");
+}
+
+#[test]
+fn skiff_net_refuses_a_tap_without_vnet_hdr() {
+    if !can_create_taps("skiff_net_refuses_a_tap_without_vnet_hdr") {
+        return;
+    }
+    let name = format!("sktfd{}y", std::process::id());
+    let tap = vmm_tap(&name, IFF_TAP | IFF_NO_PI);
+    let (code, err) = run(&["--tap-fd", "100"], Some(tap.as_raw_fd()));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "skiff-net: --tap-fd 100 (interface {name}) was opened without IFF_VNET_HDR"
+        )),
+        "{err}"
+    );
+    drop(tap);
+    assert!(gone(&name), "{name} left behind");
+}

@@ -1,0 +1,328 @@
+//! Live upgrades of device processes while the guest does I/O: the guest sees nothing but
+//! short pauses, no I/O error, no lost or corrupted data.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api_server::client::ClientError;
+use api_server::models::{Drive, NetworkInterface, UpgradeReport};
+use tests::{ensure, host, Result, TestDir};
+
+use super::api::ApiVm;
+use super::{last_line, CMD, EXIT, LONG, MIB};
+
+/// How many upgrades the tests do.
+const UPGRADES: usize = 100;
+
+fn summary(pauses: &mut [u64]) -> String {
+    pauses.sort_unstable();
+    let at = |q: f64| pauses[((pauses.len() - 1) as f64 * q) as usize];
+    format!(
+        "{} upgrades: pause p50 {} us, p99 {} us, max {} us",
+        pauses.len(),
+        at(0.5),
+        at(0.99),
+        pauses[pauses.len() - 1]
+    )
+}
+
+fn check_report(r: &UpgradeReport, id: &str, previous_pid: u32) -> Result {
+    ensure!(
+        r.id == id && r.old_pid == previous_pid && r.new_pid != previous_pid && r.rings >= 1,
+        "unexpected upgrade report: {r:?}"
+    );
+    ensure!(
+        r.pause_us <= r.total_us && r.prepare_us <= r.total_us,
+        "inconsistent timings: {r:?}"
+    );
+    Ok(())
+}
+
+/// 100 upgrades of skiff-blk while fio runs random 4 KiB writes with verification (direct
+/// I/O, queue depth 32) on the drive: no I/O error, every verify passes.
+pub fn upgrade_blk_100_under_fio() -> Result {
+    let dir = TestDir::new("upgrade-blk")?;
+    let rootfs = dir.bench_rootfs()?;
+    let data = dir.sparse_image("data.img", 64 * MIB)?;
+    let mut a = ApiVm::start(&dir, &[])?;
+    a.configure_rootfs(&rootfs, 2, 512, "")?;
+    a.api
+        .put_drive(&Drive {
+            drive_id: "data".into(),
+            path_on_host: Some(data.display().to_string()),
+            is_root_device: false,
+            is_read_only: Some(false),
+            ..Default::default()
+        })
+        .map_err(|e| format!("PUT /drives/data: {e}"))?;
+    a.start_guest()?;
+    a.vm.run_ok("command -v fio", CMD)?;
+    // fio in a loop until told to stop; each run writes 16 MiB at random and verifies as
+    // it goes (verify_backlog) and at the end.
+    a.vm.run_ok(
+        "(i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); \
+         fio --name=v --filename=/dev/vdb --rw=randwrite --bs=4k --iodepth=32 \
+         --ioengine=libaio --direct=1 --size=16m --verify=crc32c --verify_fatal=1 \
+         --verify_backlog=512 --do_verify=1 --output=/tmp/fio.$i.txt || echo FIO-FAILED $i; \
+         done; echo FIO-LOOPS $i) > /tmp/fio.log 2>&1 &",
+        CMD,
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let mut pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
+        .pid
+        .ok_or("the data drive has no device process")?;
+    let mut pauses = Vec::new();
+    for n in 0..UPGRADES {
+        let r = a
+            .api
+            .upgrade_device("data", None)
+            .map_err(|e| format!("upgrade {n}: {e}{}", a.vm.diagnostics()))?;
+        check_report(&r, "data", pid)?;
+        pid = r.new_pid;
+        pauses.push(r.pause_us);
+    }
+    a.vm.run_ok("touch /tmp/stop", CMD)?;
+    let deadline = Instant::now() + LONG;
+    let log = loop {
+        let log = a.vm.run_ok("cat /tmp/fio.log", CMD)?;
+        if log.contains("FIO-LOOPS") {
+            break log;
+        }
+        ensure!(Instant::now() < deadline, "fio did not finish: {log}");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    ensure!(
+        !log.contains("FIO-FAILED"),
+        "fio failed during the upgrades:\n{log}"
+    );
+    let errs = a.vm.run_ok(
+        "cat /tmp/fio.*.txt | grep -c 'err= 0'; cat /tmp/fio.*.txt | grep 'err=' | grep -vc 'err= 0'; \
+         dmesg | grep -ci 'i/o error'",
+        CMD,
+    )?;
+    let counts: Vec<u64> = errs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    ensure!(
+        counts.len() == 3 && counts[0] >= 1 && counts[1] == 0 && counts[2] == 0,
+        "fio runs without error / with error / guest I/O errors: {counts:?}\n{errs}"
+    );
+    let devs = a.api.skiff_devices().map_err(|e| e.to_string())?;
+    ensure!(
+        devs.devices[1].restarts as usize == UPGRADES,
+        "GET /skiff/devices: {:?}",
+        devs.devices[1]
+    );
+    let prom = a.api.skiff_metrics().map_err(|e| e.to_string())?;
+    ensure!(
+        prom.contains(&format!(
+            "skiff_device_switch_pause_seconds_count {UPGRADES}"
+        )),
+        "the pause histogram lacks the upgrades:\n{prom}"
+    );
+    println!("upgrade_blk_100_under_fio: {}", summary(&mut pauses));
+    a.vm.reboot_and_wait(EXIT)
+}
+
+/// 100 upgrades of skiff-net while the host streams 32 MiB of known content to the
+/// guest over TCP: the guest receives it whole (TCP retransmits what a switch drops).
+pub fn upgrade_net_100_under_tcp() -> Result {
+    let x = 20 + std::process::id() % 200;
+    let tap_name = format!("sku{}n", std::process::id() % 100_000);
+    let tap = host::Tap::create(&tap_name, &format!("172.29.{x}.1/24"))?;
+    let result = (|| -> Result {
+        let dir = TestDir::new("upgrade-net")?;
+        let mut a = ApiVm::start(&dir, &[])?;
+        a.configure(
+            &dir,
+            1,
+            512,
+            &format!("ip=172.29.{x}.2::172.29.{x}.1:255.255.255.0::eth0:off"),
+        )?;
+        a.api
+            .put_network_interface(&NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: tap_name.clone(),
+                guest_mac: Some(format!("06:00:ac:1d:{x:02x}:02")),
+                ..Default::default()
+            })
+            .map_err(|e| format!("PUT /network-interfaces/eth0: {e}"))?;
+        a.start_guest()?;
+        a.vm.run_ok(&format!("ping -c 2 -W 10 172.29.{x}.1"), CMD)?;
+        let data = host::pseudo_random((32 * MIB) as usize, u64::from(std::process::id()));
+        let want = {
+            let file = dir.join("net.bin");
+            std::fs::write(&file, &data).map_err(|e| e.to_string())?;
+            host::sha256_file(&file, 0, None)?
+        };
+        let port = 5556;
+        a.vm.run_ok(&format!("nc -l -p {port} < /dev/null > /tmp/f &"), CMD)?;
+        let addr: SocketAddr = format!("172.29.{x}.2:{port}")
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let deadline = Instant::now() + CMD;
+        let mut sock = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(300))
+                }
+                Err(e) => return Err(format!("cannot connect to the guest's nc: {e}")),
+            }
+        };
+        sock.set_write_timeout(Some(LONG))
+            .map_err(|e| e.to_string())?;
+        // The sender paces itself while upgrades are going on, so the stream spans them all.
+        let done = Arc::new(AtomicUsize::new(0));
+        let done_w = done.clone();
+        let sender = std::thread::spawn(move || -> Result<()> {
+            for chunk in data.chunks(32 * 1024) {
+                sock.write_all(chunk).map_err(|e| format!("sending: {e}"))?;
+                if done_w.load(Ordering::Relaxed) < UPGRADES {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            sock.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+            let mut rest = Vec::new();
+            let _ = sock.read_to_end(&mut rest);
+            Ok(())
+        });
+        let mut pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
+            .pid
+            .ok_or("eth0 has no device process")?;
+        let mut pauses = Vec::new();
+        let mut failure = None;
+        for n in 0..UPGRADES {
+            match a.api.upgrade_device("eth0", None) {
+                Ok(r) => {
+                    if let Err(e) = check_report(&r, "eth0", pid) {
+                        failure = Some(e);
+                        break;
+                    }
+                    pid = r.new_pid;
+                    pauses.push(r.pause_us);
+                }
+                Err(e) => {
+                    failure = Some(format!("upgrade {n}: {e}{}", a.vm.diagnostics()));
+                    break;
+                }
+            }
+            done.store(n + 1, Ordering::Relaxed);
+        }
+        done.store(UPGRADES, Ordering::Relaxed);
+        let sent = sender
+            .join()
+            .map_err(|_| "the sender panicked".to_string())?;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        sent?;
+        let got = a.vm.run_ok("wait; sha256sum /tmp/f", LONG)?;
+        let got = host::first_sha256(&got).ok_or_else(|| format!("no sha256 in {got:?}"))?;
+        ensure!(got == want, "the guest received sha256 {got}, sent {want}");
+        let out = a.vm.run_ok(
+            &format!("ping -c 1 -W 10 172.29.{x}.1 >/dev/null && echo OK"),
+            CMD,
+        )?;
+        ensure!(last_line(&out) == "OK", "no ping after the upgrades: {out}");
+        println!("upgrade_net_100_under_tcp: {}", summary(&mut pauses));
+        a.vm.reboot_and_wait(EXIT)
+    })();
+    drop(tap);
+    result
+}
+
+/// An upgrade to a binary that does not exist, or that exits at once, is refused with
+/// the reason; the old process keeps serving and the guest's I/O goes on.
+pub fn upgrade_failures_keep_old_process() -> Result {
+    let dir = TestDir::new("upgrade-fail")?;
+    let data = dir.sparse_image("data.img", 16 * MIB)?;
+    let mut a = ApiVm::start(&dir, &[])?;
+    a.configure(&dir, 1, 256, "")?;
+    a.api
+        .put_drive(&Drive {
+            drive_id: "data".into(),
+            path_on_host: Some(data.display().to_string()),
+            is_root_device: false,
+            is_read_only: Some(false),
+            ..Default::default()
+        })
+        .map_err(|e| format!("PUT /drives/data: {e}"))?;
+    match a.api.upgrade_device("data", None) {
+        Err(ClientError::Fault {
+            status: 400,
+            message,
+        }) if message.contains("started VM") => {}
+        other => return Err(format!("an upgrade before InstanceStart: {other:?}")),
+    }
+    a.start_guest()?;
+    let pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1].pid;
+    let missing = dir.join("no-such-skiff-blk");
+    let exits = dir.join("exits-at-once.sh");
+    std::fs::write(
+        &exits,
+        "#!/bin/sh\necho starting and giving up >&2\nexit 7\n",
+    )
+    .map_err(|e| e.to_string())?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exits, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+    }
+    for (bin, words) in [
+        (
+            missing.display().to_string(),
+            vec!["no-such-skiff-blk", "keeps"],
+        ),
+        (exits.display().to_string(), vec!["exit", "keeps serving"]),
+        ("/bin/true".to_string(), vec!["keeps serving"]),
+    ] {
+        match a.api.upgrade_device("data", Some(&bin)) {
+            Err(ClientError::Fault {
+                status: 400,
+                message,
+            }) => {
+                let m = message.to_lowercase();
+                ensure!(
+                    words.iter().all(|w| m.contains(w)),
+                    "upgrade to {bin}: the message {message:?} does not name {words:?}"
+                );
+            }
+            other => return Err(format!("upgrade to {bin}: want 400, got {other:?}")),
+        }
+        let now = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1].pid;
+        ensure!(
+            now == pid,
+            "after a failed upgrade to {bin} the pid changed: {pid:?} -> {now:?}"
+        );
+        let out = a.vm.run_ok(
+            "dd if=/dev/urandom of=/dev/vdb bs=4k count=64 oflag=direct 2>/dev/null && \
+             dd if=/dev/vdb of=/dev/null bs=4k count=64 iflag=direct 2>/dev/null && echo IO-OK",
+            CMD,
+        )?;
+        ensure!(
+            last_line(&out) == "IO-OK",
+            "guest I/O after a failed upgrade: {out}"
+        );
+    }
+    match a.api.upgrade_device("nosuch", None) {
+        Err(ClientError::Fault {
+            status: 400,
+            message,
+        }) if message.contains("nosuch") => {}
+        other => return Err(format!("upgrade of an unknown device: {other:?}")),
+    }
+    let prom = a.api.skiff_metrics().map_err(|e| e.to_string())?;
+    ensure!(
+        prom.contains("skiff_vm_upgrades_failed_total 3"),
+        "failed upgrades are not counted:\n{prom}"
+    );
+    // And a good one still works afterwards, for every device at once.
+    let all = a
+        .api
+        .upgrade_all(&Default::default())
+        .map_err(|e| format!("PUT /skiff/upgrade: {e}"))?;
+    ensure!(all.devices.len() == 2, "PUT /skiff/upgrade: {all:?}");
+    a.vm.reboot_and_wait(EXIT)
+}

@@ -1,0 +1,301 @@
+//! Replacing a device process while the guest runs: a live upgrade of skiff-blk or
+//! skiff-net (`PUT /skiff/devices/{id}/upgrade`, `PUT /skiff/upgrade`), and the medium
+//! change of `PATCH /drives/{id}`, which is an upgrade to a skiff-blk serving another
+//! image followed by a config-change interrupt.
+//!
+//! The new process is started and taken through the vhost-user handshake (owner,
+//! features, protocol features, config, then the acked features and memory table) while
+//! the old one still serves; only then are the rings handed over
+//! ([`VhostUserDevice::take_over`]). The guest's device is never reset. On any failure
+//! before the switch the new process is stopped and the old one keeps serving; a failure
+//! during the switch gives the rings back to the old one.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use api_server::models::UpgradeReport;
+use api_server::request::ApiFault;
+
+use crate::builder::{blk_args, net_args};
+use crate::device_process::DeviceProcess;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vhost_user::{
+    connect_with_retry, DeviceKind, VhostUserDevice, VhostUserError,
+};
+use crate::error_chain;
+use crate::report::kind_name;
+use crate::vmm::Vmm;
+
+/// How long a replacement backend may take to answer one vhost-user request.
+const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new device process may take to accept on its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn bad(m: impl Into<String>) -> ApiFault {
+    ApiFault::bad_request(m)
+}
+
+/// Stops and reaps a device process without holding up the event loop.
+fn stop_in_background(p: DeviceProcess) {
+    let spawned = std::thread::Builder::new()
+        .name("skiff-reap".into())
+        .spawn(move || p.stop(Duration::from_secs(2)));
+    if let Err(e) = spawned {
+        log::warn!("cannot start a thread to stop a device process: {e}");
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+/// What the driver has negotiated, compared before and after preparing the new backend.
+type DriverState = (u64, bool, u32, Option<usize>);
+
+fn driver_state(t: &mut MmioTransport) -> DriverState {
+    let in_use = t.device_mut().as_vhost_user().map(|d| d.queues_in_use());
+    (t.acked_features(), t.is_active(), t.status(), in_use)
+}
+
+impl Vmm {
+    /// Index of the device `id` among the running VM's devices.
+    pub(crate) fn device_index(&self, id: &str) -> Result<usize, ApiFault> {
+        let vm = self.vm.as_ref().ok_or_else(|| {
+            bad(format!(
+                "device upgrades need a started VM (the VM is {})",
+                self.lifecycle.as_str()
+            ))
+        })?;
+        vm.built
+            .devices
+            .iter()
+            .position(|d| d.id == id)
+            .ok_or_else(|| bad(format!("no device '{id}'")))
+    }
+
+    /// Replaces the process of device `slot_idx` with `binary` (default: the current
+    /// one) serving `image` (block only; default: the current image). With
+    /// `config_change`, the guest is told that the device's configuration changed.
+    pub(crate) fn replace_device_process(
+        &mut self,
+        slot_idx: usize,
+        binary: Option<PathBuf>,
+        image: Option<&str>,
+        config_change: bool,
+    ) -> Result<UpgradeReport, ApiFault> {
+        let t0 = Instant::now();
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(bad("the VM is not running"));
+        };
+        let b = &mut vm.built;
+        let slot = &b.devices[slot_idx];
+        let id = slot.id.clone();
+        let (Some(proc_idx), Some(current_binary)) = (slot.process, slot.binary.clone()) else {
+            return Err(bad(format!(
+                "device '{id}' is served by an external vhost-user backend ({}); skiff \
+                 cannot replace it",
+                slot.socket.display()
+            )));
+        };
+        let binary = binary.unwrap_or(current_binary);
+        let generation = slot.restarts + 1;
+        let prefix = match slot.kind {
+            DeviceKind::Block => "blk",
+            DeviceKind::Net => "net",
+        };
+        let socket = b
+            .runtime_dir
+            .join(format!("{prefix}{}.{generation}.sock", slot.transport));
+        let old_pid = b.processes[proc_idx].pid();
+        let name = b.processes[proc_idx].name.clone();
+        let backing = image.map(str::to_string).unwrap_or(slot.backing.clone());
+        let args = match (slot.kind, &slot.tap, &slot.metrics) {
+            (DeviceKind::Block, _, page) => {
+                let mut a = blk_args(&socket, backing.as_ref(), slot.read_only);
+                if let Some(page) = page {
+                    a.push("--metrics-fd".into());
+                    a.push(page.fd().as_raw_fd().to_string());
+                }
+                a
+            }
+            (DeviceKind::Net, Some(tap), Some(page)) => {
+                net_args(&socket, tap, slot.mac.as_deref(), page)
+            }
+            (DeviceKind::Net, _, _) => {
+                return Err(ApiFault::internal(format!(
+                    "interface '{id}' has no TAP or metrics page to hand over"
+                )))
+            }
+        };
+        let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
+        if let Some(page) = &slot.metrics {
+            fds.push(page.fd());
+        }
+        if let Some(tap) = &slot.tap {
+            fds.push(tap.as_fd());
+        }
+        let mut process =
+            DeviceProcess::spawn_with_fds(name.clone(), &binary, &args, socket.clone(), &fds)
+                .map_err(|e| {
+                    bad(format!(
+                        "{}; device '{id}' keeps its current process",
+                        error_chain(&e)
+                    ))
+                })?;
+        let new_pid = process.pid();
+        let kind = slot.kind;
+        let max_queues = slot.max_queues;
+        let transport_idx = slot.transport;
+        let stream = match connect_with_retry(&socket, START_TIMEOUT, || process.check_alive()) {
+            Ok(s) => s,
+            Err(e) => {
+                stop_in_background(process);
+                return Err(bad(format!(
+                    "the new {name} ({}) did not come up: {}; the old process keeps serving",
+                    binary.display(),
+                    error_chain(&e)
+                )));
+            }
+        };
+        let spawn_us = micros(t0.elapsed());
+        // A backend that stops answering must not hang the event loop.
+        let _ = stream.set_read_timeout(Some(BACKEND_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(BACKEND_TIMEOUT));
+        let t1 = Instant::now();
+        let failed = |process: DeviceProcess, e: &VhostUserError| {
+            stop_in_background(process);
+            bad(format!(
+                "the new {name} ({}) cannot take over: {}; the old process keeps serving",
+                binary.display(),
+                error_chain(e)
+            ))
+        };
+        let mut next = match VhostUserDevice::new(kind, stream, max_queues, b.ram.mem.clone()) {
+            Ok(n) => n,
+            Err(e) => return Err(failed(process, &e)),
+        };
+        let negotiate_us = micros(t1.elapsed());
+        let transport = &b.bus.virtio[transport_idx];
+        // What the driver negotiated, read under a short lock: vCPUs keep running while the
+        // new backend is prepared.
+        let before = driver_state(&mut transport.lock().unwrap_or_else(|p| p.into_inner()));
+        let (acked, active, status, in_use) = before;
+        let Some(in_use) = in_use else {
+            stop_in_background(process);
+            return Err(ApiFault::internal("not a vhost-user device"));
+        };
+        if status != 0 && !active {
+            stop_in_background(process);
+            return Err(bad(format!(
+                "the guest driver is setting up device '{id}' (status {status:#x}); try again"
+            )));
+        }
+        let prepare_us = match next.prepare_takeover(kind, acked, in_use, active) {
+            Ok(us) => us,
+            Err(e) => return Err(failed(process, &e)),
+        };
+        let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
+        if driver_state(&mut t) != before {
+            drop(t);
+            stop_in_background(process);
+            return Err(bad(format!(
+                "the guest driver reset or set up device '{id}' during the upgrade; try again"
+            )));
+        }
+        let queues = t.queues().to_vec();
+        let result = match t.device_mut().as_vhost_user() {
+            Some(dev) => dev.take_over(next, &queues),
+            None => Err(VhostUserError::Incompatible(
+                "not a vhost-user device".into(),
+            )),
+        };
+        let timings = match result {
+            Ok(t) => t,
+            Err(e) => {
+                drop(t);
+                return Err(failed(process, &e));
+            }
+        };
+        if config_change && active {
+            t.config_changed();
+            if let Some(dev) = t.device_mut().as_vhost_user() {
+                if let Err(e) = dev.call_fd().write(1) {
+                    log::warn!("device '{id}': cannot raise the config-change interrupt: {e}");
+                }
+            }
+        }
+        drop(t);
+        let old = std::mem::replace(&mut b.processes[proc_idx], process);
+        let old_pidfd = old.pidfd.as_raw_fd();
+        let old_socket = old.socket.clone();
+        let slot = &mut b.devices[slot_idx];
+        let old_binary = slot.binary.replace(binary.clone());
+        slot.socket = socket;
+        slot.backing = backing;
+        slot.restarts += 1;
+        if let Err(e) = self.rewatch_process(proc_idx, old_pidfd) {
+            log::error!(
+                "device '{id}': cannot watch the new device process: {}",
+                error_chain(&e)
+            );
+        }
+        // The old connection is closed; the old process exits on its own and is reaped off
+        // the event loop.
+        stop_in_background(old);
+        let _ = std::fs::remove_file(old_socket);
+        self.vm_metrics.switch_pause.record(timings.pause_us);
+        let report = UpgradeReport {
+            id: id.clone(),
+            kind: kind_name(kind).into(),
+            old_pid,
+            new_pid,
+            old_binary: old_binary
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            new_binary: binary.display().to_string(),
+            pause_us: timings.pause_us,
+            spawn_us,
+            negotiate_us,
+            prepare_us,
+            total_us: micros(t0.elapsed()),
+            rings: timings.rings,
+        };
+        log::info!(
+            "device '{id}': pid {old_pid} -> {new_pid} ({}), pause {} us over {} ring(s), total {} us",
+            report.new_binary,
+            report.pause_us,
+            report.rings,
+            report.total_us
+        );
+        Ok(report)
+    }
+
+    /// Serves drive `drive_id` from `path` from now on. On any failure the old image keeps
+    /// being served and the reason is returned.
+    pub(crate) fn change_media(&mut self, drive_id: &str, path: &str) -> Result<(), ApiFault> {
+        // The whole configuration must stay valid with the new image (it exists, and no
+        // writable image is shared by two drives).
+        let mut candidate = self.vm_config();
+        for d in &mut candidate.drives {
+            if d.id == drive_id {
+                d.backend = crate::config::DriveBackend::Image(PathBuf::from(path));
+            }
+        }
+        candidate
+            .validate_devices()
+            .map_err(|e| bad(error_chain(&e)))?;
+        let idx = self.device_index(drive_id)?;
+        if let Some(vm) = &self.vm {
+            if vm.built.devices[idx].kind != DeviceKind::Block {
+                return Err(bad(format!("no drive '{drive_id}'")));
+            }
+        }
+        self.replace_device_process(idx, None, Some(path), true)?;
+        self.vm_metrics
+            .media_changes
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
