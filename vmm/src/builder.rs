@@ -238,7 +238,12 @@ fn start_device_processes(
     let blk = find_binary("skiff-blk", opts.device_bin_dir.as_deref());
     let net = find_binary("skiff-net", opts.device_bin_dir.as_deref());
     for (i, d) in cfg.drives.iter().enumerate() {
-        let name = format!("skiff-blk for drive '{}'", d.id);
+        let name = match &d.backend {
+            DriveBackend::Socket(s) => {
+                format!("vhost-user backend at {} for drive '{}'", s.display(), d.id)
+            }
+            DriveBackend::Image(_) => format!("skiff-blk for drive '{}'", d.id),
+        };
         let mut metrics = None;
         let (socket, process, binary, backing) = match &d.backend {
             DriveBackend::Socket(s) => (s.clone(), None, None, s.display().to_string()),

@@ -149,6 +149,23 @@ impl Drop for Backend {
     }
 }
 
+/// `vm.wait_ready(BOOT)`, but fails at once (not after BOOT, and without the nested host's
+/// never-reached-userspace retry) when the backend exits before the guest reaches userspace.
+fn wait_ready_with(vm: &mut TestVm, backend: &mut Backend) -> Result {
+    let deadline = Instant::now() + BOOT;
+    while !vm.console_text().contains("GUEST-READY") && Instant::now() < deadline {
+        if let Some(st) = backend.try_status()? {
+            return Err(format!(
+                "{} exited ({st}) before the guest reached userspace{}",
+                backend.name,
+                vm.diagnostics()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    vm.wait_ready(BOOT)
+}
+
 fn need(prog: &str, package: &str) -> Result<PathBuf> {
     host::which(prog).ok_or_else(|| format!("`{prog}` not found (apt-get install {package})"))
 }
@@ -293,13 +310,14 @@ pub fn interop_qemu_boots_from_skiff_blk() -> Result {
         .arg("-no-reboot");
     let mut vm = TestVm::spawn("qemu-system-x86_64", cmd)?;
 
-    let sum = blk.explain((|| -> Result<String> {
-        vm.wait_ready(BOOT)?;
+    let sum = (|| -> Result<String> {
+        wait_ready_with(&mut vm, &mut blk)?;
         check_disk_size(&mut vm, &root)?;
         let sum = write_and_read_back(&mut vm)?;
         remount_ro_and_reboot(&mut vm)?;
         Ok(sum)
-    })())?;
+    })();
+    let sum = blk.explain(sum)?;
     drop(vm);
 
     let st = blk.wait_exit(EXIT)?;
@@ -349,7 +367,7 @@ pub fn interop_skiff_boots_from_qemu_storage_daemon() -> Result {
         let dir_s = dir.path.to_string_lossy().into_owned();
         let mut vm = TestVm::start_json(&json, &dir)?;
         let r = (|| -> Result {
-            vm.wait_ready(BOOT)?;
+            wait_ready_with(&mut vm, &mut qsd)?;
             check_disk_size(&mut vm, &root)?;
             if round == 1 {
                 sum = write_and_read_back(&mut vm)?;
