@@ -88,6 +88,10 @@ fn private_rss_kib(pid: u32) -> u64 {
     total
 }
 
+/// A boot that has not ended by then is killed and counted as failed (nested host: a
+/// normal boot and reboot takes under 15 s there).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
 struct Run {
     marker: Duration,
     exit: Duration,
@@ -112,6 +116,26 @@ fn boot_once(mut cmd: Command) -> Result<Run, String> {
         }
         peak
     });
+    // A guest that stalls must not hang the benchmark: kill it after BOOT_TIMEOUT.
+    let watchdog = {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + BOOT_TIMEOUT;
+            while !d.load(std::sync::atomic::Ordering::Relaxed) {
+                if Instant::now() > deadline {
+                    // SAFETY: kill(2) on the child's pid; no memory is touched.
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                    }
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        });
+        done
+    };
     let mut marker = None;
     for line in BufReader::new(stdout).split(b'\n') {
         let line = line.map_err(|e| e.to_string())?;
@@ -121,6 +145,14 @@ fn boot_once(mut cmd: Command) -> Result<Run, String> {
     }
     let status = child.wait().map_err(|e| e.to_string())?;
     let exit = start.elapsed();
+    watchdog.store(true, std::sync::atomic::Ordering::Relaxed);
+    if exit >= BOOT_TIMEOUT {
+        return Err(format!(
+            "no exit within {} s (killed); marker seen={}",
+            BOOT_TIMEOUT.as_secs(),
+            marker.is_some()
+        ));
+    }
     let rss_kib = sampler.join().unwrap_or(0);
     match (status.success(), marker) {
         (true, Some(marker)) => Ok(Run {
