@@ -6,6 +6,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use clap::Parser;
 use log::{error, info};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -42,7 +43,7 @@ pub enum BlockBackendError {
     Metrics(#[from] MetricsError),
     /// Bad command-line value.
     #[error("invalid {0}")]
-    InvalidArgument(&'static str),
+    InvalidArgument(String),
     /// The vhost-user daemon could not be created or failed.
     #[error("vhost-user daemon failed: {0}")]
     Daemon(String),
@@ -57,13 +58,107 @@ pub enum BlockBackendError {
     Signal(#[source] io::Error),
 }
 
+/// How the image is given on the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageSource {
+    /// `--image PATH`: skiff-blk opens (and locks) the file itself.
+    Path(PathBuf),
+    /// `--image-fd N`: an fd the VMM opened (and locked) and passed down
+    /// (see [`DiskImage::from_fd`]).
+    Fd(RawFd),
+}
+
+impl ImageSource {
+    /// Opens and locks the image.
+    pub fn open(&self, opts: &DiskOptions) -> Result<DiskImage, DiskError> {
+        match self {
+            ImageSource::Path(path) => DiskImage::open(path, opts),
+            ImageSource::Fd(fd) => DiskImage::from_fd(*fd, opts),
+        }
+    }
+}
+
+/// vhost-user virtio-blk backend serving a raw image file.
+#[derive(Debug, Parser)]
+#[command(name = "skiff-blk", version)]
+#[command(group(clap::ArgGroup::new("image_source").required(true).args(["image", "image_fd"])))]
+pub struct BlkArgs {
+    /// vhost-user socket to listen on (a stale file is removed).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Raw disk image (regular file or block device) to open and flock (LOCK_EX, LOCK_SH
+    /// with --read-only). Either --image or --image-fd gives the image, not both.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// Inherited fd of the raw image (regular file or block device), opened and usually
+    /// flocked by the caller (the VMM), which keeps it open.
+    ///
+    /// It must be open O_RDWR, or O_RDONLY/O_RDWR with --read-only. skiff-blk sets
+    /// FD_CLOEXEC on it and takes the same flock as for --image on it: flock locks belong to
+    /// the open file description, so a lock already held on this description (by the VMM or
+    /// a previous skiff-blk during an upgrade) is no conflict, while another open of the
+    /// image is. With --direct it sets O_DIRECT on the description (F_SETFL), without it
+    /// clears it. Messages name the image by its /proc/self/fd path; the default serial is
+    /// the same as with --image.
+    #[arg(
+        long = "image-fd",
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(0..)
+    )]
+    pub image_fd: Option<i32>,
+    /// Expose the disk read-only (VIRTIO_BLK_F_RO, shared lock).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Do I/O with O_DIRECT (opened with it, or set on --image-fd).
+    #[arg(long)]
+    pub direct: bool,
+    /// Number of request queues.
+    #[arg(long, default_value_t = 1)]
+    pub num_queues: u16,
+    /// Maximum size of each queue.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// Inherited fd of the VMM's 4096-byte metrics memfd to count into (layout in
+    /// docs/CONTRACTS.md); without it the counters stay in process memory.
+    #[arg(long, value_name = "N")]
+    pub metrics_fd: Option<i32>,
+    /// Serial returned by GET_ID (up to 20 bytes; default derived from the image's
+    /// device and inode numbers).
+    #[arg(long)]
+    pub serial: Option<String>,
+}
+
+impl From<BlkArgs> for BlockOptions {
+    fn from(args: BlkArgs) -> Self {
+        let image = match (args.image, args.image_fd) {
+            (_, Some(fd)) => ImageSource::Fd(fd),
+            (Some(path), None) => ImageSource::Path(path),
+            // clap requires one of the two.
+            (None, None) => ImageSource::Path(PathBuf::new()),
+        };
+        BlockOptions {
+            socket: args.socket,
+            image,
+            disk: DiskOptions {
+                read_only: args.read_only,
+                direct: args.direct,
+                serial: args.serial,
+            },
+            num_queues: args.num_queues,
+            queue_size: args.queue_size,
+            metrics_fd: args.metrics_fd,
+        }
+    }
+}
+
 /// Everything skiff-blk needs to start.
 #[derive(Clone, Debug)]
 pub struct BlockOptions {
     /// vhost-user socket path.
     pub socket: PathBuf,
-    /// Raw image path.
-    pub image: PathBuf,
+    /// The raw image, by path or inherited fd.
+    pub image: ImageSource,
     /// Image options.
     pub disk: DiskOptions,
     /// Number of request queues.
@@ -248,22 +343,38 @@ impl VhostUserBackend for BlockBackend {
     }
 }
 
-/// Opens the image, listens on the socket and serves one frontend until it disconnects.
-pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
+/// Checks the command-line values that clap cannot.
+pub fn check_options(opts: &BlockOptions) -> Result<(), BlockBackendError> {
     if opts.num_queues == 0 || opts.num_queues > MAX_QUEUES {
-        return Err(BlockBackendError::InvalidArgument("--num-queues (1..=64)"));
+        return Err(BlockBackendError::InvalidArgument(
+            "--num-queues (1..=64)".into(),
+        ));
     }
     if opts.queue_size == 0 || !opts.queue_size.is_power_of_two() || opts.queue_size > 32768 {
         return Err(BlockBackendError::InvalidArgument(
-            "--queue-size (power of two up to 32768)",
+            "--queue-size (power of two up to 32768)".into(),
         ));
     }
-    // First, while the inherited fd is the only one this process did not open itself.
+    if let ImageSource::Fd(fd) = opts.image {
+        if opts.metrics_fd == Some(fd) {
+            return Err(BlockBackendError::InvalidArgument(format!(
+                "--image-fd {fd}: it is also the --metrics-fd"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the image, listens on the socket and serves one frontend until it disconnects.
+pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
+    check_options(opts)?;
+    // First, while the inherited fds (metrics page, --image-fd, checked distinct above) are
+    // the only ones this process did not open itself.
     let metrics = BlockMetrics::register(&metrics::page_from_arg(opts.metrics_fd)?)?;
-    let disk = DiskImage::open(&opts.image, &opts.disk)?;
+    let disk = opts.image.open(&opts.disk)?;
     info!(
         "image {} ({} sectors{}{}), {} queue(s) of {}",
-        opts.image.display(),
+        disk.name(),
         disk.sectors(),
         if disk.read_only() { ", read-only" } else { "" },
         if opts.disk.direct { ", O_DIRECT" } else { "" },
@@ -286,4 +397,59 @@ pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
         .map_err(|e| BlockBackendError::Daemon(e.to_string()))?;
     info!("frontend disconnected");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<BlockOptions, clap::Error> {
+        let argv = ["skiff-blk", "--socket", "/s.sock"].iter().chain(args);
+        BlkArgs::try_parse_from(argv).map(BlockOptions::from)
+    }
+
+    #[test]
+    fn image_by_path_or_by_fd() {
+        BlkArgs::command().debug_assert();
+        let o = parse(&["--image", "/a.img", "--read-only"]).unwrap();
+        assert_eq!(o.image, ImageSource::Path("/a.img".into()));
+        assert!(o.disk.read_only);
+        let o = parse(&["--image-fd", "7", "--direct", "--metrics-fd", "9"]).unwrap();
+        assert_eq!(o.image, ImageSource::Fd(7));
+        assert!(o.disk.direct);
+        check_options(&o).unwrap();
+    }
+
+    #[test]
+    fn image_options_are_exclusive_and_required() {
+        let e = parse(&["--image", "/a.img", "--image-fd", "5"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ArgumentConflict);
+        assert!(
+            e.to_string()
+                .contains("'--image <PATH>' cannot be used with '--image-fd <N>'"),
+            "{e}"
+        );
+        let e = parse(&[]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(
+            e.to_string().contains("<--image <PATH>|--image-fd <N>>"),
+            "{e}"
+        );
+        for bad in ["x", "-1"] {
+            let e = parse(&["--image-fd", bad]).unwrap_err();
+            assert!(e.to_string().contains("--image-fd <N>"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn image_fd_is_not_the_metrics_fd() {
+        let o = parse(&["--image-fd", "5", "--metrics-fd", "5"]).unwrap();
+        assert_eq!(
+            check_options(&o).unwrap_err().to_string(),
+            "invalid --image-fd 5: it is also the --metrics-fd"
+        );
+    }
 }

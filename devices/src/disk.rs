@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -21,6 +21,9 @@ const DIRECT_ALIGN: usize = 4096;
 const IOV_MAX: usize = 1024;
 
 /// Errors raised while opening the image or moving data.
+///
+/// `name` is the image as shown to the user: its path for `--image`, or
+/// `PATH (--image-fd N)` for an inherited fd (PATH read from /proc/self/fd/N).
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     /// The image file does not exist.
@@ -37,21 +40,64 @@ pub enum DiskError {
     },
     /// Another process holds a conflicting lock.
     #[error("image {0} is locked by another process")]
-    Locked(PathBuf),
+    Locked(String),
     /// flock failed for another reason.
-    #[error("cannot lock image {path}")]
+    #[error("cannot lock image {name}")]
     Lock {
-        /// Image path.
-        path: PathBuf,
+        /// Image name.
+        name: String,
         /// Cause.
         #[source]
         source: io::Error,
     },
     /// The image size cannot be determined.
-    #[error("cannot determine the size of image {path}")]
+    #[error("cannot determine the size of image {name}")]
     Size {
-        /// Image path.
-        path: PathBuf,
+        /// Image name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `--image-fd` is 0, 1 or 2.
+    #[error("--image-fd {0} is a standard stream, not an image")]
+    FdStdStream(RawFd),
+    /// `--image-fd` is not open in this process.
+    #[error("--image-fd {0} is not an open file descriptor")]
+    FdNotOpen(RawFd, #[source] io::Error),
+    /// fstat on `--image-fd` failed.
+    #[error("--image-fd {0}: fstat failed")]
+    FdStat(String, #[source] io::Error),
+    /// `--image-fd` is neither a regular file nor a block device.
+    #[error("--image-fd {name} is {kind}, not a regular file or a block device")]
+    FdKind {
+        /// `N (PATH)`.
+        name: String,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// `--image-fd` was opened with an access mode the drive cannot use.
+    #[error("--image-fd {name} is opened {mode}; skiff-blk needs {need}")]
+    FdMode {
+        /// `N (PATH)`.
+        name: String,
+        /// O_RDONLY, O_WRONLY or O_PATH.
+        mode: &'static str,
+        /// What would do.
+        need: &'static str,
+    },
+    /// fcntl on `--image-fd` failed.
+    #[error("--image-fd {0}: cannot set FD_CLOEXEC")]
+    FdCloexec(String, #[source] io::Error),
+    /// `--direct` on `--image-fd`: O_DIRECT cannot be set (or cleared without it).
+    #[error("--image-fd {name}: cannot {what} O_DIRECT with fcntl(F_SETFL){hint}")]
+    FdDirect {
+        /// `N (PATH)`.
+        name: String,
+        /// "set" or "clear".
+        what: &'static str,
+        /// Extra explanation.
+        hint: &'static str,
         /// Cause.
         #[source]
         source: io::Error,
@@ -82,6 +128,7 @@ pub struct DiskOptions {
 #[derive(Debug)]
 pub struct DiskImage {
     file: File,
+    name: String,
     size: u64,
     read_only: bool,
     direct: bool,
@@ -92,6 +139,18 @@ pub struct DiskImage {
 struct ZeroPage([u8; 65536]);
 static ZEROES: ZeroPage = ZeroPage([0u8; 65536]);
 
+/// Sets FD_CLOEXEC on an inherited fd.
+fn set_cloexec(file: &File) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD read or set the descriptor flags of an fd we own.
+    unsafe {
+        let fdfl = libc::fcntl(file.as_raw_fd(), libc::F_GETFD);
+        if fdfl < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFD, fdfl | libc::FD_CLOEXEC) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn serial_bytes(s: &str) -> [u8; SERIAL_LEN] {
     let mut out = [0u8; SERIAL_LEN];
     let b = s.as_bytes();
@@ -101,7 +160,7 @@ fn serial_bytes(s: &str) -> [u8; SERIAL_LEN] {
 }
 
 impl DiskImage {
-    /// Opens and locks `path`.
+    /// Opens and locks `path` (`--image PATH`).
     pub fn open(path: &Path, opts: &DiskOptions) -> Result<Self, DiskError> {
         if !path.exists() {
             return Err(DiskError::Missing(path.to_path_buf()));
@@ -110,7 +169,7 @@ impl DiskImage {
         if opts.direct {
             flags |= libc::O_DIRECT;
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(!opts.read_only)
             .custom_flags(flags)
@@ -119,6 +178,117 @@ impl DiskImage {
                 path: path.to_path_buf(),
                 source,
             })?;
+        Self::from_file(file, path.display().to_string(), opts)
+    }
+
+    /// Takes over fd `fd`, inherited from the VMM (`--image-fd N`): a regular file or block
+    /// device it opened O_RDWR (or O_RDONLY/O_RDWR with `opts.read_only`), usually already
+    /// flocked by it. Sets FD_CLOEXEC (this fd only) and makes O_DIRECT match
+    /// `opts.direct` with F_SETFL (a flag of the open file description, shared with the
+    /// VMM and any other skiff-blk holding it), then locks and sizes it as [`DiskImage::open`]
+    /// does. flock locks belong to the open file description, so the lock the VMM (or a
+    /// previous skiff-blk) holds on this very description does not conflict; another
+    /// open of the same image does. The serial default is derived from the file's dev/ino,
+    /// as with `open`, so it is the same for both ways of giving the image.
+    ///
+    /// The fd is checked before this takes ownership of it: on an error from the checks
+    /// (standard stream, not open, wrong file type or access mode) it is left open and
+    /// untouched. The caller must not use or close it after that.
+    pub fn from_fd(fd: RawFd, opts: &DiskOptions) -> Result<Self, DiskError> {
+        if (0..=2).contains(&fd) {
+            return Err(DiskError::FdStdStream(fd));
+        }
+        // SAFETY: F_GETFL only reads the status flags of descriptor number `fd`, if open.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if fl < 0 {
+            return Err(DiskError::FdNotOpen(fd, io::Error::last_os_error()));
+        }
+        let path = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+            .ok()
+            .map(|p| p.display().to_string());
+        // `N (PATH)` in --image-fd errors, `PATH (--image-fd N)` (or `fd N`) elsewhere.
+        let (fd_name, name) = match &path {
+            Some(p) => (format!("{fd} ({p})"), format!("{p} (--image-fd {fd})")),
+            None => (fd.to_string(), format!("fd {fd}")),
+        };
+        // SAFETY: all-zero bytes are a valid `struct stat`.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes one `struct stat` into `st`, which lives across the call.
+        if unsafe { libc::fstat(fd, &mut st) } < 0 {
+            return Err(DiskError::FdStat(fd_name, io::Error::last_os_error()));
+        }
+        let kind = match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG | libc::S_IFBLK => None,
+            libc::S_IFDIR => Some("a directory"),
+            libc::S_IFCHR => Some("a character device"),
+            libc::S_IFIFO => Some("a pipe (FIFO)"),
+            libc::S_IFSOCK => Some("a socket"),
+            libc::S_IFLNK => Some("a symbolic link"),
+            _ => Some("of an unknown file type"),
+        };
+        if let Some(kind) = kind {
+            return Err(DiskError::FdKind {
+                name: fd_name,
+                kind,
+            });
+        }
+        let mode = if fl & libc::O_PATH != 0 {
+            Some("O_PATH")
+        } else {
+            match fl & libc::O_ACCMODE {
+                libc::O_RDWR => None,
+                libc::O_RDONLY if opts.read_only => None,
+                libc::O_RDONLY => Some("O_RDONLY"),
+                _ => Some("O_WRONLY"),
+            }
+        };
+        if let Some(mode) = mode {
+            let need = if opts.read_only {
+                "O_RDONLY or O_RDWR with --read-only"
+            } else {
+                "O_RDWR (O_RDONLY only with --read-only)"
+            };
+            return Err(DiskError::FdMode {
+                name: fd_name,
+                mode,
+                need,
+            });
+        }
+        // SAFETY: `fd` is open and an image (checked above); it was inherited for
+        // --image-fd and nothing else in this process owns it.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        set_cloexec(&file).map_err(|e| DiskError::FdCloexec(fd_name.clone(), e))?;
+        let has_direct = fl & libc::O_DIRECT != 0;
+        if opts.direct != has_direct {
+            let (what, new_fl, hint) = if opts.direct {
+                (
+                    "set",
+                    fl | libc::O_DIRECT,
+                    " (does the filesystem support O_DIRECT? run without --direct otherwise)",
+                )
+            } else {
+                (
+                    "clear",
+                    fl & !libc::O_DIRECT,
+                    " (the fd came with O_DIRECT)",
+                )
+            };
+            // SAFETY: F_SETFL sets the status flags of an fd we own; no memory is passed.
+            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, new_fl) } < 0 {
+                return Err(DiskError::FdDirect {
+                    name: fd_name,
+                    what,
+                    hint,
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        Self::from_file(file, name, opts)
+    }
+
+    /// Locks an opened image (LOCK_EX, LOCK_SH when read-only; non-blocking), sizes it and
+    /// derives its serial. `file` has the access mode and O_DIRECT `opts` asks for.
+    fn from_file(mut file: File, name: String, opts: &DiskOptions) -> Result<Self, DiskError> {
         let op = if opts.read_only {
             libc::LOCK_SH
         } else {
@@ -129,30 +299,37 @@ impl DiskImage {
         if ret != 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(DiskError::Locked(path.to_path_buf()));
+                return Err(DiskError::Locked(name));
             }
-            return Err(DiskError::Lock {
-                path: path.to_path_buf(),
-                source: err,
-            });
+            return Err(DiskError::Lock { name, source: err });
         }
-        let size_err = |source| DiskError::Size {
-            path: path.to_path_buf(),
-            source,
+        // Seeking moves the offset of a possibly shared description: harmless, every
+        // transfer uses preadv/pwritev at explicit offsets.
+        let size = match file.seek(SeekFrom::End(0)) {
+            Ok(size) => size,
+            Err(source) => return Err(DiskError::Size { name, source }),
         };
-        let size = file.seek(SeekFrom::End(0)).map_err(size_err)?;
-        let meta = file.metadata().map_err(size_err)?;
+        let meta = match file.metadata() {
+            Ok(meta) => meta,
+            Err(source) => return Err(DiskError::Size { name, source }),
+        };
         let serial = match &opts.serial {
             Some(s) => serial_bytes(s),
             None => serial_bytes(&format!("{:x}-{:x}", meta.dev(), meta.ino())),
         };
         Ok(DiskImage {
             file,
+            name,
             size,
             read_only: opts.read_only,
             direct: opts.direct,
             serial,
         })
+    }
+
+    /// The image as shown in messages: its path, or `PATH (--image-fd N)`.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Capacity in 512-byte sectors.
@@ -380,3 +557,7 @@ impl DiskImage {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "disk_tests.rs"]
+mod tests;

@@ -61,6 +61,7 @@ fn main() {
         Guest false upgrade_blk_100_under_fio,
         Guest true upgrade_net_100_under_tcp,
         Guest false upgrade_failures_keep_old_process,
+        Guest false crash_blk_20_kills_under_fio,
         Guest false interop_qemu_boots_from_skiff_blk,
         Guest false interop_skiff_boots_from_qemu_storage_daemon,
         Host false missing_kernel,

@@ -1,6 +1,7 @@
 //! Builds a running microVM from a [`VmConfig`]: KVM VM, guest RAM, device processes,
 //! devices, kernel, boot information and vCPUs.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -69,6 +70,9 @@ pub enum BuildError {
     /// An eventfd or other host resource.
     #[error("cannot create {0}")]
     Host(&'static str, #[source] std::io::Error),
+    /// A drive's image.
+    #[error("drive '{0}'")]
+    Image(String, #[source] crate::image::ImageError),
     /// A network interface's TAP device.
     #[error("network interface '{0}'")]
     Tap(String, #[source] TapError),
@@ -140,6 +144,9 @@ pub struct DeviceSlot {
     pub mac: Option<String>,
     /// The maximum number of queues asked of the backend.
     pub max_queues: usize,
+    /// The drive's image (block), opened and locked by the VMM and handed to each
+    /// skiff-blk it starts.
+    pub image: Option<Arc<File>>,
 }
 
 impl DeviceSlot {
@@ -171,6 +178,7 @@ struct PendingDevice {
     metrics: Option<Arc<MetricsPage>>,
     tap: Option<Arc<TapFd>>,
     mac: Option<String>,
+    image: Option<Arc<File>>,
 }
 
 fn runtime_dir() -> Result<PathBuf, BuildError> {
@@ -191,13 +199,21 @@ use std::os::unix::fs::DirBuilderExt;
 /// How long a device process may take to answer one vhost-user request.
 const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// skiff-blk's arguments for serving `image` on `socket`.
-pub(crate) fn blk_args(socket: &Path, image: &Path, read_only: bool) -> Vec<String> {
+/// skiff-blk's arguments for serving the image open on `image` on `socket`, counting
+/// in `page`.
+pub(crate) fn blk_args(
+    socket: &Path,
+    image: &File,
+    read_only: bool,
+    page: &MetricsPage,
+) -> Vec<String> {
     let mut args = vec![
         "--socket".to_string(),
         socket.display().to_string(),
-        "--image".to_string(),
-        image.display().to_string(),
+        "--image-fd".to_string(),
+        image.as_raw_fd().to_string(),
+        "--metrics-fd".to_string(),
+        page.fd().as_raw_fd().to_string(),
     ];
     if read_only {
         args.push("--read-only".into());
@@ -245,20 +261,26 @@ fn start_device_processes(
             DriveBackend::Image(_) => format!("skiff-blk for drive '{}'", d.id),
         };
         let mut metrics = None;
+        let mut image_file = None;
         let (socket, process, binary, backing) = match &d.backend {
             DriveBackend::Socket(s) => (s.clone(), None, None, s.display().to_string()),
             DriveBackend::Image(image) => {
                 let socket = dir.join(format!("blk{i}.sock"));
-                let args = blk_args(&socket, image, d.read_only);
+                let file = Arc::new(
+                    crate::image::open_locked(image, d.read_only)
+                        .map_err(|e| BuildError::Image(d.id.clone(), e))?,
+                );
                 let page = Arc::new(MetricsPage::create(&d.id)?);
-                processes.push(DeviceProcess::spawn_with_metrics(
+                let args = blk_args(&socket, &file, d.read_only, &page);
+                processes.push(DeviceProcess::spawn_with_fds(
                     name.clone(),
                     &blk,
                     &args,
                     socket.clone(),
-                    &page,
+                    &[file.as_fd(), page.fd()],
                 )?);
                 metrics = Some(page);
+                image_file = Some(file);
                 (
                     socket,
                     Some(processes.len() - 1),
@@ -280,6 +302,7 @@ fn start_device_processes(
             metrics,
             tap: None,
             mac: None,
+            image: image_file,
         });
     }
     for (i, n) in cfg.nets.iter().enumerate() {
@@ -307,6 +330,7 @@ fn start_device_processes(
             metrics: Some(page),
             tap: Some(tap),
             mac: n.mac.clone(),
+            image: None,
             // One rx/tx pair per TAP, plus a control queue when there are several.
             max_queues: 33,
         });
@@ -463,6 +487,7 @@ pub fn build(
             metrics: p.metrics,
             tap: p.tap,
             mac: p.mac,
+            image: p.image,
             max_queues: p.max_queues,
         });
     }

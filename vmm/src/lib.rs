@@ -9,6 +9,7 @@ pub mod device_process;
 pub mod devices;
 pub mod exit;
 pub mod host;
+pub mod image;
 pub mod layout;
 pub mod logger;
 pub mod memory;

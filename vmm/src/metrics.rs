@@ -82,6 +82,8 @@ pub struct VmMetrics {
     pub switch_pause: PauseHistogram,
     /// Device upgrades that failed (the old process kept serving).
     pub upgrades_failed: AtomicU64,
+    /// Device processes restarted after they died.
+    pub crash_restarts: AtomicU64,
 }
 
 /// Upper bounds of the pause histogram buckets, in microseconds (Prometheus `le`).

@@ -13,6 +13,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api_server::models::UpgradeReport;
@@ -59,6 +60,25 @@ fn driver_state(t: &mut MmioTransport) -> DriverState {
     (t.acked_features(), t.is_active(), t.status(), in_use)
 }
 
+/// A new device process, started and negotiated, not yet serving.
+struct Replacement {
+    id: String,
+    kind: DeviceKind,
+    proc_idx: usize,
+    transport: usize,
+    process: DeviceProcess,
+    /// Taken when it becomes the device's backend.
+    next: Option<VhostUserDevice>,
+    /// The image the new process serves (block).
+    image: Option<Arc<std::fs::File>>,
+    socket: PathBuf,
+    binary: PathBuf,
+    backing: String,
+    started: Instant,
+    spawn_us: u64,
+    negotiate_us: u64,
+}
+
 impl Vmm {
     /// Index of the device `id` among the running VM's devices.
     pub(crate) fn device_index(&self, id: &str) -> Result<usize, ApiFault> {
@@ -75,16 +95,15 @@ impl Vmm {
             .ok_or_else(|| bad(format!("no device '{id}'")))
     }
 
-    /// Replaces the process of device `slot_idx` with `binary` (default: the current
-    /// one) serving `image` (block only; default: the current image). With
-    /// `config_change`, the guest is told that the device's configuration changed.
-    pub(crate) fn replace_device_process(
+    /// Starts a new process for device `slot_idx` (`binary`, default the current one;
+    /// `image`, block only, default the current image) and negotiates with it, while the
+    /// current process (if alive) keeps serving. On failure the new process is stopped.
+    fn start_replacement(
         &mut self,
         slot_idx: usize,
         binary: Option<PathBuf>,
         image: Option<&str>,
-        config_change: bool,
-    ) -> Result<UpgradeReport, ApiFault> {
+    ) -> Result<Replacement, ApiFault> {
         let t0 = Instant::now();
         let Some(vm) = self.vm.as_mut() else {
             return Err(bad("the VM is not running"));
@@ -108,24 +127,41 @@ impl Vmm {
         let socket = b
             .runtime_dir
             .join(format!("{prefix}{}.{generation}.sock", slot.transport));
-        let old_pid = b.processes[proc_idx].pid();
         let name = b.processes[proc_idx].name.clone();
         let backing = image.map(str::to_string).unwrap_or(slot.backing.clone());
-        let args = match (slot.kind, &slot.tap, &slot.metrics) {
-            (DeviceKind::Block, _, page) => {
-                let mut a = blk_args(&socket, backing.as_ref(), slot.read_only);
-                if let Some(page) = page {
-                    a.push("--metrics-fd".into());
-                    a.push(page.fd().as_raw_fd().to_string());
-                }
-                a
+        // A new image is opened and locked here; otherwise the drive's own open image is
+        // handed over.
+        let same_file = |path: &str| -> bool {
+            use std::os::unix::fs::MetadataExt;
+            let (Ok(new), Some(Ok(cur))) = (
+                std::fs::metadata(path),
+                slot.image.as_ref().map(|f| f.metadata()),
+            ) else {
+                return false;
+            };
+            (new.dev(), new.ino()) == (cur.dev(), cur.ino())
+        };
+        let image_file = match (slot.kind, image) {
+            // The same file again (it may have been resized on the host): its open,
+            // locked description is handed over.
+            (DeviceKind::Block, Some(path)) if same_file(path) => slot.image.clone(),
+            (DeviceKind::Block, Some(path)) => Some(Arc::new(
+                crate::image::open_locked(path.as_ref(), slot.read_only)
+                    .map_err(|e| bad(error_chain(&e)))?,
+            )),
+            (DeviceKind::Block, None) => slot.image.clone(),
+            (DeviceKind::Net, _) => None,
+        };
+        let args = match (slot.kind, &slot.tap, &slot.metrics, &image_file) {
+            (DeviceKind::Block, _, Some(page), Some(file)) => {
+                blk_args(&socket, file, slot.read_only, page)
             }
-            (DeviceKind::Net, Some(tap), Some(page)) => {
+            (DeviceKind::Net, Some(tap), Some(page), _) => {
                 net_args(&socket, tap, slot.mac.as_deref(), page)
             }
-            (DeviceKind::Net, _, _) => {
+            _ => {
                 return Err(ApiFault::internal(format!(
-                    "interface '{id}' has no TAP or metrics page to hand over"
+                    "device '{id}' lacks its image, TAP or metrics page to hand over"
                 )))
             }
         };
@@ -136,6 +172,9 @@ impl Vmm {
         if let Some(tap) = &slot.tap {
             fds.push(tap.as_fd());
         }
+        if let Some(file) = &image_file {
+            fds.push(file.as_fd());
+        }
         let mut process =
             DeviceProcess::spawn_with_fds(name.clone(), &binary, &args, socket.clone(), &fds)
                 .map_err(|e| {
@@ -144,10 +183,6 @@ impl Vmm {
                         error_chain(&e)
                     ))
                 })?;
-        let new_pid = process.pid();
-        let kind = slot.kind;
-        let max_queues = slot.max_queues;
-        let transport_idx = slot.transport;
         let stream = match connect_with_retry(&socket, START_TIMEOUT, || process.check_alive()) {
             Ok(s) => s,
             Err(e) => {
@@ -164,42 +199,112 @@ impl Vmm {
         let _ = stream.set_read_timeout(Some(BACKEND_TIMEOUT));
         let _ = stream.set_write_timeout(Some(BACKEND_TIMEOUT));
         let t1 = Instant::now();
-        let failed = |process: DeviceProcess, e: &VhostUserError| {
-            stop_in_background(process);
-            bad(format!(
-                "the new {name} ({}) cannot take over: {}; the old process keeps serving",
-                binary.display(),
-                error_chain(e)
-            ))
+        match VhostUserDevice::new(slot.kind, stream, slot.max_queues, b.ram.mem.clone()) {
+            Ok(next) => Ok(Replacement {
+                id,
+                kind: slot.kind,
+                proc_idx,
+                transport: slot.transport,
+                process,
+                next: Some(next),
+                image: image_file,
+                socket,
+                binary,
+                backing,
+                started: t0,
+                spawn_us,
+                negotiate_us: micros(t1.elapsed()),
+            }),
+            Err(e) => {
+                stop_in_background(process);
+                Err(bad(format!(
+                    "the new {name} ({}) cannot take over: {}; the old process keeps serving",
+                    binary.display(),
+                    error_chain(&e)
+                )))
+            }
+        }
+    }
+
+    /// Puts the replacement's process in the device's place and returns the old one.
+    fn install(&mut self, slot_idx: usize, r: Replacement) -> (DeviceProcess, Option<PathBuf>) {
+        let Some(vm) = self.vm.as_mut() else {
+            return (r.process, None);
         };
-        let mut next = match VhostUserDevice::new(kind, stream, max_queues, b.ram.mem.clone()) {
-            Ok(n) => n,
-            Err(e) => return Err(failed(process, &e)),
+        let b = &mut vm.built;
+        let old = std::mem::replace(&mut b.processes[r.proc_idx], r.process);
+        let old_pidfd = old.pidfd.as_raw_fd();
+        let slot = &mut b.devices[slot_idx];
+        let old_binary = slot.binary.replace(r.binary);
+        if r.image.is_some() {
+            slot.image = r.image;
+        }
+        slot.socket = r.socket;
+        slot.backing = r.backing;
+        slot.restarts += 1;
+        if let Err(e) = self.rewatch_process(r.proc_idx, old_pidfd) {
+            log::error!(
+                "device '{}': cannot watch the new device process: {}",
+                r.id,
+                error_chain(&e)
+            );
+        }
+        (old, old_binary)
+    }
+
+    /// Replaces the process of device `slot_idx` with `binary` (default: the current
+    /// one) serving `image` (block only; default: the current image). With
+    /// `config_change`, the guest is told that the device's configuration changed.
+    pub(crate) fn replace_device_process(
+        &mut self,
+        slot_idx: usize,
+        binary: Option<PathBuf>,
+        image: Option<&str>,
+        config_change: bool,
+    ) -> Result<UpgradeReport, ApiFault> {
+        let mut r = self.start_replacement(slot_idx, binary, image)?;
+        let Some(mut next) = r.next.take() else {
+            stop_in_background(r.process);
+            return Err(ApiFault::internal("no prepared backend"));
         };
-        let negotiate_us = micros(t1.elapsed());
-        let transport = &b.bus.virtio[transport_idx];
+        let Some(vm) = self.vm.as_mut() else {
+            stop_in_background(r.process);
+            return Err(bad("the VM is not running"));
+        };
+        let old_pid = vm.built.processes[r.proc_idx].pid();
+        let new_pid = r.process.pid();
+        let id = r.id.clone();
+        let transport = &vm.built.bus.virtio[r.transport];
         // What the driver negotiated, read under a short lock: vCPUs keep running while the
         // new backend is prepared.
         let before = driver_state(&mut transport.lock().unwrap_or_else(|p| p.into_inner()));
         let (acked, active, status, in_use) = before;
         let Some(in_use) = in_use else {
-            stop_in_background(process);
+            stop_in_background(r.process);
             return Err(ApiFault::internal("not a vhost-user device"));
         };
         if status != 0 && !active {
-            stop_in_background(process);
+            stop_in_background(r.process);
             return Err(bad(format!(
                 "the guest driver is setting up device '{id}' (status {status:#x}); try again"
             )));
         }
-        let prepare_us = match next.prepare_takeover(kind, acked, in_use, active) {
+        let failed = |process: DeviceProcess, binary: &std::path::Path, e: &VhostUserError| {
+            stop_in_background(process);
+            bad(format!(
+                "the new process for '{id}' ({}) cannot take over: {}; the old process keeps serving",
+                binary.display(),
+                error_chain(e)
+            ))
+        };
+        let prepare_us = match next.prepare_takeover(r.kind, acked, in_use, active) {
             Ok(us) => us,
-            Err(e) => return Err(failed(process, &e)),
+            Err(e) => return Err(failed(r.process, &r.binary, &e)),
         };
         let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
         if driver_state(&mut t) != before {
             drop(t);
-            stop_in_background(process);
+            stop_in_background(r.process);
             return Err(bad(format!(
                 "the guest driver reset or set up device '{id}' during the upgrade; try again"
             )));
@@ -215,7 +320,7 @@ impl Vmm {
             Ok(t) => t,
             Err(e) => {
                 drop(t);
-                return Err(failed(process, &e));
+                return Err(failed(r.process, &r.binary, &e));
             }
         };
         if config_change && active {
@@ -227,20 +332,11 @@ impl Vmm {
             }
         }
         drop(t);
-        let old = std::mem::replace(&mut b.processes[proc_idx], process);
-        let old_pidfd = old.pidfd.as_raw_fd();
+        let (kind, spawn_us, negotiate_us, started) =
+            (r.kind, r.spawn_us, r.negotiate_us, r.started);
+        let new_binary = r.binary.display().to_string();
+        let (old, old_binary) = self.install(slot_idx, r);
         let old_socket = old.socket.clone();
-        let slot = &mut b.devices[slot_idx];
-        let old_binary = slot.binary.replace(binary.clone());
-        slot.socket = socket;
-        slot.backing = backing;
-        slot.restarts += 1;
-        if let Err(e) = self.rewatch_process(proc_idx, old_pidfd) {
-            log::error!(
-                "device '{id}': cannot watch the new device process: {}",
-                error_chain(&e)
-            );
-        }
         // The old connection is closed; the old process exits on its own and is reaped off
         // the event loop.
         stop_in_background(old);
@@ -254,12 +350,12 @@ impl Vmm {
             old_binary: old_binary
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
-            new_binary: binary.display().to_string(),
+            new_binary,
             pause_us: timings.pause_us,
             spawn_us,
             negotiate_us,
             prepare_us,
-            total_us: micros(t0.elapsed()),
+            total_us: micros(started.elapsed()),
             rings: timings.rings,
         };
         log::info!(
@@ -270,6 +366,55 @@ impl Vmm {
             report.total_us
         );
         Ok(report)
+    }
+
+    /// Brings device `slot_idx` back after its process died (`why`): a new process with
+    /// the same binary takes the rings at the used index the dead one last published, so
+    /// the requests it had taken but not completed are processed again, in order.
+    pub(crate) fn recover_device(&mut self, slot_idx: usize, why: &str) -> Result<(), String> {
+        let mut r = self
+            .start_replacement(slot_idx, None, None)
+            .map_err(|f| f.message)?;
+        let id = r.id.clone();
+        let Some(next) = r.next.take() else {
+            stop_in_background(r.process);
+            return Err("no prepared backend".into());
+        };
+        let Some(vm) = self.vm.as_mut() else {
+            stop_in_background(r.process);
+            return Err("the VM is not running".into());
+        };
+        let transport = &vm.built.bus.virtio[r.transport];
+        let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
+        let (acked, active, _, _) = driver_state(&mut t);
+        let queues = t.queues().to_vec();
+        let result = match t.device_mut().as_vhost_user() {
+            Some(dev) => dev.recover(next, acked, &queues, active),
+            None => Err(VhostUserError::Incompatible(
+                "not a vhost-user device".into(),
+            )),
+        };
+        drop(t);
+        let pause = match result {
+            Ok(p) => p,
+            Err(e) => {
+                stop_in_background(r.process);
+                return Err(error_chain(&e));
+            }
+        };
+        let new_pid = r.process.pid();
+        let (old, _) = self.install(slot_idx, r);
+        let old_socket = old.socket.clone();
+        stop_in_background(old);
+        let _ = std::fs::remove_file(old_socket);
+        self.vm_metrics
+            .crash_restarts
+            .fetch_add(1, Ordering::Relaxed);
+        log::warn!(
+            "device '{id}' restarted after its process died ({why}): new pid {new_pid}, rings resumed in {} us",
+            pause
+        );
+        Ok(())
     }
 
     /// Serves drive `drive_id` from `path` from now on. On any failure the old image keeps

@@ -84,6 +84,7 @@ impl Snapshot {
                 ("metrics_flushes_missed", g(&m.flushes_missed)),
                 ("media_changes", g(&m.media_changes)),
                 ("upgrades_failed", g(&m.upgrades_failed)),
+                ("device_crash_restarts", g(&m.crash_restarts)),
             ],
             switch_pause: m.switch_pause.snapshot(),
             logger: vec![

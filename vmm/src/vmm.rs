@@ -52,6 +52,13 @@ const TOKEN_API: u64 = 4;
 const TOKEN_METRICS_TIMER: u64 = 5;
 const TOKEN_PROCESS: u64 = 100;
 
+/// Delays before the attempts to restart a device process that died (bounded back-off).
+const RESTART_BACKOFF_MS: [u64; 4] = [0, 50, 250, 1000];
+/// At most this many restarts of one device within [`RESTART_WINDOW`].
+const RESTART_LIMIT: usize = 30;
+/// See [`RESTART_LIMIT`].
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
 /// How long a pause may take to stop every vCPU.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Firecracker flushes metrics every minute once a metrics file is set.
@@ -140,6 +147,8 @@ pub struct Vmm {
     panic_seen: Option<String>,
     /// The terminal in raw mode while the guest owns the console.
     raw_terminal: Option<crate::terminal::RawTerminal>,
+    /// When each device's process was last restarted after dying.
+    restart_log: std::collections::HashMap<usize, VecDeque<Instant>>,
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and the threads it starts) and returns a
@@ -242,6 +251,7 @@ impl Vmm {
             pending_exit: None,
             panic_seen: None,
             raw_terminal: None,
+            restart_log: Default::default(),
         })
     }
 
@@ -688,7 +698,50 @@ impl Vmm {
             p.pidfd.as_raw_fd(),
             TOKEN_PROCESS + idx as u64,
         )?;
-        vm.built.exit.report(ExitReason::DeviceFailure(why));
+        log::warn!("{why}");
+        let slot = vm.built.devices.iter().position(|d| d.process == Some(idx));
+        if let Some(slot_idx) = slot {
+            match self.restart_allowed(slot_idx) {
+                Ok(()) => {
+                    for (attempt, backoff_ms) in RESTART_BACKOFF_MS.iter().enumerate() {
+                        std::thread::sleep(Duration::from_millis(*backoff_ms));
+                        match self.recover_device(slot_idx, &why) {
+                            Ok(()) => return Ok(()),
+                            Err(e) => log::warn!(
+                                "restart attempt {} of {} failed: {e}",
+                                attempt + 1,
+                                RESTART_BACKOFF_MS.len()
+                            ),
+                        }
+                    }
+                }
+                Err(e) => log::error!("{e}"),
+            }
+        }
+        if let Some(vm) = &self.vm {
+            vm.built.exit.report(ExitReason::DeviceFailure(why));
+        }
+        Ok(())
+    }
+
+    /// Whether device `slot_idx` may be restarted once more: at most
+    /// [`RESTART_LIMIT`] restarts within [`RESTART_WINDOW`].
+    fn restart_allowed(&mut self, slot_idx: usize) -> Result<(), String> {
+        let now = Instant::now();
+        let log = self.restart_log.entry(slot_idx).or_default();
+        while log
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            log.pop_front();
+        }
+        if log.len() >= RESTART_LIMIT {
+            return Err(format!(
+                "device process restarted {RESTART_LIMIT} times within {} s; giving up",
+                RESTART_WINDOW.as_secs()
+            ));
+        }
+        log.push_back(now);
         Ok(())
     }
 

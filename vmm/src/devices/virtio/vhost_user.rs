@@ -14,7 +14,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{QueueConfig, VirtioDevice, VirtioError};
@@ -456,12 +456,64 @@ impl VhostUserDevice {
         }
         t.pause_us = pause.elapsed().as_micros() as u64;
         t.rings = moved.len();
+        // A kick the old backend consumed just before it stopped would be lost: kick each
+        // moved ring once, which at worst makes the new backend find nothing new.
+        for &(i, _, _) in &moved {
+            let _ = self.kicks[i].write(1);
+        }
         // The old connection closes here.
         self.frontend = next.frontend;
         self.backend_features = next.backend_features;
         self.protocol = next.protocol;
         self.config = next.config;
         Ok(t)
+    }
+}
+
+impl VhostUserDevice {
+    /// Makes `next` (fresh from [`VhostUserDevice::new`]) the backend after the previous
+    /// one died. Each running ring restarts at the used index the dead backend last
+    /// published in guest memory: every request it took from the available ring but did
+    /// not complete is processed again, in ring order. This relies on the backend
+    /// completing a ring's requests in order, which skiff-blk and skiff-net do (the
+    /// vhost-user inflight area, which would also cover out-of-order backends, is not
+    /// implemented yet). A block write replayed this way writes the same data again.
+    /// Returns the time from the first to the last ring started, in microseconds.
+    pub fn recover(
+        &mut self,
+        mut next: VhostUserDevice,
+        acked: u64,
+        queues: &[QueueConfig],
+        active: bool,
+    ) -> Result<u64, VhostUserError> {
+        next.prepare_takeover(self.kind, acked, self.queues_in_use(), active)?;
+        let start = Instant::now();
+        let enable = Self::uses_ring_enable(next.backend_features);
+        for &i in &self.started {
+            let q = queues.get(i).ok_or(VhostUserError::BadRingAddress(i, 0))?;
+            let used_idx: u16 = self
+                .mem
+                .read_obj(GuestAddress(q.used + 2))
+                .map_err(|_| VhostUserError::BadRingAddress(i, q.used))?;
+            let data = self.ring_config(i, q)?;
+            start_ring(
+                &mut next.frontend,
+                enable,
+                i,
+                &data,
+                u32::from(used_idx),
+                &self.call,
+                &self.kicks[i],
+            )?;
+            // The dead backend may have consumed the guest's last kick.
+            let _ = self.kicks[i].write(1);
+        }
+        let us = start.elapsed().as_micros() as u64;
+        self.frontend = next.frontend;
+        self.backend_features = next.backend_features;
+        self.protocol = next.protocol;
+        self.config = next.config;
+        Ok(us)
     }
 }
 
