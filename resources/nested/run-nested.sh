@@ -83,7 +83,7 @@ timeout "${tflags[@]}" "$limit" qemu-system-x86_64 \
   -accel tcg,thread=multi -cpu max -M q35 -m "$mem" -smp "$cpus" \
   -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
   -kernel "$kernel" -initrd "$initrd" \
-  -append "console=ttyS0 reboot=t panic=-1 loglevel=3 nested.work=$work nested.cmd=$script nested.env=$envname" \
+  -append "console=ttyS0 reboot=t panic=-1 loglevel=${SKIFF_NESTED_LOGLEVEL:-3} nested.work=$work nested.cmd=$script nested.env=$envname" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs local,path="$work",mount_tag=work,security_model=none,multidevs=remap \
   <"$stdin" 2>&1 | tee "$log"

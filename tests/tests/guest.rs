@@ -36,6 +36,7 @@ macro_rules! tests {
     };
     (@prefix Guest) => { "guest::" };
     (@prefix Host) => { "bad_input::" };
+    (@prefix Soak) => { "soak::" };
 }
 
 fn main() {
@@ -58,10 +59,10 @@ fn main() {
         Guest false api_firecracker_python_client,
         Guest false api_bad_requests_keep_vm_running,
         Guest false api_config_file_keeps_api,
-        Guest false upgrade_blk_100_under_fio,
-        Guest true upgrade_net_100_under_tcp,
+        Soak false upgrade_blk_100_under_fio,
+        Soak true upgrade_net_100_under_tcp,
         Guest false upgrade_failures_keep_old_process,
-        Guest false crash_blk_20_kills_under_fio,
+        Soak false crash_blk_20_kills_under_fio,
         Guest false interop_qemu_boots_from_skiff_blk,
         Guest false interop_skiff_boots_from_qemu_storage_daemon,
         Host false missing_kernel,

@@ -14,8 +14,14 @@ use tests::{ensure, host, Result, TestDir};
 use super::api::ApiVm;
 use super::{last_line, CMD, EXIT, LONG, MIB};
 
-/// How many upgrades the tests do.
-const UPGRADES: usize = 100;
+/// How many upgrades the tests do: 100, or `SKIFF_UPGRADES` (tools/upgradebench.sh
+/// runs these tests with 1000).
+fn upgrades() -> usize {
+    std::env::var("SKIFF_UPGRADES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
 
 fn summary(pauses: &mut [u64]) -> String {
     pauses.sort_unstable();
@@ -75,7 +81,7 @@ pub fn upgrade_blk_100_under_fio() -> Result {
         .pid
         .ok_or("the data drive has no device process")?;
     let mut pauses = Vec::new();
-    for n in 0..UPGRADES {
+    for n in 0..upgrades() {
         let r = a
             .api
             .upgrade_device("data", None)
@@ -110,14 +116,15 @@ pub fn upgrade_blk_100_under_fio() -> Result {
     );
     let devs = a.api.skiff_devices().map_err(|e| e.to_string())?;
     ensure!(
-        devs.devices[1].restarts as usize == UPGRADES,
+        devs.devices[1].restarts as usize == upgrades(),
         "GET /skiff/devices: {:?}",
         devs.devices[1]
     );
     let prom = a.api.skiff_metrics().map_err(|e| e.to_string())?;
     ensure!(
         prom.contains(&format!(
-            "skiff_device_switch_pause_seconds_count {UPGRADES}"
+            "skiff_device_switch_pause_seconds_count {}",
+            upgrades()
         )),
         "the pause histogram lacks the upgrades:\n{prom}"
     );
@@ -181,7 +188,7 @@ pub fn upgrade_net_100_under_tcp() -> Result {
         let sender = std::thread::spawn(move || -> Result<()> {
             for chunk in data.chunks(32 * 1024) {
                 sock.write_all(chunk).map_err(|e| format!("sending: {e}"))?;
-                if done_w.load(Ordering::Relaxed) < UPGRADES {
+                if done_w.load(Ordering::Relaxed) < upgrades() {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
@@ -195,7 +202,7 @@ pub fn upgrade_net_100_under_tcp() -> Result {
             .ok_or("eth0 has no device process")?;
         let mut pauses = Vec::new();
         let mut failure = None;
-        for n in 0..UPGRADES {
+        for n in 0..upgrades() {
             match a.api.upgrade_device("eth0", None) {
                 Ok(r) => {
                     if let Err(e) = check_report(&r, "eth0", pid) {
@@ -212,7 +219,7 @@ pub fn upgrade_net_100_under_tcp() -> Result {
             }
             done.store(n + 1, Ordering::Relaxed);
         }
-        done.store(UPGRADES, Ordering::Relaxed);
+        done.store(upgrades(), Ordering::Relaxed);
         if failure.is_some() {
             let _ = abort.shutdown(Shutdown::Both);
         }
