@@ -246,7 +246,9 @@ impl BlockBackend {
                     .signal_used_queue()
                     .map_err(BlockBackendError::Signal)?;
             }
-            if !event_idx {
+            // A ring the frontend stopped (GET_VRING_BASE) must not be polled again, or the
+            // loop would spin on the reset queue.
+            if !event_idx || !vring.get_ref().get_queue().ready() {
                 break;
             }
             if !vring

@@ -262,6 +262,11 @@ impl NetBackend {
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.clone());
             let Some(mut chain) = chain else {
+                // The frontend stopped the ring (GET_VRING_BASE during an upgrade): stop
+                // here, or the loop below would spin on a reset queue.
+                if !ready(vring) {
+                    break;
+                }
                 // No rx buffers: stop reading; the guest's next kick resumes us.
                 if vring
                     .enable_notification()
@@ -345,7 +350,7 @@ impl NetBackend {
             if used {
                 self.signal(vring)?;
             }
-            if blocked || !event_idx {
+            if blocked || !event_idx || !ready(vring) {
                 break;
             }
             if !vring
