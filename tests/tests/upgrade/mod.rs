@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use api_server::client::ClientError;
 use api_server::models::{Drive, NetworkInterface, UpgradeReport};
-use tests::{ensure, host, Result, TestDir};
+use tests::{ensure, host, Result, TestDir, TestVm};
 
 use super::api::ApiVm;
 use super::{last_line, CMD, EXIT, LONG, MIB};
@@ -47,6 +47,63 @@ fn check_report(r: &UpgradeReport, id: &str, previous_pid: u32) -> Result {
     Ok(())
 }
 
+/// Starts fio in a loop in the guest until [`stop_fio_loop`]: each run writes 16 MiB at
+/// random to `target` (4 KiB, direct I/O, queue depth 32) and verifies as it goes
+/// (verify_backlog) and at the end.
+fn start_fio_loop(vm: &mut TestVm, target: &str) -> Result {
+    vm.run_ok(
+        &format!(
+            "(i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); \
+             fio --name=v --filename={target} --rw=randwrite --bs=4k --iodepth=32 \
+             --ioengine=libaio --direct=1 --size=16m --verify=crc32c --verify_fatal=1 \
+             --verify_backlog=512 --do_verify=1 --output=/tmp/fio.$i.txt || echo FIO-FAILED $i; \
+             done; echo FIO-LOOPS $i) > /tmp/fio.log 2>&1 &"
+        ),
+        CMD,
+    )?;
+    Ok(())
+}
+
+/// Stops the loop of [`start_fio_loop`] and checks that no run failed, every run reported
+/// `err= 0` and the guest logged no I/O error; `what` says what happened meanwhile.
+fn stop_fio_loop(vm: &mut TestVm, what: &str) -> Result {
+    vm.run_ok("touch /tmp/stop", CMD)?;
+    let deadline = Instant::now() + LONG;
+    let log = loop {
+        let log = vm.run_ok("cat /tmp/fio.log", CMD)?;
+        if log.contains("FIO-LOOPS") {
+            break log;
+        }
+        ensure!(Instant::now() < deadline, "fio did not finish: {log}");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    ensure!(!log.contains("FIO-FAILED"), "fio failed {what}:\n{log}");
+    let errs = vm.run_ok(
+        "cat /tmp/fio.*.txt | grep -c 'err= 0'; cat /tmp/fio.*.txt | grep 'err=' | grep -vc 'err= 0'; \
+         dmesg | grep -ci 'i/o error'",
+        CMD,
+    )?;
+    let counts: Vec<u64> = errs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    ensure!(
+        counts.len() == 3 && counts[0] >= 1 && counts[1] == 0 && counts[2] == 0,
+        "fio runs without error / with error / guest I/O errors: {counts:?}\n{errs}"
+    );
+    Ok(())
+}
+
+/// Configures a data drive `data` served from `image`.
+fn put_data_drive(a: &mut ApiVm, image: &std::path::Path) -> Result {
+    a.api
+        .put_drive(&Drive {
+            drive_id: "data".into(),
+            path_on_host: Some(image.display().to_string()),
+            is_root_device: false,
+            is_read_only: Some(false),
+            ..Default::default()
+        })
+        .map_err(|e| format!("PUT /drives/data: {e}"))
+}
+
 /// 100 upgrades of skiff-blk while fio runs random 4 KiB writes with verification (direct
 /// I/O, queue depth 32) on the drive: no I/O error, every verify passes.
 pub fn upgrade_blk_100_under_fio() -> Result {
@@ -55,27 +112,12 @@ pub fn upgrade_blk_100_under_fio() -> Result {
     let data = dir.sparse_image("data.img", 64 * MIB)?;
     let mut a = ApiVm::start(&dir, &[])?;
     a.configure_rootfs(&rootfs, 2, 512, "")?;
-    a.api
-        .put_drive(&Drive {
-            drive_id: "data".into(),
-            path_on_host: Some(data.display().to_string()),
-            is_root_device: false,
-            is_read_only: Some(false),
-            ..Default::default()
-        })
-        .map_err(|e| format!("PUT /drives/data: {e}"))?;
+    put_data_drive(&mut a, &data)?;
     a.start_guest()?;
     a.vm.run_ok("command -v fio", CMD)?;
     // fio in a loop until told to stop; each run writes 16 MiB at random and verifies as
     // it goes (verify_backlog) and at the end.
-    a.vm.run_ok(
-        "(i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); \
-         fio --name=v --filename=/dev/vdb --rw=randwrite --bs=4k --iodepth=32 \
-         --ioengine=libaio --direct=1 --size=16m --verify=crc32c --verify_fatal=1 \
-         --verify_backlog=512 --do_verify=1 --output=/tmp/fio.$i.txt || echo FIO-FAILED $i; \
-         done; echo FIO-LOOPS $i) > /tmp/fio.log 2>&1 &",
-        CMD,
-    )?;
+    start_fio_loop(&mut a.vm, "/dev/vdb")?;
     std::thread::sleep(Duration::from_secs(2));
     let mut pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
         .pid
@@ -90,30 +132,7 @@ pub fn upgrade_blk_100_under_fio() -> Result {
         pid = r.new_pid;
         pauses.push(r.pause_us);
     }
-    a.vm.run_ok("touch /tmp/stop", CMD)?;
-    let deadline = Instant::now() + LONG;
-    let log = loop {
-        let log = a.vm.run_ok("cat /tmp/fio.log", CMD)?;
-        if log.contains("FIO-LOOPS") {
-            break log;
-        }
-        ensure!(Instant::now() < deadline, "fio did not finish: {log}");
-        std::thread::sleep(Duration::from_secs(2));
-    };
-    ensure!(
-        !log.contains("FIO-FAILED"),
-        "fio failed during the upgrades:\n{log}"
-    );
-    let errs = a.vm.run_ok(
-        "cat /tmp/fio.*.txt | grep -c 'err= 0'; cat /tmp/fio.*.txt | grep 'err=' | grep -vc 'err= 0'; \
-         dmesg | grep -ci 'i/o error'",
-        CMD,
-    )?;
-    let counts: Vec<u64> = errs.lines().filter_map(|l| l.trim().parse().ok()).collect();
-    ensure!(
-        counts.len() == 3 && counts[0] >= 1 && counts[1] == 0 && counts[2] == 0,
-        "fio runs without error / with error / guest I/O errors: {counts:?}\n{errs}"
-    );
+    stop_fio_loop(&mut a.vm, "during the upgrades")?;
     let devs = a.api.skiff_devices().map_err(|e| e.to_string())?;
     ensure!(
         devs.devices[1].restarts as usize == upgrades(),
@@ -252,15 +271,7 @@ pub fn upgrade_failures_keep_old_process() -> Result {
     let data = dir.sparse_image("data.img", 16 * MIB)?;
     let mut a = ApiVm::start(&dir, &[])?;
     a.configure(&dir, 1, 256, "")?;
-    a.api
-        .put_drive(&Drive {
-            drive_id: "data".into(),
-            path_on_host: Some(data.display().to_string()),
-            is_root_device: false,
-            is_read_only: Some(false),
-            ..Default::default()
-        })
-        .map_err(|e| format!("PUT /drives/data: {e}"))?;
+    put_data_drive(&mut a, &data)?;
     match a.api.upgrade_device("data", None) {
         Err(ClientError::Fault {
             status: 400,
@@ -359,25 +370,10 @@ pub fn crash_blk_20_kills_under_fio() -> Result {
     );
     let mut a = ApiVm::start(&dir, &[])?;
     a.configure_rootfs(&rootfs, 2, 512, "")?;
-    a.api
-        .put_drive(&Drive {
-            drive_id: "data".into(),
-            path_on_host: Some(data.display().to_string()),
-            is_root_device: false,
-            is_read_only: Some(false),
-            ..Default::default()
-        })
-        .map_err(|e| format!("PUT /drives/data: {e}"))?;
+    put_data_drive(&mut a, &data)?;
     a.start_guest()?;
     a.vm.run_ok("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt", CMD)?;
-    a.vm.run_ok(
-        "(i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); \
-         fio --name=v --filename=/mnt/f --rw=randwrite --bs=4k --iodepth=32 \
-         --ioengine=libaio --direct=1 --size=16m --verify=crc32c --verify_fatal=1 \
-         --verify_backlog=512 --do_verify=1 --output=/tmp/fio.$i.txt || echo FIO-FAILED $i; \
-         done; echo FIO-LOOPS $i) > /tmp/fio.log 2>&1 &",
-        CMD,
-    )?;
+    start_fio_loop(&mut a.vm, "/mnt/f")?;
     std::thread::sleep(Duration::from_secs(2));
     for n in 0..KILLS {
         let pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
@@ -401,30 +397,7 @@ pub fn crash_blk_20_kills_under_fio() -> Result {
             );
         }
     }
-    a.vm.run_ok("touch /tmp/stop", CMD)?;
-    let deadline = Instant::now() + LONG;
-    let log = loop {
-        let log = a.vm.run_ok("cat /tmp/fio.log", CMD)?;
-        if log.contains("FIO-LOOPS") {
-            break log;
-        }
-        ensure!(Instant::now() < deadline, "fio did not finish: {log}");
-        std::thread::sleep(Duration::from_secs(2));
-    };
-    ensure!(
-        !log.contains("FIO-FAILED"),
-        "fio failed while skiff-blk was killed:\n{log}"
-    );
-    let errs = a.vm.run_ok(
-        "cat /tmp/fio.*.txt | grep -c 'err= 0'; cat /tmp/fio.*.txt | grep 'err=' | grep -vc 'err= 0'; \
-         dmesg | grep -ci 'i/o error'",
-        CMD,
-    )?;
-    let counts: Vec<u64> = errs.lines().filter_map(|l| l.trim().parse().ok()).collect();
-    ensure!(
-        counts.len() == 3 && counts[0] >= 1 && counts[1] == 0 && counts[2] == 0,
-        "fio runs without error / with error / guest I/O errors: {counts:?}\n{errs}"
-    );
+    stop_fio_loop(&mut a.vm, "while skiff-blk was killed")?;
     a.vm.run_ok("umount /mnt && sync", CMD)?;
     let prom = a.api.skiff_metrics().map_err(|e| e.to_string())?;
     ensure!(
