@@ -344,14 +344,25 @@ where
     M: Deref<Target = GuestMemoryMmap<()>>,
 {
     let descs: Vec<Descriptor> = chain.by_ref().collect();
-    let mem: &GuestMemoryMmap<()> = chain.memory();
-    let req = match parse(mem, &descs) {
+    process_request(disk, metrics, chain.memory(), chain.head_index(), &descs)
+}
+
+/// Executes the request whose chain (headed by `head`) is `descs`, writes its status and
+/// returns the used length, as [`process_chain`] does. Crash recovery uses it for requests
+/// resubmitted from the inflight area, whose chains it walks itself.
+pub fn process_request(
+    disk: &DiskImage,
+    metrics: &BlockMetrics,
+    mem: &GuestMemoryMmap<()>,
+    head: u16,
+    descs: &[Descriptor],
+) -> u32 {
+    let req = match parse(mem, descs) {
         Ok(req) => req,
         Err(BlockError::NoStatus) => {
             if metrics.invalid_requests.inc_logged() {
                 warn!(
-                    "dropping request {}: no writable status byte ({} invalid requests so far)",
-                    chain.head_index(),
+                    "dropping request {head}: no writable status byte ({} invalid requests so far)",
                     metrics.invalid_requests.get()
                 );
             }
@@ -360,12 +371,11 @@ where
         Err(e) => {
             if metrics.invalid_requests.inc_logged() {
                 warn!(
-                    "bad request {}: {e} ({} invalid requests so far)",
-                    chain.head_index(),
+                    "bad request {head}: {e} ({} invalid requests so far)",
                     metrics.invalid_requests.get()
                 );
             }
-            return write_status(mem, descs_status(&descs), VIRTIO_BLK_S_IOERR as u8, 0);
+            return write_status(mem, descs_status(descs), VIRTIO_BLK_S_IOERR as u8, 0);
         }
     };
     let (status, written) = match execute(disk, mem, &req, metrics) {

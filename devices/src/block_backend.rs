@@ -4,10 +4,11 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use clap::Parser;
-use log::{error, info};
+use log::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
@@ -22,9 +23,11 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::backend_common::{protocol_features, worker_exit_event, BackendCommon, Mem};
-use crate::block::{process_chain, BlockConfigSpace, BlockMetrics};
+use crate::block::{process_chain, process_request, BlockConfigSpace, BlockMetrics};
 use crate::disk::{DiskError, DiskImage, DiskOptions};
+use crate::inflight::{chain_descriptors, InflightArea, QueueInflight};
 use crate::metrics::{self, MetricsError};
+use crate::vu_proxy::{self, InflightHost, ProxyError};
 
 /// Vring type used by the block backend.
 pub type BlockVring = VringRwLock<Mem>;
@@ -50,6 +53,9 @@ pub enum BlockBackendError {
     /// An event arrived for an unknown source.
     #[error("unexpected event {0}")]
     UnknownEvent(u16),
+    /// The vhost-user relay failed.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
     /// A vring operation failed.
     #[error("vring operation failed")]
     Vring(#[source] virtio_queue::Error),
@@ -177,6 +183,12 @@ pub struct BlockBackend {
     /// One worker per queue: `stop_vring` (GET_VRING_BASE) waits for its in-flight requests.
     common: BackendCommon,
     metrics: BlockMetrics,
+    /// The inflight area, once the frontend asked for one (see `inflight`).
+    inflight: RwLock<Option<Arc<InflightArea>>>,
+    /// Per queue: a new area arrived, so look for requests to resubmit before popping.
+    resubmit_pending: Vec<AtomicBool>,
+    /// Whether "ring larger than the inflight area" was logged.
+    untracked_logged: AtomicBool,
 }
 
 impl BlockBackend {
@@ -200,7 +212,78 @@ impl BlockBackend {
             queue_size,
             common: BackendCommon::new(mem, config, usize::from(num_queues)),
             metrics,
+            inflight: RwLock::new(None),
+            resubmit_pending: (0..num_queues).map(|_| AtomicBool::new(false)).collect(),
+            untracked_logged: AtomicBool::new(false),
         }
+    }
+
+    fn inflight_area(&self) -> Option<Arc<InflightArea>> {
+        self.inflight
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts request `head` in the used ring; returns the used index after it.
+    fn publish(vring: &BlockVring, head: u16, len: u32) -> Result<u16, BlockBackendError> {
+        vring
+            .add_used(head, len)
+            .map_err(BlockBackendError::Vring)?;
+        Ok(vring.get_ref().get_queue().next_used())
+    }
+
+    /// Completes `head`, recording it in the inflight area when it was tracked.
+    fn complete(
+        vring: &BlockVring,
+        track: Option<&QueueInflight<'_>>,
+        head: u16,
+        len: u32,
+    ) -> Result<(), BlockBackendError> {
+        match track {
+            Some(t) => t.complete(head, || Self::publish(vring, head, len)),
+            None => Self::publish(vring, head, len).map(|_| ()),
+        }
+    }
+
+    /// After a new inflight area arrived (a restart after a crash, or an upgrade): marks
+    /// the last batch the previous backend published as done, restarts the ring after
+    /// every request the area still holds, and processes those requests again in the order
+    /// they were taken. The frontend's SET_VRING_BASE is overridden: the area knows better
+    /// which requests were taken.
+    fn resubmit(&self, vring: &BlockVring, queue: usize) -> Result<(), BlockBackendError> {
+        let Some(area) = self.inflight_area() else {
+            return Ok(());
+        };
+        let Some(track) = area.queue(queue).filter(|t| t.valid()) else {
+            return Ok(());
+        };
+        let mem = self.memory().memory();
+        let (desc_table, size, used) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            (
+                q.desc_table(),
+                q.size(),
+                q.used_idx(&*mem, std::sync::atomic::Ordering::Acquire),
+            )
+        };
+        let used = used.map_err(BlockBackendError::Vring)?.0;
+        let heads = track.recover(used);
+        vring.set_queue_next_avail(used.wrapping_add(heads.len() as u16));
+        if heads.is_empty() {
+            return Ok(());
+        }
+        info!(
+            "queue {queue}: resubmitting {} request(s) from the inflight area",
+            heads.len()
+        );
+        for head in heads {
+            let descs = chain_descriptors(&*mem, vm_memory::GuestAddress(desc_table), size, head);
+            let len = process_request(&self.disk, &self.metrics, &mem, head, &descs);
+            Self::complete(vring, Some(&track), head, len)?;
+        }
+        vring.signal_used_queue().map_err(BlockBackendError::Signal)
     }
 
     fn memory(&self) -> Mem {
@@ -208,8 +291,10 @@ impl BlockBackend {
     }
 
     /// Pops and completes every available request; returns whether any was used.
-    fn drain_queue(&self, vring: &BlockVring) -> Result<bool, BlockBackendError> {
+    fn drain_queue(&self, vring: &BlockVring, queue: usize) -> Result<bool, BlockBackendError> {
         let mem = self.memory().memory();
+        let area = self.inflight_area();
+        let track = area.as_ref().and_then(|a| a.queue(queue));
         let mut used = false;
         loop {
             // Keep the vring lock only for the pop; add_used takes it again.
@@ -219,17 +304,22 @@ impl BlockBackend {
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
+            let tracked = match &track {
+                Some(t) => t.begin(head),
+                None => true,
+            };
+            if !tracked && !self.untracked_logged.swap(true, Ordering::Relaxed) {
+                warn!("queue {queue}: the ring is larger than the inflight area; requests with head {head} and above are not tracked");
+            }
             let len = process_chain(&self.disk, &self.metrics, chain);
-            vring
-                .add_used(head, len)
-                .map_err(BlockBackendError::Vring)?;
+            Self::complete(vring, track.as_ref().filter(|_| tracked), head, len)?;
             used = true;
         }
         Ok(used)
     }
 
-    /// Processes a queue until it is empty with notifications re-enabled.
-    pub fn process_queue(&self, vring: &BlockVring) -> Result<(), BlockBackendError> {
+    /// Processes queue `queue` until it is empty with notifications re-enabled.
+    pub fn process_queue(&self, vring: &BlockVring, queue: usize) -> Result<(), BlockBackendError> {
         let event_idx = self.common.event_idx();
         loop {
             if event_idx {
@@ -237,7 +327,7 @@ impl BlockBackend {
                     .disable_notification()
                     .map_err(BlockBackendError::Vring)?;
             }
-            if self.drain_queue(vring)?
+            if self.drain_queue(vring, queue)?
                 && vring
                     .needs_notification()
                     .map_err(BlockBackendError::Vring)?
@@ -337,11 +427,40 @@ impl VhostUserBackend for BlockBackend {
             .ok_or_else(|| io::Error::other(BlockBackendError::UnknownEvent(device_event)))?;
         let _busy = self.common.busy(thread_id);
         self.metrics.kicks.inc(1);
-        if let Err(e) = self.process_queue(vring) {
+        let pending = self
+            .resubmit_pending
+            .get(thread_id)
+            .is_some_and(|p| p.swap(false, Ordering::AcqRel));
+        if pending && vring.get_ref().get_queue().ready() {
+            if let Err(e) = self.resubmit(vring, thread_id) {
+                error!(
+                    "queue {thread_id}: resubmitting from the inflight area: {}",
+                    crate::error_chain(&e)
+                );
+                return Err(io::Error::other(e));
+            }
+        } else if pending {
+            // Not running yet: look again at the first kick after it starts.
+            self.resubmit_pending[thread_id].store(true, Ordering::Release);
+        }
+        if let Err(e) = self.process_queue(vring, thread_id) {
             error!("queue {thread_id}: {}", crate::error_chain(&e));
             return Err(io::Error::other(e));
         }
         Ok(())
+    }
+}
+
+impl InflightHost for BlockBackend {
+    fn max_queues(&self) -> u16 {
+        self.num_queues
+    }
+
+    fn set_inflight(&self, area: Arc<InflightArea>) {
+        *self.inflight.write().unwrap_or_else(|p| p.into_inner()) = Some(area);
+        for p in &self.resubmit_pending {
+            p.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -391,12 +510,12 @@ pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
         mem.clone(),
         metrics,
     ));
+    let host: Arc<dyn InflightHost> = backend.clone();
     let mut daemon = VhostUserDaemon::new("skiff-blk".to_string(), backend, mem)
         .map_err(|e| BlockBackendError::Daemon(e.to_string()))?;
     info!("listening on {}", opts.socket.display());
-    daemon
-        .serve(&opts.socket)
-        .map_err(|e| BlockBackendError::Daemon(e.to_string()))?;
+    // The relay adds the inflight area, which vhost-user-backend lacks.
+    vu_proxy::serve(&opts.socket, &mut daemon, host)?;
     info!("frontend disconnected");
     Ok(())
 }

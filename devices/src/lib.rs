@@ -8,12 +8,14 @@ pub mod backend_common;
 pub mod block;
 pub mod block_backend;
 pub mod disk;
+pub mod inflight;
 pub mod iov;
 pub mod logger;
 pub mod metrics;
 pub mod net;
 pub mod net_backend;
 pub mod tap;
+pub mod vu_proxy;
 
 /// Formats an error and its `source()` chain as `a: b: c`.
 pub fn error_chain(err: &dyn std::error::Error) -> String {

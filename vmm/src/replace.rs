@@ -277,7 +277,11 @@ impl Vmm {
         let transport = &vm.built.bus.virtio[r.transport];
         // What the driver negotiated, read under a short lock: vCPUs keep running while the
         // new backend is prepared.
-        let before = driver_state(&mut transport.lock().unwrap_or_else(|p| p.into_inner()));
+        let (before, inflight) = {
+            let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
+            let inflight = t.device_mut().as_vhost_user().and_then(|d| d.inflight());
+            (driver_state(&mut t), inflight)
+        };
         let (acked, active, status, in_use) = before;
         let Some(in_use) = in_use else {
             stop_in_background(r.process);
@@ -297,7 +301,7 @@ impl Vmm {
                 error_chain(e)
             ))
         };
-        let prepare_us = match next.prepare_takeover(r.kind, acked, in_use, active) {
+        let prepare_us = match next.prepare_takeover(r.kind, acked, in_use, active, inflight) {
             Ok(us) => us,
             Err(e) => return Err(failed(r.process, &r.binary, &e)),
         };

@@ -4,13 +4,22 @@
 //! config space is read. When the driver sets DRIVER_OK the memory table (the guest-RAM
 //! memfd), ring sizes, addresses, bases, kick (KVM ioeventfd) and call (KVM irqfd) fds are
 //! handed over and the rings enabled; from then on the VMM is not on the data path.
+//!
+//! When the backend offers VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, the VMM asks it for an
+//! inflight area when the device starts (GET_INFLIGHT_FD), keeps the memfd for the life
+//! of the driver's session, and hands it to every later backend of the device
+//! (SET_INFLIGHT_FD) before it gets the rings: after a crash the new backend resubmits the
+//! requests the area records as taken and not completed.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -59,6 +68,15 @@ pub struct SwitchTimings {
     pub rings: usize,
 }
 
+/// A backend's inflight area (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), kept by the VMM.
+#[derive(Clone)]
+pub struct InflightFd {
+    /// Geometry and size, as the backend gave them.
+    pub info: VhostUserInflight,
+    /// The memfd.
+    pub file: Arc<File>,
+}
+
 /// virtio device kinds skiff fronts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -92,6 +110,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// Connects to `path`, retrying until `timeout` (a device process may still be starting).
@@ -139,6 +158,8 @@ pub struct VhostUserDevice {
     call: EventFd,
     kicks: Vec<EventFd>,
     started: Vec<usize>,
+    /// The inflight area of the driver's current session, if the backend offers one.
+    inflight: Option<InflightFd>,
 }
 
 fn kreq<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, VhostUserError> {
@@ -219,7 +240,49 @@ impl VhostUserDevice {
             call,
             kicks,
             started: Vec::new(),
+            inflight: None,
         })
+    }
+
+    /// The inflight area the backends of this device share, if any.
+    pub fn inflight(&self) -> Option<InflightFd> {
+        self.inflight.clone()
+    }
+
+    /// Hands this backend the inflight area: `area` when the device has one, else a new one
+    /// it allocates (GET_INFLIGHT_FD). Does nothing when the backend does not offer the
+    /// feature.
+    fn set_inflight(&mut self, area: Option<InflightFd>) -> Result<(), VhostUserError> {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            self.inflight = None;
+            return Ok(());
+        }
+        let area = match area {
+            Some(a) => a,
+            None => {
+                let ask = VhostUserInflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: self.num_queues as u16,
+                    queue_size: QUEUE_MAX_SIZE,
+                };
+                let (info, file) = kreq("GET_INFLIGHT_FD", self.frontend.get_inflight_fd(&ask))?;
+                InflightFd {
+                    info,
+                    file: Arc::new(file),
+                }
+            }
+        };
+        kreq(
+            "SET_INFLIGHT_FD",
+            self.frontend
+                .set_inflight_fd(&area.info, area.file.as_raw_fd()),
+        )?;
+        self.inflight = Some(area);
+        Ok(())
     }
 
     /// The eventfd the backend signals (to register as an irqfd).
@@ -255,6 +318,9 @@ impl VhostUserDevice {
             })
             .collect::<Result<Vec<_>, _>>()?;
         kreq("SET_MEM_TABLE", self.frontend.set_mem_table(&regions))?;
+        // A new driver session gets a new area: what a previous one left must not be
+        // resubmitted.
+        self.set_inflight(None)?;
         for (i, q) in queues.iter().enumerate() {
             if !q.ready {
                 continue;
@@ -293,14 +359,16 @@ impl VhostUserDevice {
     /// First half of a backend replacement, done on `self` = the *new* backend while the
     /// old one still serves and no lock is held: checks that it can serve what the driver
     /// negotiated with the old one (`old_features` offered, `acked`, `queues_in_use`) and,
-    /// when the device runs, sends it the features and the memory table. Returns the time
-    /// it took in microseconds.
+    /// when the device runs, sends it the features, the memory table and the device's
+    /// inflight area `inflight` (a new one if the device had none). Returns the time it
+    /// took in microseconds.
     pub fn prepare_takeover(
         &mut self,
         kind: DeviceKind,
         acked: u64,
         queues_in_use: usize,
         active: bool,
+        inflight: Option<InflightFd>,
     ) -> Result<u64, VhostUserError> {
         if kind != self.kind {
             return Err(VhostUserError::Incompatible(format!(
@@ -334,6 +402,7 @@ impl VhostUserDevice {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             kreq("SET_MEM_TABLE", self.frontend.set_mem_table(&regions))?;
+            self.set_inflight(inflight)?;
         }
         Ok(prep.elapsed().as_micros() as u64)
     }
@@ -466,6 +535,7 @@ impl VhostUserDevice {
         self.backend_features = next.backend_features;
         self.protocol = next.protocol;
         self.config = next.config;
+        self.inflight = next.inflight;
         Ok(t)
     }
 }
@@ -473,11 +543,15 @@ impl VhostUserDevice {
 impl VhostUserDevice {
     /// Makes `next` (fresh from [`VhostUserDevice::new`]) the backend after the previous
     /// one died. Each running ring restarts at the used index the dead backend last
-    /// published in guest memory: every request it took from the available ring but did
-    /// not complete is processed again, in ring order. This relies on the backend
-    /// completing a ring's requests in order, which skiff-blk and skiff-net do (the
-    /// vhost-user inflight area, which would also cover out-of-order backends, is not
-    /// implemented yet). A block write replayed this way writes the same data again.
+    /// published in guest memory.
+    ///
+    /// With an inflight area (skiff-blk), the new backend gets it first and resubmits the
+    /// requests it records as taken and not completed, in the order they were taken, and
+    /// restarts the ring after them, whatever order the dead backend completed requests
+    /// in. Without one (skiff-net, or a backend without the feature), every request taken
+    /// but not completed is processed again in ring order, which is right only for a
+    /// backend that completes a ring's requests in order; for net a frame may be sent
+    /// twice or, with a backend that completes out of order, lost (TCP retransmits).
     /// Returns the time from the first to the last ring started, in microseconds.
     pub fn recover(
         &mut self,
@@ -486,7 +560,13 @@ impl VhostUserDevice {
         queues: &[QueueConfig],
         active: bool,
     ) -> Result<u64, VhostUserError> {
-        next.prepare_takeover(self.kind, acked, self.queues_in_use(), active)?;
+        next.prepare_takeover(
+            self.kind,
+            acked,
+            self.queues_in_use(),
+            active,
+            self.inflight.clone(),
+        )?;
         let start = Instant::now();
         let enable = Self::uses_ring_enable(next.backend_features);
         for &i in &self.started {
@@ -513,6 +593,7 @@ impl VhostUserDevice {
         self.backend_features = next.backend_features;
         self.protocol = next.protocol;
         self.config = next.config;
+        self.inflight = next.inflight;
         Ok(us)
     }
 }
@@ -590,6 +671,7 @@ impl VirtioDevice for VhostUserDevice {
     fn reset(&mut self) -> Result<(), VirtioError> {
         let rings_need_enable =
             self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        self.inflight = None;
         for i in std::mem::take(&mut self.started) {
             if rings_need_enable {
                 kreq("SET_VRING_ENABLE", self.frontend.set_vring_enable(i, false))?;
