@@ -5,8 +5,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use std::ops::Deref;
+
 use log::error;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::GuestMemory;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -22,6 +27,23 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
+}
+
+/// Pops the next available chain of `vring`, or `None` when there is none or the frontend
+/// has stopped the ring (GET_VRING_BASE during an upgrade resets the queue). The check and
+/// the pop hold one vring lock, so a ring stopped meanwhile is not read (virtio-queue would
+/// log an error for each such pop).
+pub fn pop_chain<M>(vring: &VringRwLock<Mem>, mem: M) -> Option<DescriptorChain<M>>
+where
+    M: Clone + Deref,
+    M::Target: GuestMemory,
+{
+    let mut state = vring.get_mut();
+    let queue = state.get_queue_mut();
+    if !queue.ready() {
+        return None;
+    }
+    queue.pop_descriptor_chain(mem)
 }
 
 /// An exit event per worker thread, so the daemon can join every worker on disconnect

@@ -22,7 +22,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::backend_common::{protocol_features, worker_exit_event, BackendCommon, Mem};
+use crate::backend_common::{pop_chain, protocol_features, worker_exit_event, BackendCommon, Mem};
 use crate::block::{process_chain, process_request, BlockConfigSpace, BlockMetrics};
 use crate::disk::{DiskError, DiskImage, DiskOptions};
 use crate::inflight::{chain_descriptors, InflightArea, QueueInflight};
@@ -298,10 +298,7 @@ impl BlockBackend {
         let mut used = false;
         loop {
             // Keep the vring lock only for the pop; add_used takes it again.
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
+            let chain = pop_chain(vring, mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let tracked = match &track {
@@ -427,11 +424,20 @@ impl VhostUserBackend for BlockBackend {
             .ok_or_else(|| io::Error::other(BlockBackendError::UnknownEvent(device_event)))?;
         let _busy = self.common.busy(thread_id);
         self.metrics.kicks.inc(1);
+        let running = {
+            let state = vring.get_ref();
+            state.get_queue().ready() && state.is_enabled()
+        };
+        if !running {
+            // A kick for a ring that was stopped (an upgrade) or is not set up yet: the
+            // ring's next backend, or its first kick once running, does the work.
+            return Ok(());
+        }
         let pending = self
             .resubmit_pending
             .get(thread_id)
             .is_some_and(|p| p.swap(false, Ordering::AcqRel));
-        if pending && vring.get_ref().get_queue().ready() {
+        if pending {
             if let Err(e) = self.resubmit(vring, thread_id) {
                 error!(
                     "queue {thread_id}: resubmitting from the inflight area: {}",
@@ -439,9 +445,6 @@ impl VhostUserBackend for BlockBackend {
                 );
                 return Err(io::Error::other(e));
             }
-        } else if pending {
-            // Not running yet: look again at the first kick after it starts.
-            self.resubmit_pending[thread_id].store(true, Ordering::Release);
         }
         if let Err(e) = self.process_queue(vring, thread_id) {
             error!("queue {thread_id}: {}", crate::error_chain(&e));

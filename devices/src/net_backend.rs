@@ -25,7 +25,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::backend_common::{protocol_features, worker_exit_event, BackendCommon, Mem};
+use crate::backend_common::{pop_chain, protocol_features, worker_exit_event, BackendCommon, Mem};
 use crate::metrics::{self, MetricsError};
 use crate::net::{self, NetError, NetMetrics};
 use crate::tap::{offload_flags, Tap, TapError};
@@ -257,10 +257,7 @@ impl NetBackend {
         let mem = self.memory().memory();
         let mut used = false;
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
+            let chain = pop_chain(vring, mem.clone());
             let Some(mut chain) = chain else {
                 // The frontend stopped the ring (GET_VRING_BASE during an upgrade): stop
                 // here, or the loop below would spin on a reset queue.
@@ -325,10 +322,7 @@ impl NetBackend {
             let mut used = false;
             let mut blocked = false;
             loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
+                let chain = pop_chain(vring, mem.clone());
                 let Some(mut chain) = chain else { break };
                 let head = chain.head_index();
                 match net::tx_frame(tap.as_raw_fd(), &mut chain, &self.metrics) {
@@ -367,10 +361,7 @@ impl NetBackend {
         let mem = self.memory().memory();
         let mut used = false;
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
+            let chain = pop_chain(vring, mem.clone());
             let Some(mut chain) = chain else { break };
             let head = chain.head_index();
             let len = net::ctrl_command(&mut chain, self.pairs() as u16, &self.metrics);

@@ -23,6 +23,10 @@ use api_server::client::ApiClient;
 use clap::Parser;
 use serde_json::{json, Value};
 
+#[path = "stats.rs"]
+mod stats;
+use stats::Stats;
+
 /// How often a starting monitor's socket is polled.
 const POLL: Duration = Duration::from_micros(100);
 /// Longest wait for a monitor to start serving.
@@ -72,42 +76,6 @@ impl Args {
             at_least: Duration::from_millis(self.warmup_ms),
         }
     }
-}
-
-/// Latency summary of one series, in microseconds.
-#[derive(Clone, Copy, Debug)]
-struct Stats {
-    n: usize,
-    p50: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
-impl Stats {
-    fn of(samples: &[Duration]) -> Option<Stats> {
-        let mut us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
-        us.sort_by(|a, b| a.total_cmp(b));
-        let n = us.len();
-        // Nearest rank.
-        let rank = |p: f64| us[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
-        (n > 0).then(|| Stats {
-            n,
-            p50: rank(0.50),
-            p99: rank(0.99),
-            max: us[n - 1],
-            mean: us.iter().sum::<f64>() / n as f64,
-        })
-    }
-
-    fn json(&self) -> Value {
-        json!({"n": self.n, "p50_us": round(self.p50), "p99_us": round(self.p99),
-               "max_us": round(self.max), "mean_us": round(self.mean)})
-    }
-}
-
-fn round(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
 }
 
 /// The series measured for one monitor; absent ones were not measurable.
@@ -659,20 +627,4 @@ fn main() {
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let d: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
-        let s = Stats::of(&d).unwrap();
-        assert_eq!((s.n, s.p50, s.p99, s.max), (100, 50.0, 99.0, 100.0));
-        assert!((s.mean - 50.5).abs() < 1e-9);
-        let one = Stats::of(&[Duration::from_micros(7)]).unwrap();
-        assert_eq!((one.p50, one.p99), (7.0, 7.0));
-        assert!(Stats::of(&[]).is_none());
-    }
 }
