@@ -1,9 +1,10 @@
 //! What both vhost-user backends share: the guest memory the frontend mapped, the
-//! negotiated EVENT_IDX flag, the config space, the per-worker busy locks that make
+//! negotiated EVENT_IDX flag, the config space, the per-queue busy flags that make
 //! GET_VRING_BASE wait for in-flight work, and the workers' exit events.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use std::ops::Deref;
 
@@ -63,17 +64,28 @@ pub struct BackendCommon {
     mem: Mutex<Mem>,
     event_idx: AtomicBool,
     config: Vec<u8>,
-    busy: Vec<Mutex<()>>,
+    busy: Vec<AtomicBool>,
+}
+
+/// Marks a queue busy while it lives (see [`BackendCommon::busy`]).
+pub struct Busy<'a>(Option<&'a AtomicBool>);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(false, Ordering::SeqCst);
+        }
+    }
 }
 
 impl BackendCommon {
-    /// State for `workers` worker threads serving `config` over `mem`.
-    pub fn new(mem: Mem, config: Vec<u8>, workers: usize) -> Self {
+    /// State for `queues` queues serving `config` over `mem`.
+    pub fn new(mem: Mem, config: Vec<u8>, queues: usize) -> Self {
         BackendCommon {
             mem: Mutex::new(mem),
             event_idx: AtomicBool::new(false),
             config,
-            busy: (0..workers).map(|_| Mutex::new(())).collect(),
+            busy: (0..queues).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -102,15 +114,38 @@ impl BackendCommon {
         config_slice(&self.config, offset, size)
     }
 
-    /// Held by worker `worker` while it processes its queues.
-    pub fn busy(&self, worker: usize) -> Option<MutexGuard<'_, ()>> {
-        self.busy
-            .get(worker)
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Marks queue `queue` busy until the guard drops. A worker takes it *before* popping
+    /// from the queue ([`pop_chain`] checks that the ring still runs under the vring lock),
+    /// so a GET_VRING_BASE that marked the ring stopped and then sees the flag clear knows
+    /// that no request of the queue is being processed, nor will be.
+    ///
+    /// A flag per queue, not a lock per worker: a worker busy with one queue (a guest
+    /// kicking tx without pause) would otherwise hold off the stop of its other queue for as
+    /// long as it kept re-taking the lock, which made net upgrades take tens of ms.
+    pub fn busy(&self, queue: usize) -> Busy<'_> {
+        let flag = self.busy.get(queue);
+        if let Some(f) = flag {
+            f.store(true, Ordering::SeqCst);
+        }
+        Busy(flag)
     }
 
-    /// Waits until worker `worker` has finished what it is processing (GET_VRING_BASE).
-    pub fn wait_idle(&self, worker: usize) {
-        drop(self.busy(worker));
+    /// Waits until queue `queue` is not being processed (GET_VRING_BASE, after the ring was
+    /// marked stopped). Requests take microseconds, or as long as one disk I/O.
+    pub fn wait_idle(&self, queue: usize) {
+        let Some(flag) = self.busy.get(queue) else {
+            return;
+        };
+        let mut spins = 0u32;
+        while flag.load(Ordering::SeqCst) {
+            spins += 1;
+            if spins < 100 {
+                std::hint::spin_loop();
+            } else if spins < 200 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
     }
 }

@@ -180,7 +180,7 @@ pub struct BlockBackend {
     disk: DiskImage,
     num_queues: u16,
     queue_size: u16,
-    /// One worker per queue: `stop_vring` (GET_VRING_BASE) waits for its in-flight requests.
+    /// One worker per queue; `stop_vring` (GET_VRING_BASE) waits for its in-flight requests.
     common: BackendCommon,
     metrics: BlockMetrics,
     /// The inflight area, once the frontend asked for one (see `inflight`).
@@ -396,8 +396,8 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // The ring is already marked not ready, so the worker pops nothing new;
-        // taking its lock waits for the requests it is completing.
+        // The ring is already marked not ready, so the worker pops nothing new; this waits
+        // for the requests it is completing.
         self.common.wait_idle(queue_index as usize);
         Ok(())
     }

@@ -200,8 +200,8 @@ pub struct NetBackend {
     taps: Vec<Tap>,
     mac: Option<[u8; 6]>,
     queue_size: u16,
-    /// One worker per queue pair (the last one also has the control queue):
-    /// `stop_vring` (GET_VRING_BASE) waits for the frame being moved.
+    /// One worker per queue pair (the last one also has the control queue); a busy flag
+    /// per queue: `stop_vring` (GET_VRING_BASE) waits for the frame being moved.
     common: BackendCommon,
     metrics: NetMetrics,
 }
@@ -217,7 +217,11 @@ impl NetBackend {
     ) -> Self {
         let pairs = taps.len() as u16;
         NetBackend {
-            common: BackendCommon::new(mem, net::config_bytes(mac, pairs), usize::from(pairs) + 1),
+            common: BackendCommon::new(
+                mem,
+                net::config_bytes(mac, pairs),
+                2 * usize::from(pairs) + 1,
+            ),
             taps,
             mac,
             queue_size,
@@ -385,8 +389,10 @@ impl NetBackend {
         if thread_id >= self.pairs() {
             let ctrl = vrings.first().ok_or_else(unknown)?;
             self.metrics.kicks.inc(1);
+            let _busy = self.common.busy(2 * self.pairs());
             return self.process_ctrl(ctrl);
         }
+        let (rx_q, tx_q) = (2 * thread_id, 2 * thread_id + 1);
         let tap = &self.taps[thread_id];
         let (rx, tx) = match vrings {
             [rx, tx, ..] => (rx, tx),
@@ -395,17 +401,21 @@ impl NetBackend {
         match device_event {
             0 => {
                 self.metrics.kicks.inc(1);
+                let _busy = self.common.busy(rx_q);
                 self.process_rx(tap, rx)
             }
             1 => {
                 self.metrics.kicks.inc(1);
+                let _busy = self.common.busy(tx_q);
                 self.process_tx(tap, tx)
             }
             e if e == self.tap_event() => {
                 if evset.contains(EventSet::OUT) {
+                    let _busy = self.common.busy(tx_q);
                     self.process_tx(tap, tx)?;
                 }
                 if evset.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                    let _busy = self.common.busy(rx_q);
                     self.process_rx(tap, rx)?;
                 }
                 Ok(())
@@ -477,8 +487,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // Queue 2k and 2k+1 belong to worker k, the control queue to the last one.
-        self.common.wait_idle(queue_index as usize / 2);
+        self.common.wait_idle(queue_index as usize);
         Ok(())
     }
 
@@ -501,7 +510,6 @@ impl VhostUserBackend for NetBackend {
         vrings: &[NetVring],
         thread_id: usize,
     ) -> io::Result<()> {
-        let _busy = self.common.busy(thread_id);
         self.dispatch(device_event, evset, vrings, thread_id)
             .map_err(|e| {
                 error!("{}", crate::error_chain(&e));

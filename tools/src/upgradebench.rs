@@ -68,6 +68,8 @@ const WARMUP: u8 = 0;
 const BASELINE: u8 = 1;
 const UPGRADES: u8 = 2;
 const DONE: u8 = 3;
+/// Pauses above this are reported step by step (the first five).
+const SLOW: Duration = Duration::from_millis(1);
 
 /// Device-process upgrades under load, with a synthetic front end, on this machine.
 #[derive(Debug, Parser)]
@@ -266,8 +268,7 @@ impl Driver {
                 break;
             }
             let mut posted = false;
-            while !stopping {
-                let Some(slot) = free.pop() else { break };
+            while let Some(slot) = if stopping { None } else { free.pop() } {
                 seq += 1;
                 let head = fill(mem, slot, seq);
                 inflight.insert(slot, seq);
@@ -686,6 +687,7 @@ fn bench_device(
     let mut pause = Vec::with_capacity(a.upgrades);
     let mut total = Vec::with_capacity(a.upgrades);
     let mut failure = None;
+    let mut slow = Vec::new();
     for n in 0..a.upgrades {
         let socket = &sockets[(n + 1) % 2];
         let started = Instant::now();
@@ -700,11 +702,18 @@ fn bench_device(
             )?;
             next.prepare(&ram, &mut inflight, setup.queues)?;
             let p = Instant::now();
+            let mut marks = Vec::new();
             for (i, ring) in setup.rings.iter().enumerate() {
                 let base = cur.stop_ring(i)?;
+                marks.push((format!("ring {i} stopped"), p.elapsed()));
                 next.start_ring(i, &ring.config(&ram), base, &call, &kicks[i])?;
+                marks.push((format!("ring {i} started"), p.elapsed()));
             }
-            pause.push(p.elapsed());
+            let took = p.elapsed();
+            pause.push(took);
+            if took > SLOW && slow.len() < 5 {
+                slow.push((n, marks));
+            }
             for k in &kicks {
                 let _ = k.write(1);
             }
@@ -724,6 +733,13 @@ fn bench_device(
         std::thread::sleep(Duration::from_millis(a.interval_ms));
     }
     let upgrades_ms = t.elapsed().as_millis() as u64;
+    for (n, marks) in &slow {
+        let steps: Vec<String> = marks
+            .iter()
+            .map(|(what, at)| format!("{what} at {} µs", at.as_micros()))
+            .collect();
+        println!("{name}: slow upgrade {n}: {}", steps.join(", "));
+    }
     phase.store(DONE, Ordering::Release);
     stop.store(true, Ordering::Release);
     let load = load

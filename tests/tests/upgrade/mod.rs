@@ -14,8 +14,8 @@ use tests::{ensure, host, Result, TestDir, TestVm};
 use super::api::ApiVm;
 use super::{last_line, CMD, EXIT, LONG, MIB};
 
-/// How many upgrades the tests do: 100, or `SKIFF_UPGRADES` (tools/upgradebench.sh
-/// runs these tests with 1000).
+/// How many upgrades the soak tests do: 100, or `SKIFF_UPGRADES`. (tools/upgradebench.sh
+/// times 1000 per device at native speed with a synthetic front end.)
 fn upgrades() -> usize {
     std::env::var("SKIFF_UPGRADES")
         .ok()
@@ -351,10 +351,21 @@ pub fn upgrade_failures_keep_old_process() -> Result {
 }
 
 /// kill -9 of skiff-blk 20 times while fio writes and verifies a file on an ext4 file
-/// system on the drive: skiff restarts it each time and resubmits what it had in flight,
-/// so the guest sees no I/O error, fio's verify passes, and the file system is clean.
+/// system on the drive (soak test; see [`crash_blk_kills_under_fio`]).
 pub fn crash_blk_20_kills_under_fio() -> Result {
-    const KILLS: usize = 20;
+    crash_blk_kills_under_fio(20)
+}
+
+/// The same with 3 kills, short enough for every CI run.
+pub fn crash_blk_3_kills_under_fio() -> Result {
+    crash_blk_kills_under_fio(3)
+}
+
+/// kill -9 of skiff-blk `kills` times, one every few hundred ms, while fio writes and
+/// verifies a file on an ext4 file system on the drive: skiff restarts it each time, the
+/// new process resubmits what the inflight area holds, so the guest sees no I/O error,
+/// fio's verify passes, and the file system is clean.
+fn crash_blk_kills_under_fio(kills: usize) -> Result {
     let dir = TestDir::new("crash-blk")?;
     let rootfs = dir.bench_rootfs()?;
     let data = dir.sparse_image("data.img", 64 * MIB)?;
@@ -375,7 +386,7 @@ pub fn crash_blk_20_kills_under_fio() -> Result {
     a.vm.run_ok("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt", CMD)?;
     start_fio_loop(&mut a.vm, "/mnt/f")?;
     std::thread::sleep(Duration::from_secs(2));
-    for n in 0..KILLS {
+    for n in 0..kills {
         let pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
             .pid
             .ok_or("the data drive has no device process")?;
@@ -401,7 +412,7 @@ pub fn crash_blk_20_kills_under_fio() -> Result {
     a.vm.run_ok("umount /mnt && sync", CMD)?;
     let prom = a.api.skiff_metrics().map_err(|e| e.to_string())?;
     ensure!(
-        prom.contains(&format!("skiff_vm_device_crash_restarts_total {KILLS}")),
+        prom.contains(&format!("skiff_vm_device_crash_restarts_total {kills}")),
         "the restarts are not counted:\n{prom}"
     );
     a.vm.reboot_and_wait(EXIT)?;
