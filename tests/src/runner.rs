@@ -288,6 +288,7 @@ fn run_nested(raw_args: &[String], only_guest: bool) -> std::result::Result<Coun
     // Test knobs reach the tests inside too.
     for var in [
         "SKIFF_UPGRADES",
+        "SKIFF_KILLS",
         "SKIFF_TEST_VERBOSE",
         "SKIFF_KEEP_TMP",
         "SKIFF_FC_PYTHON",

@@ -63,7 +63,7 @@ fn main() {
         Soak true upgrade_net_100_under_tcp,
         Guest false upgrade_failures_keep_old_process,
         Soak false crash_blk_20_kills_under_fio,
-        Guest false crash_blk_3_kills_under_fio,
+        Guest false crash_blk_3_kills_under_dd,
         Guest false interop_qemu_boots_from_skiff_blk,
         Guest false interop_skiff_boots_from_qemu_storage_daemon,
         Host false missing_kernel,

@@ -97,6 +97,10 @@ struct Args {
     /// Pause between upgrades, in milliseconds.
     #[arg(long, default_value_t = 5)]
     interval_ms: u64,
+    /// Kill -9 the device process instead of upgrading it, and recover as skiff does
+    /// after a crash; "pause" is then from the kill to the last ring started.
+    #[arg(long)]
+    crash: bool,
     /// JSON results file.
     #[arg(long, value_name = "PATH", default_value = "target/upgradebench.json")]
     out: PathBuf,
@@ -215,6 +219,8 @@ impl Ring {
 struct LoadResult {
     completions: u64,
     errors: u64,
+    /// Times completions were in the used ring 20 ms without an interrupt.
+    unsignalled: u64,
     /// Gaps between completion batches, per phase.
     gaps: [Vec<Duration>; 4],
     /// blk: block -> generation of the last completed write.
@@ -230,15 +236,17 @@ struct Driver {
     depth: u16,
 }
 
-fn wait_call(call: &EventFd, ms: i32) {
+/// Waits up to `ms` for the device's interrupt; returns whether it came.
+fn wait_call(call: &EventFd, ms: i32) -> bool {
     let mut pfd = libc::pollfd {
         fd: call.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: poll on one valid pollfd that lives across the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) };
+    let ready = unsafe { libc::poll(&mut pfd, 1, ms) } > 0;
     let _ = call.read();
+    ready
 }
 
 impl Driver {
@@ -279,8 +287,12 @@ impl Driver {
             if posted {
                 let _ = self.kick[queue].write(1);
             }
-            wait_call(&self.call, 20);
+            let signalled = wait_call(&self.call, 20);
             let now_used = ring.used_idx(mem);
+            if !signalled && now_used != used {
+                // A guest would have waited for these forever.
+                r.unsignalled += 1;
+            }
             if now_used == used {
                 // Nothing: kick again in case a kick fell between two backends.
                 let _ = self.kick[queue].write(1);
@@ -617,6 +629,12 @@ struct Setup {
     rings: Vec<Ring>,
 }
 
+impl Setup {
+    fn ring_at(&self, i: usize) -> Ring {
+        self.rings[i]
+    }
+}
+
 fn bench_device(
     name: &'static str,
     setup: &Setup,
@@ -691,7 +709,13 @@ fn bench_device(
     for n in 0..a.upgrades {
         let socket = &sockets[(n + 1) % 2];
         let started = Instant::now();
+        if a.crash {
+            // kill -9 at a random moment of the load, as a crash would.
+            let _ = cur.child.kill();
+            let _ = cur.child.wait();
+        }
         let step = (|| -> Result<Backend> {
+            let crashed = Instant::now();
             let mut next = Backend::start(
                 &setup.bin,
                 &with_socket(socket),
@@ -701,10 +725,17 @@ fn bench_device(
                 log,
             )?;
             next.prepare(&ram, &mut inflight, setup.queues)?;
-            let p = Instant::now();
+            // Crash: from the kill; upgrade: from the first ring stopped.
+            let p = if a.crash { crashed } else { Instant::now() };
             let mut marks = Vec::new();
             for (i, ring) in setup.rings.iter().enumerate() {
-                let base = cur.stop_ring(i)?;
+                // After a crash the ring restarts at the used index in guest memory, as
+                // skiff's VMM does; the inflight area tells skiff-blk what to resubmit.
+                let base = if a.crash {
+                    setup.ring_at(i).used_idx(&ram.mem)
+                } else {
+                    cur.stop_ring(i)?
+                };
                 marks.push((format!("ring {i} stopped"), p.elapsed()));
                 next.start_ring(i, &ring.config(&ram), base, &call, &kicks[i])?;
                 marks.push((format!("ring {i} started"), p.elapsed()));
@@ -716,6 +747,11 @@ fn bench_device(
             }
             for k in &kicks {
                 let _ = k.write(1);
+            }
+            if a.crash {
+                // As skiff's VMM does: the dead process may have completed requests
+                // without signalling them.
+                let _ = call.write(1);
             }
             Ok(next)
         })();
@@ -851,7 +887,7 @@ fn run(a: &Args) -> Result<Vec<Value>> {
     let _ = std::fs::remove_dir_all(&dir);
 
     println!(
-        "{:5} {:>9} {:>26} {:>26} {:>26} {:>26} {:>9} {:>7} {:>6}",
+        "{:5} {:>9} {:>26} {:>26} {:>26} {:>26} {:>9} {:>7} {:>6} {:>6}",
         "",
         "upgrades",
         "pause µs p50/p99/max",
@@ -860,7 +896,8 @@ fn run(a: &Args) -> Result<Vec<Value>> {
         "gap µs, upgrading",
         "max ratio",
         "errors",
-        "lost"
+        "lost",
+        "no-irq"
     );
     let mut docs = Vec::new();
     for r in &out {
@@ -873,7 +910,7 @@ fn run(a: &Args) -> Result<Vec<Value>> {
             _ => None,
         };
         println!(
-            "{:5} {:>9} {:>26} {:>26} {:>26} {:>26} {:>9} {:>7} {:>6}",
+            "{:5} {:>9} {:>26} {:>26} {:>26} {:>26} {:>9} {:>7} {:>6} {:>6}",
             r.name,
             r.pause.len(),
             us(pause),
@@ -882,7 +919,8 @@ fn run(a: &Args) -> Result<Vec<Value>> {
             us(up),
             ratio.map_or("-".into(), |x| format!("{x:.1}")),
             r.load.errors,
-            r.lost_writes
+            r.lost_writes,
+            r.load.unsignalled
         );
         docs.push(json!({
             "device": r.name,
@@ -894,6 +932,7 @@ fn run(a: &Args) -> Result<Vec<Value>> {
             "max_gap_ratio_upgrading_over_baseline": ratio,
             "completions": r.load.completions,
             "errors": r.load.errors,
+            "unsignalled_completions": r.load.unsignalled,
             "lost_writes": r.lost_writes,
             "baseline_ms": r.baseline_ms,
             "upgrading_ms": r.upgrades_ms,
@@ -902,6 +941,7 @@ fn run(a: &Args) -> Result<Vec<Value>> {
     }
     println!(
         "(gap = time between two completion batches seen by the synthetic driver, queue depth {}; \
+         no-irq = completions found in the used ring after 20 ms without an interrupt; \
          measured on this host at native speed, synthetic front end)",
         a.depth
     );

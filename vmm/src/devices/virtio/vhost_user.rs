@@ -588,6 +588,9 @@ impl VhostUserDevice {
             // The dead backend may have consumed the guest's last kick.
             let _ = self.kicks[i].write(1);
         }
+        // It may also have put requests in the used ring and died before signalling them:
+        // the guest would wait for them forever. One interrupt makes it look.
+        let _ = self.call.write(1);
         let us = start.elapsed().as_micros() as u64;
         self.frontend = next.frontend;
         self.backend_features = next.backend_features;
