@@ -47,48 +47,96 @@ fn check_report(r: &UpgradeReport, id: &str, previous_pid: u32) -> Result {
     Ok(())
 }
 
-/// Starts fio in a loop in the guest until [`stop_fio_loop`]: each run writes 16 MiB at
-/// random to `target` (4 KiB, direct I/O, queue depth 32) and verifies as it goes
-/// (verify_backlog) and at the end.
-fn start_fio_loop(vm: &mut TestVm, target: &str) -> Result {
-    vm.run_ok(
-        &format!(
-            "(i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); \
-             fio --name=v --filename={target} --rw=randwrite --bs=4k --iodepth=32 \
-             --ioengine=libaio --direct=1 --size=16m --verify=crc32c --verify_fatal=1 \
-             --verify_backlog=512 --do_verify=1 --output=/tmp/fio.$i.txt || echo FIO-FAILED $i; \
-             done; echo FIO-LOOPS $i) > /tmp/fio.log 2>&1 &"
-        ),
-        CMD,
-    )?;
+/// fio for `secs` seconds on `target`: random 4 KiB writes, direct I/O, queue depth 32,
+/// verified as it goes (verify_backlog) and at the end.
+fn fio_cmd(target: &str, secs: u64) -> String {
+    format!(
+        "fio --name=v --filename={target} --rw=randwrite --bs=4k --iodepth=32 \
+         --ioengine=libaio --direct=1 --size=16m --verify=crc32c --verify_fatal=1 \
+         --verify_backlog=512 --do_verify=1 --time_based --runtime={secs} 2>&1; echo FIO-EXIT $?"
+    )
+}
+
+/// Checks [`fio_cmd`]'s output and the guest's log: fio exited 0 with `err= 0`, the guest
+/// logged no I/O error; `what` says what happened meanwhile.
+fn check_fio(vm: &mut TestVm, out: &str, what: &str) -> Result {
+    ensure!(
+        out.contains("FIO-EXIT 0") && out.contains("err= 0"),
+        "fio failed {what}:\n{out}"
+    );
+    let ioerr = vm.run("dmesg | grep -ci 'i/o error'", CMD)?.0;
+    ensure!(
+        last_line(&ioerr) == "0",
+        "the guest logged I/O errors {what}: {ioerr}"
+    );
     Ok(())
 }
 
-/// Stops the loop of [`start_fio_loop`] and checks that no run failed, every run reported
-/// `err= 0` and the guest logged no I/O error; `what` says what happened meanwhile.
-fn stop_fio_loop(vm: &mut TestVm, what: &str) -> Result {
-    vm.run_ok("touch /tmp/stop", CMD)?;
-    let deadline = Instant::now() + LONG;
-    let log = loop {
-        let log = vm.run_ok("cat /tmp/fio.log", CMD)?;
-        if log.contains("FIO-LOOPS") {
-            break log;
-        }
-        ensure!(Instant::now() < deadline, "fio did not finish: {log}");
-        std::thread::sleep(Duration::from_secs(2));
-    };
-    ensure!(!log.contains("FIO-FAILED"), "fio failed {what}:\n{log}");
-    let errs = vm.run_ok(
-        "cat /tmp/fio.*.txt | grep -c 'err= 0'; cat /tmp/fio.*.txt | grep 'err=' | grep -vc 'err= 0'; \
-         dmesg | grep -ci 'i/o error'",
-        CMD,
-    )?;
-    let counts: Vec<u64> = errs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+/// Runs `cmd` in the guest's foreground (up to `timeout`) while `work` runs on a thread
+/// with its own API client; returns the command's output and what `work` returned, and
+/// fails if `work` was still running when the command ended (the load must cover it).
+///
+/// A foreground command and a thread rather than a background loop that the test stops:
+/// with busybox ash on the console, the interactive shell exited when such a loop ended
+/// (cause not found).
+fn while_guest_runs<T: Send + 'static>(
+    a: &mut ApiVm,
+    cmd: &str,
+    timeout: Duration,
+    work: impl FnOnce(&mut api_server::client::ApiClient) -> Result<T> + Send + 'static,
+) -> Result<(String, T)> {
+    let mut api = api_server::client::ApiClient::new(&a.sock);
+    let worker = std::thread::spawn(move || {
+        let r = work(&mut api);
+        (r, Instant::now())
+    });
+    let out = a.vm.run(cmd, timeout);
+    let ended = Instant::now();
+    let (r, work_ended) = worker
+        .join()
+        .map_err(|_| "the host-side thread panicked".to_string())?;
+    let (out, _) = out?;
+    let r = r?;
     ensure!(
-        counts.len() == 3 && counts[0] >= 1 && counts[1] == 0 && counts[2] == 0,
-        "fio runs without error / with error / guest I/O errors: {counts:?}\n{errs}"
+        work_ended <= ended,
+        "the guest's command ended before the host-side work did; output:\n{out}"
     );
-    Ok(())
+    Ok((out, r))
+}
+
+/// kill -9 of the data drive's skiff-blk `kills` times, after `delay`, waiting each time
+/// until skiff restarted it; returns the killed pids.
+fn kill_blk(
+    api: &mut api_server::client::ApiClient,
+    kills: usize,
+    delay: Duration,
+) -> Result<Vec<u32>> {
+    std::thread::sleep(delay);
+    let mut pids = Vec::new();
+    for n in 0..kills {
+        let pid = api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
+            .pid
+            .ok_or("the data drive has no device process")?;
+        // SAFETY: kill(2) on a pid the VMM reported; no memory is touched.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+        pids.push(pid);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let devices = api.skiff_devices().map_err(|e| e.to_string())?;
+            let d = &devices.devices[1];
+            if d.pid.is_some_and(|p| p != pid) && d.restarts as usize == n + 1 {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "kill {n}: skiff-blk was not restarted: {d:?}"
+            );
+        }
+    }
+    Ok(pids)
 }
 
 /// Configures a data drive `data` served from `image`.
@@ -115,24 +163,30 @@ pub fn upgrade_blk_100_under_fio() -> Result {
     put_data_drive(&mut a, &data)?;
     a.start_guest()?;
     a.vm.run_ok("command -v fio", CMD)?;
-    // fio in a loop until told to stop; each run writes 16 MiB at random and verifies as
-    // it goes (verify_backlog) and at the end.
-    start_fio_loop(&mut a.vm, "/dev/vdb")?;
-    std::thread::sleep(Duration::from_secs(2));
-    let mut pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
-        .pid
-        .ok_or("the data drive has no device process")?;
-    let mut pauses = Vec::new();
-    for n in 0..upgrades() {
-        let r = a
-            .api
-            .upgrade_device("data", None)
-            .map_err(|e| format!("upgrade {n}: {e}{}", a.vm.diagnostics()))?;
-        check_report(&r, "data", pid)?;
-        pid = r.new_pid;
-        pauses.push(r.pause_us);
-    }
-    stop_fio_loop(&mut a.vm, "during the upgrades")?;
+    let n = upgrades();
+    let secs = 20 + n as u64 / 4;
+    let (out, mut pauses) = while_guest_runs(
+        &mut a,
+        &fio_cmd("/dev/vdb", secs),
+        Duration::from_secs(secs) + LONG,
+        move |api| {
+            std::thread::sleep(Duration::from_secs(3));
+            let mut pid = api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
+                .pid
+                .ok_or("the data drive has no device process")?;
+            let mut pauses = Vec::new();
+            for k in 0..n {
+                let r = api
+                    .upgrade_device("data", None)
+                    .map_err(|e| format!("upgrade {k}: {e}"))?;
+                check_report(&r, "data", pid)?;
+                pid = r.new_pid;
+                pauses.push(r.pause_us);
+            }
+            Ok(pauses)
+        },
+    )?;
+    check_fio(&mut a.vm, &out, "during the upgrades")?;
     let devs = a.api.skiff_devices().map_err(|e| e.to_string())?;
     ensure!(
         devs.devices[1].restarts as usize == upgrades(),
@@ -381,38 +435,8 @@ pub fn crash_blk_3_kills_under_dd() -> Result {
         CMD,
     )?)
     .ok_or("no checksum of the pattern")?;
-    // The kills, from another thread while the guest's loop runs in the foreground.
-    let api = api_server::client::ApiClient::new(&a.sock);
-    let killer = std::thread::spawn(move || -> Result<Vec<u32>> {
-        let mut api = api;
-        let mut pids = Vec::new();
-        std::thread::sleep(Duration::from_millis(1500));
-        for n in 0..kills {
-            let pid = api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
-                .pid
-                .ok_or("the data drive has no device process")?;
-            // SAFETY: kill(2) on a pid the VMM reported; no memory is touched.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
-            pids.push(pid);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                std::thread::sleep(Duration::from_millis(300));
-                let devices = api.skiff_devices().map_err(|e| e.to_string())?;
-                let d = &devices.devices[1];
-                if d.pid.is_some_and(|p| p != pid) && d.restarts as usize == n + 1 {
-                    break;
-                }
-                ensure!(
-                    Instant::now() < deadline,
-                    "kill {n}: skiff-blk was not restarted: {d:?}"
-                );
-            }
-        }
-        Ok(pids)
-    });
-    let out = a.vm.run(
+    let (out, pids) = while_guest_runs(
+        &mut a,
         &format!(
             "for i in $(seq {ROUNDS}); do \
              dd if=/tmp/pat of=/dev/vdb bs=64k oflag=direct conv=fsync 2>>/tmp/dd.err || echo DD-WRITE-FAILED $i; \
@@ -420,12 +444,8 @@ pub fn crash_blk_3_kills_under_dd() -> Result {
              echo DD-ROUND $i; done"
         ),
         LONG,
-    );
-    let killed = killer
-        .join()
-        .map_err(|_| "the kill thread panicked".to_string())?;
-    let (out, _) = out?;
-    let pids = killed?;
+        move |api| kill_blk(api, kills, Duration::from_millis(1500)),
+    )?;
     ensure!(pids.len() == kills, "killed {pids:?}");
     if out.contains("DD-WRITE-FAILED")
         || out.contains("DD-MISMATCH")
@@ -478,31 +498,14 @@ fn crash_blk_kills_under_fio(kills: usize) -> Result {
     put_data_drive(&mut a, &data)?;
     a.start_guest()?;
     a.vm.run_ok("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt", CMD)?;
-    start_fio_loop(&mut a.vm, "/mnt/f")?;
-    std::thread::sleep(Duration::from_secs(2));
-    for n in 0..kills {
-        let pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
-            .pid
-            .ok_or("the data drive has no device process")?;
-        // SAFETY: kill(2) on a pid the VMM reported; no memory is touched.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGKILL);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            std::thread::sleep(Duration::from_millis(300));
-            let d = &a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1];
-            if d.pid.is_some_and(|p| p != pid) && d.restarts as usize == n + 1 {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "kill {n}: skiff-blk was not restarted: {d:?}{}",
-                a.vm.diagnostics()
-            );
-        }
-    }
-    stop_fio_loop(&mut a.vm, "while skiff-blk was killed")?;
+    let secs = 20 + kills as u64;
+    let (out, _) = while_guest_runs(
+        &mut a,
+        &fio_cmd("/mnt/f", secs),
+        Duration::from_secs(secs) + LONG,
+        move |api| kill_blk(api, kills, Duration::from_secs(3)),
+    )?;
+    check_fio(&mut a.vm, &out, "while skiff-blk was killed")?;
     a.vm.run_ok("umount /mnt && sync", CMD)?;
     let prom = a.api.skiff_metrics().map_err(|e| e.to_string())?;
     ensure!(
