@@ -218,6 +218,29 @@ impl BlockBackend {
         }
     }
 
+    /// Queue `queue`'s part of `area`, if the area can track the whole ring. A ring
+    /// larger than the area (the frontend sized it so) is not tracked at all: tracking
+    /// some of its requests and not others would make recovery resubmit wrong ones.
+    fn tracker<'a>(
+        &self,
+        area: &'a InflightArea,
+        vring: &BlockVring,
+        queue: usize,
+    ) -> Option<QueueInflight<'a>> {
+        let track = area.queue(queue)?;
+        let size = vring.get_ref().get_queue().size();
+        if size > track.capacity() {
+            if !self.untracked_logged.swap(true, Ordering::Relaxed) {
+                warn!(
+                    "queue {queue}: the ring ({size}) is larger than the inflight area ({}); its requests are not tracked",
+                    track.capacity()
+                );
+            }
+            return None;
+        }
+        Some(track)
+    }
+
     fn inflight_area(&self) -> Option<Arc<InflightArea>> {
         self.inflight
             .read()
@@ -255,7 +278,7 @@ impl BlockBackend {
         let Some(area) = self.inflight_area() else {
             return Ok(());
         };
-        let Some(track) = area.queue(queue).filter(|t| t.valid()) else {
+        let Some(track) = self.tracker(&area, vring, queue).filter(|t| t.valid()) else {
             return Ok(());
         };
         let mem = self.memory().memory();
@@ -269,7 +292,15 @@ impl BlockBackend {
             )
         };
         let used = used.map_err(BlockBackendError::Vring)?.0;
-        let heads = track.recover(used);
+        let mut heads = track.recover(used);
+        // A recorded head this ring cannot hold is not a request of it (a stale area).
+        heads.retain(|&h| {
+            if h >= size {
+                warn!("queue {queue}: the inflight area records head {h}, beyond the ring of {size}; ignored");
+                track.forget(h);
+            }
+            h < size
+        });
         vring.set_queue_next_avail(used.wrapping_add(heads.len() as u16));
         if heads.is_empty() {
             return Ok(());
@@ -294,22 +325,18 @@ impl BlockBackend {
     fn drain_queue(&self, vring: &BlockVring, queue: usize) -> Result<bool, BlockBackendError> {
         let mem = self.memory().memory();
         let area = self.inflight_area();
-        let track = area.as_ref().and_then(|a| a.queue(queue));
+        let track = area.as_ref().and_then(|a| self.tracker(a, vring, queue));
         let mut used = false;
         loop {
             // Keep the vring lock only for the pop; add_used takes it again.
             let chain = pop_chain(vring, mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let tracked = match &track {
-                Some(t) => t.begin(head),
-                None => true,
-            };
-            if !tracked && !self.untracked_logged.swap(true, Ordering::Relaxed) {
-                warn!("queue {queue}: the ring is larger than the inflight area; requests with head {head} and above are not tracked");
+            if let Some(t) = &track {
+                t.begin(head);
             }
             let len = process_chain(&self.disk, &self.metrics, chain);
-            Self::complete(vring, track.as_ref().filter(|_| tracked), head, len)?;
+            Self::complete(vring, track.as_ref(), head, len)?;
             used = true;
         }
         Ok(used)

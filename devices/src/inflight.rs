@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::num::Wrapping;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vhost::vhost_user::message::VhostUserInflight;
@@ -131,6 +131,18 @@ impl InflightArea {
         // SAFETY: `fd` was just created and is owned by nothing else.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         file.set_len(size as u64).map_err(InflightError::Memfd)?;
+        // Nobody holding the fd (a later backend included) may shrink it under a mapping.
+        // SAFETY: F_ADD_SEALS on a memfd we own; no memory is passed.
+        let sealed = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        if sealed < 0 {
+            return Err(InflightError::Memfd(std::io::Error::last_os_error()));
+        }
         let area = Self::map(file, 0, size, num_queues, queue_size)?;
         let s = area.slice();
         for q in 0..usize::from(num_queues) {
@@ -142,16 +154,20 @@ impl InflightArea {
     }
 
     /// Maps an area the frontend handed over (SET_INFLIGHT_FD) without changing it.
-    pub fn open(
-        file: File,
-        info: &VhostUserInflight,
-        max_queues: u16,
-    ) -> Result<Self, InflightError> {
-        check_geometry(info.num_queues, info.queue_size, max_queues)?;
+    ///
+    /// An area for more queues than this backend serves is fine (a previous backend served
+    /// more); the extra regions are left alone. The file must hold the whole area.
+    pub fn open(file: File, info: &VhostUserInflight) -> Result<Self, InflightError> {
+        check_geometry(info.num_queues, info.queue_size, u16::MAX)?;
         let want = (usize::from(info.num_queues) * queue_region_size(info.queue_size)) as u64;
-        if info.mmap_size < want || info.mmap_size > want + ALIGN as u64 * 1024 {
+        let file_size = file.metadata().map_err(InflightError::Memfd)?.len();
+        let fits = info
+            .mmap_offset
+            .checked_add(want)
+            .is_some_and(|end| end <= file_size);
+        if info.mmap_size < want || info.mmap_size > want + ALIGN as u64 * 1024 || !fits {
             return Err(InflightError::BadSize {
-                got: info.mmap_size,
+                got: if fits { info.mmap_size } else { file_size },
                 offset: info.mmap_offset,
                 queues: info.num_queues,
                 size: info.queue_size,
@@ -215,6 +231,7 @@ impl InflightArea {
         Some(QueueInflight {
             slice,
             counter: &self.counters[q],
+            desc_num: self.queue_size,
         })
     }
 }
@@ -243,11 +260,25 @@ fn load16(s: &VolatileSlice<'_>, off: usize) -> u16 {
 pub struct QueueInflight<'a> {
     slice: VolatileSlice<'a>,
     counter: &'a AtomicU64,
+    /// Descriptors per queue, as the area was made (not read back from shared memory).
+    desc_num: u16,
 }
 
 impl QueueInflight<'_> {
     fn desc_num(&self) -> u16 {
-        load16(&self.slice, OFF_DESC_NUM)
+        self.desc_num
+    }
+
+    /// The largest ring the area can track.
+    pub fn capacity(&self) -> u16 {
+        self.desc_num
+    }
+
+    /// Clears `head`'s flag without completing it (a recorded head the ring cannot hold).
+    pub fn forget(&self, head: u16) {
+        if let Some(d) = self.desc(head) {
+            let _ = self.slice.store(0u8, d + D_INFLIGHT, Ordering::Release);
+        }
     }
 
     fn desc(&self, head: u16) -> Option<usize> {
@@ -288,8 +319,11 @@ impl QueueInflight<'_> {
         store16(&self.slice, d + D_NEXT, last);
         store16(&self.slice, OFF_LAST_BATCH_HEAD, head);
         let used = publish()?;
-        store16(&self.slice, OFF_USED_IDX, used);
+        // Flag first, then the index: a crash between the two leaves the recorded index
+        // behind the ring's, which `recover` repairs (the other order would leave a
+        // completed head flagged with nothing to show it).
         let _ = self.slice.store(0u8, d + D_INFLIGHT, Ordering::Release);
+        store16(&self.slice, OFF_USED_IDX, used);
         Ok(())
     }
 
@@ -426,7 +460,7 @@ mod tests {
         }
         // Another backend maps the same memfd after this one died.
         let info = a.info();
-        let b = InflightArea::open(a.file().try_clone().unwrap(), &info, 1).unwrap();
+        let b = InflightArea::open(a.file().try_clone().unwrap(), &info).unwrap();
         assert_eq!(b.queue(0).unwrap().recover(used), vec![5, 7]);
     }
 
@@ -444,11 +478,48 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_after_clearing_the_flag_loses_nothing() {
+        let a = InflightArea::create(1, 8, 1).unwrap();
+        let q = a.queue(0).unwrap();
+        assert!(q.begin(2) && q.begin(5));
+        // Completed and cleared, killed before recording used index 1.
+        q.complete(2, || -> Result<u16, ()> { Ok(1) }).unwrap();
+        store16(&a.slice(), OFF_USED_IDX, 0);
+        assert_eq!(q.recover(1), vec![5]);
+        // Completed, recorded, and the next one taken: nothing is repaired twice.
+        q.complete(5, || -> Result<u16, ()> { Ok(2) }).unwrap();
+        assert!(q.begin(1));
+        assert_eq!(q.recover(2), vec![1]);
+    }
+
+    #[test]
+    fn areas_are_sealed_and_checked_against_their_file() {
+        let a = InflightArea::create(1, 8, 1).unwrap();
+        assert!(a.file().set_len(10).is_err(), "the memfd can be shrunk");
+        let e = InflightArea::open(memfd_of(10), &a.info()).unwrap_err();
+        assert!(e.to_string().contains("of 10 bytes"), "{e}");
+        // More queues than this backend serves: accepted (a previous one served more).
+        let two = InflightArea::create(2, 8, 2).unwrap();
+        let b = InflightArea::open(two.file().try_clone().unwrap(), &two.info()).unwrap();
+        assert!(b.queue(1).is_some());
+    }
+
+    fn memfd_of(len: u64) -> File {
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        f.set_len(len).unwrap();
+        f
+    }
+
+    #[test]
     fn bad_sizes_are_refused() {
         let a = InflightArea::create(1, 8, 1).unwrap();
         let mut info = a.info();
         info.mmap_size = 10;
-        let e = InflightArea::open(a.file().try_clone().unwrap(), &info, 1).unwrap_err();
+        let e = InflightArea::open(a.file().try_clone().unwrap(), &info).unwrap_err();
         assert!(e.to_string().contains("need 192"), "{e}");
     }
 }

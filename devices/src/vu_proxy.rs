@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use log::{error, info};
@@ -55,9 +55,10 @@ pub enum ProxyError {
     /// The vhost-user daemon failed.
     #[error("vhost-user daemon failed: {0}")]
     Daemon(String),
-    /// The private connection did not come from this process.
-    #[error("the private connection to the request handler came from pid {0}, not this process")]
-    Foreign(i32),
+    /// The request handler did not answer on the private connection (another process
+    /// connected to it first).
+    #[error("the vhost-user request handler did not answer on its private connection")]
+    Foreign,
     /// A message broke the protocol.
     #[error("vhost-user message {request}: {why}")]
     Protocol {
@@ -241,7 +242,7 @@ impl Relay {
                 })
             }
         };
-        let result = InflightArea::open(file, &info, self.host.max_queues());
+        let result = InflightArea::open(file, &info);
         let status: u64 = match result {
             Ok(area) => {
                 info!("inflight area set: {} queue(s) of {}", info.num_queues, {
@@ -316,67 +317,61 @@ fn backend_to_front(relay: &Relay, inner: &UnixStream) -> Result<(), ProxyError>
     Ok(())
 }
 
-fn peer_pid(s: &UnixStream) -> Result<i32, ProxyError> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, which is that large.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(ProxyError::Setup(
-            "SO_PEERCRED".into(),
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(cred.pid)
-}
-
-/// Connects `daemon` (the crate's request handler) to a private socket next to `socket`
-/// and returns this end of the connection.
-fn connect_daemon<T>(
-    socket: &Path,
-    daemon: &mut VhostUserDaemon<T>,
-) -> Result<UnixStream, ProxyError>
+/// Connects `daemon` (the crate's request handler) to this process over a private
+/// connection and returns this end of it.
+///
+/// The crate only accepts from a listener, so one is bound at a random abstract address
+/// (no file to replace, nothing left behind), this process connects, and the crate accepts.
+/// Abstract addresses are visible in /proc/net/unix, so another process might connect in
+/// between and be accepted instead; a GET_FEATURES probe over our end proves the crate
+/// answers us (an unaccepted connection is reset when the listener closes).
+fn connect_daemon<T>(daemon: &mut VhostUserDaemon<T>) -> Result<UnixStream, ProxyError>
 where
     T: VhostUserBackend + Clone + 'static,
     T::Bitmap: vhost_user_backend::bitmap::BitmapReplace + NewBitmap + Clone + Send + Sync,
     T::Vring: Clone + Send + Sync,
 {
-    let dir = socket
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let inner: PathBuf = dir.join(format!(".skiff-vu-{}", std::process::id()));
-    let _ = std::fs::remove_file(&inner);
-    let listener = UnixListener::bind(&inner)
-        .map_err(|e| ProxyError::Setup(format!("cannot listen on {}", inner.display()), e))?;
-    let path = inner.to_string_lossy().into_owned();
-    let connected = daemon
-        .start_client(&path)
-        .map_err(|e| ProxyError::Daemon(format!("{e:?}")));
-    let accepted = connected.and_then(|()| {
-        listener
-            .accept()
-            .map_err(|e| ProxyError::Setup("accept on the private socket".into(), e))
-    });
-    let _ = std::fs::remove_file(&inner);
-    let (stream, _) = accepted?;
-    let pid = peer_pid(&stream)?;
-    if pid != std::process::id() as i32 {
-        return Err(ProxyError::Foreign(pid));
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::SocketAddr;
+
+    let setup = |what: &str| {
+        let what = what.to_string();
+        move |e: io::Error| ProxyError::Setup(what, e)
+    };
+    let mut rnd = [0u8; 16];
+    // SAFETY: getrandom writes at most 16 bytes into `rnd`, which is that large.
+    let n = unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) };
+    if n != rnd.len() as isize {
+        return Err(ProxyError::Setup(
+            "getrandom".into(),
+            io::Error::last_os_error(),
+        ));
     }
-    Ok(stream)
+    let hex: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+    let name = format!("skiff-vu-{}-{hex}", std::process::id());
+    let addr =
+        SocketAddr::from_abstract_name(name.as_bytes()).map_err(setup("abstract address"))?;
+    let listener = UnixListener::bind_addr(&addr).map_err(setup("private listener"))?;
+    let stream = UnixStream::connect_addr(&addr).map_err(setup("private connection"))?;
+    let mut listener = Listener::from(listener);
+    daemon
+        .start(&mut listener)
+        .map_err(|e| ProxyError::Daemon(format!("{e:?}")))?;
+    drop(listener);
+    // The probe: the crate must answer GET_FEATURES (1) on our end.
+    write_message(
+        &stream,
+        &Message {
+            request: 1,
+            flags: FLAG_VERSION,
+            body: Vec::new(),
+            fds: Vec::new(),
+        },
+    )?;
+    match read_message(&stream) {
+        Ok(Some(m)) if m.request == 1 && m.flags & FLAG_REPLY != 0 => Ok(stream),
+        _ => Err(ProxyError::Foreign),
+    }
 }
 
 /// Listens on `socket`, serves one frontend through the relay until it disconnects, then
@@ -392,7 +387,7 @@ where
     T::Bitmap: vhost_user_backend::bitmap::BitmapReplace + NewBitmap + Clone + Send + Sync,
     T::Vring: Clone + Send + Sync,
 {
-    let inner = connect_daemon(socket, daemon)?;
+    let inner = connect_daemon(daemon)?;
     let listener = Listener::new(socket, true).map_err(|e| {
         ProxyError::Setup(
             format!("cannot listen on {}", socket.display()),

@@ -45,7 +45,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{json, Value};
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -436,6 +438,18 @@ fn spawn(bin: &Path, args: &[String], inherit: Vec<RawFd>, log: &File) -> Result
         .map_err(err(&format!("starting {}", bin.display())))
 }
 
+/// Runs `f` with NEED_REPLY set (REPLY_ACK is negotiated), as skiff's VMM sends the requests
+/// whose completion matters: the call returns once the backend has carried it out.
+fn acked<T>(
+    fe: &mut Frontend,
+    f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+) -> vhost::Result<T> {
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let r = f(fe);
+    fe.set_hdr_flags(VhostUserHeaderFlag::empty());
+    r
+}
+
 impl Backend {
     fn start(
         bin: &Path,
@@ -490,17 +504,16 @@ impl Backend {
         inflight: &mut Option<(VhostUserInflight, File)>,
         queues: u16,
     ) -> Result<()> {
-        self.fe
-            .set_features(VERSION_1 | PROTOCOL_FEATURES)
-            .map_err(err("SET_FEATURES"))?;
+        acked(&mut self.fe, |f| {
+            f.set_features(VERSION_1 | PROTOCOL_FEATURES)
+        })
+        .map_err(err("SET_FEATURES"))?;
         let regions = ram
             .mem
             .iter()
             .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).map_err(err("region")))
             .collect::<Result<Vec<_>>>()?;
-        self.fe
-            .set_mem_table(&regions)
-            .map_err(err("SET_MEM_TABLE"))?;
+        acked(&mut self.fe, |f| f.set_mem_table(&regions)).map_err(err("SET_MEM_TABLE"))?;
         if self
             .proto
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
@@ -519,8 +532,8 @@ impl Backend {
                 );
             }
             if let Some((info, file)) = inflight {
-                self.fe
-                    .set_inflight_fd(info, file.as_raw_fd())
+                let fd = file.as_raw_fd();
+                acked(&mut self.fe, |f| f.set_inflight_fd(info, fd))
                     .map_err(err("SET_INFLIGHT_FD"))?;
             }
         }
@@ -550,9 +563,7 @@ impl Backend {
         self.fe
             .set_vring_kick(i, kick)
             .map_err(err("SET_VRING_KICK"))?;
-        self.fe
-            .set_vring_enable(i, true)
-            .map_err(err("SET_VRING_ENABLE"))
+        acked(&mut self.fe, |f| f.set_vring_enable(i, true)).map_err(err("SET_VRING_ENABLE"))
     }
 
     fn stop_ring(&mut self, i: usize) -> Result<u16> {

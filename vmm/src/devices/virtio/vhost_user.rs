@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -166,6 +167,25 @@ fn kreq<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, VhostUserError>
     r.map_err(|e| VhostUserError::Request(what, e))
 }
 
+/// Sends one request with NEED_REPLY when `ack` (REPLY_ACK negotiated), so that it has been
+/// carried out, or its refusal is this call's error, when the call returns. Without it a
+/// backend's refusal only shows later as a closed connection.
+fn acked<T>(
+    frontend: &mut Frontend,
+    ack: bool,
+    what: &'static str,
+    f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+) -> Result<T, VhostUserError> {
+    if ack {
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    let r = f(frontend);
+    if ack {
+        frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+    }
+    kreq(what, r)
+}
+
 impl VhostUserDevice {
     /// Negotiates with the backend on `stream`. `max_queues` bounds what is asked for.
     pub fn new(
@@ -244,6 +264,30 @@ impl VhostUserDevice {
         })
     }
 
+    fn ack(&self) -> bool {
+        self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK)
+    }
+
+    /// Features and memory table (acknowledged, so a refusal shows here).
+    fn send_features_and_memory(&mut self, acked_features: u64) -> Result<(), VhostUserError> {
+        let bit = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let ack = self.ack();
+        acked(&mut self.frontend, ack, "SET_FEATURES", |f| {
+            f.set_features(acked_features | bit)
+        })?;
+        let regions = self
+            .mem
+            .iter()
+            .map(|r| {
+                VhostUserMemoryRegionInfo::from_guest_region(r)
+                    .map_err(|e| VhostUserError::Request("SET_MEM_TABLE", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        acked(&mut self.frontend, ack, "SET_MEM_TABLE", |f| {
+            f.set_mem_table(&regions).map(|_| ())
+        })
+    }
+
     /// The inflight area the backends of this device share, if any.
     pub fn inflight(&self) -> Option<InflightFd> {
         self.inflight.clone()
@@ -276,11 +320,11 @@ impl VhostUserDevice {
                 }
             }
         };
-        kreq(
-            "SET_INFLIGHT_FD",
-            self.frontend
-                .set_inflight_fd(&area.info, area.file.as_raw_fd()),
-        )?;
+        let fd = area.file.as_raw_fd();
+        let ack = self.ack();
+        acked(&mut self.frontend, ack, "SET_INFLIGHT_FD", |f| {
+            f.set_inflight_fd(&area.info, fd)
+        })?;
         self.inflight = Some(area);
         Ok(())
     }
@@ -305,19 +349,7 @@ impl VhostUserDevice {
     fn start(&mut self, acked: u64, queues: &[QueueConfig]) -> Result<(), VhostUserError> {
         let protocol_bit =
             self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        kreq(
-            "SET_FEATURES",
-            self.frontend.set_features(acked | protocol_bit),
-        )?;
-        let regions = self
-            .mem
-            .iter()
-            .map(|r| {
-                VhostUserMemoryRegionInfo::from_guest_region(r)
-                    .map_err(|e| VhostUserError::Request("SET_MEM_TABLE", e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        kreq("SET_MEM_TABLE", self.frontend.set_mem_table(&regions))?;
+        self.send_features_and_memory(acked)?;
         // A new driver session gets a new area: what a previous one left must not be
         // resubmitted.
         self.set_inflight(None)?;
@@ -326,9 +358,11 @@ impl VhostUserDevice {
                 continue;
             }
             let data = self.ring_config(i, q)?;
+            let ack = self.ack();
             start_ring(
                 &mut self.frontend,
                 protocol_bit != 0,
+                ack,
                 i,
                 &data,
                 0,
@@ -391,17 +425,7 @@ impl VhostUserDevice {
         }
         let prep = Instant::now();
         if active {
-            let bit = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-            kreq("SET_FEATURES", self.frontend.set_features(acked | bit))?;
-            let regions = self
-                .mem
-                .iter()
-                .map(|r| {
-                    VhostUserMemoryRegionInfo::from_guest_region(r)
-                        .map_err(|e| VhostUserError::Request("SET_MEM_TABLE", e))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            kreq("SET_MEM_TABLE", self.frontend.set_mem_table(&regions))?;
+            self.send_features_and_memory(acked)?;
             self.set_inflight(inflight)?;
         }
         Ok(prep.elapsed().as_micros() as u64)
@@ -432,6 +456,7 @@ impl VhostUserDevice {
         let pause = Instant::now();
         let old_enable = Self::uses_ring_enable(self.backend_features);
         let new_enable = Self::uses_ring_enable(next.backend_features);
+        let (old_ack, next_ack) = (self.ack(), next.ack());
         // (ring, base, running on the new backend)
         let mut moved: Vec<(usize, u32, bool)> = Vec::new();
         let mut failure = None;
@@ -467,6 +492,7 @@ impl VhostUserDevice {
                         start_ring(
                             &mut next.frontend,
                             new_enable,
+                            next_ack,
                             i,
                             &data,
                             base,
@@ -510,6 +536,7 @@ impl VhostUserDevice {
                         start_ring(
                             &mut self.frontend,
                             old_enable,
+                            old_ack,
                             i,
                             &data,
                             base,
@@ -569,6 +596,7 @@ impl VhostUserDevice {
         )?;
         let start = Instant::now();
         let enable = Self::uses_ring_enable(next.backend_features);
+        let next_ack = next.ack();
         for &i in &self.started {
             let q = queues.get(i).ok_or(VhostUserError::BadRingAddress(i, 0))?;
             let used_idx: u16 = self
@@ -579,6 +607,7 @@ impl VhostUserDevice {
             start_ring(
                 &mut next.frontend,
                 enable,
+                next_ack,
                 i,
                 &data,
                 u32::from(used_idx),
@@ -605,6 +634,7 @@ impl VhostUserDevice {
 fn start_ring(
     frontend: &mut Frontend,
     enable: bool,
+    ack: bool,
     i: usize,
     data: &VringConfigData,
     base: u32,
@@ -615,9 +645,17 @@ fn start_ring(
     kreq("SET_VRING_BASE", frontend.set_vring_base(i, base as u16))?;
     kreq("SET_VRING_ADDR", frontend.set_vring_addr(i, data))?;
     kreq("SET_VRING_CALL", frontend.set_vring_call(i, call))?;
-    kreq("SET_VRING_KICK", frontend.set_vring_kick(i, kick))?;
+    // The last request is acknowledged: when this returns the ring runs (or the backend
+    // refused it), which is what the pause measures.
     if enable {
-        kreq("SET_VRING_ENABLE", frontend.set_vring_enable(i, true))?;
+        kreq("SET_VRING_KICK", frontend.set_vring_kick(i, kick))?;
+        acked(frontend, ack, "SET_VRING_ENABLE", |f| {
+            f.set_vring_enable(i, true)
+        })?;
+    } else {
+        acked(frontend, ack, "SET_VRING_KICK", |f| {
+            f.set_vring_kick(i, kick)
+        })?;
     }
     Ok(())
 }
