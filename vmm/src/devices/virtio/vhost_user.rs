@@ -361,8 +361,10 @@ impl VhostUserDevice {
             let ack = self.ack();
             start_ring(
                 &mut self.frontend,
-                protocol_bit != 0,
-                ack,
+                RingMode {
+                    enable: protocol_bit != 0,
+                    ack,
+                },
                 i,
                 &data,
                 0,
@@ -491,8 +493,10 @@ impl VhostUserDevice {
                     .and_then(|data| {
                         start_ring(
                             &mut next.frontend,
-                            new_enable,
-                            next_ack,
+                            RingMode {
+                                enable: new_enable,
+                                ack: next_ack,
+                            },
                             i,
                             &data,
                             base,
@@ -535,8 +539,10 @@ impl VhostUserDevice {
                     .and_then(|data| {
                         start_ring(
                             &mut self.frontend,
-                            old_enable,
-                            old_ack,
+                            RingMode {
+                                enable: old_enable,
+                                ack: old_ack,
+                            },
                             i,
                             &data,
                             base,
@@ -606,8 +612,10 @@ impl VhostUserDevice {
             let data = self.ring_config(i, q)?;
             start_ring(
                 &mut next.frontend,
-                enable,
-                next_ack,
+                RingMode {
+                    enable,
+                    ack: next_ack,
+                },
                 i,
                 &data,
                 u32::from(used_idx),
@@ -631,10 +639,17 @@ impl VhostUserDevice {
 }
 
 /// Sets up ring `i` on a backend and enables it: size, base index, addresses, call, kick.
-fn start_ring(
-    frontend: &mut Frontend,
+/// How a backend takes its rings: with SET_VRING_ENABLE (VHOST_USER_F_PROTOCOL_FEATURES),
+/// and with acknowledged requests (REPLY_ACK).
+#[derive(Clone, Copy)]
+struct RingMode {
     enable: bool,
     ack: bool,
+}
+
+fn start_ring(
+    frontend: &mut Frontend,
+    mode: RingMode,
     i: usize,
     data: &VringConfigData,
     base: u32,
@@ -647,13 +662,13 @@ fn start_ring(
     kreq("SET_VRING_CALL", frontend.set_vring_call(i, call))?;
     // The last request is acknowledged: when this returns the ring runs (or the backend
     // refused it), which is what the pause measures.
-    if enable {
+    if mode.enable {
         kreq("SET_VRING_KICK", frontend.set_vring_kick(i, kick))?;
-        acked(frontend, ack, "SET_VRING_ENABLE", |f| {
+        acked(frontend, mode.ack, "SET_VRING_ENABLE", |f| {
             f.set_vring_enable(i, true)
         })?;
     } else {
-        acked(frontend, ack, "SET_VRING_KICK", |f| {
+        acked(frontend, mode.ack, "SET_VRING_KICK", |f| {
             f.set_vring_kick(i, kick)
         })?;
     }
