@@ -79,7 +79,11 @@ if [ -t 0 ] || [ -n "${SKIFF_NESTED_INTERACTIVE:-}" ]; then
 else
   stdin=/dev/null; tflags=(-k 10)
 fi
-timeout "${tflags[@]}" "$limit" qemu-system-x86_64 \
+# If this script dies (the test runner that started it was killed: it gives us a parent-death
+# signal), `timeout` gets SIGTERM and passes it to QEMU, and QEMU dies with `timeout` at the
+# latest; an orphaned nested host would otherwise keep a CPU busy until its time limit.
+setpriv --pdeathsig TERM timeout "${tflags[@]}" "$limit" \
+  setpriv --pdeathsig KILL qemu-system-x86_64 \
   -accel tcg,thread=multi -cpu max -M q35 -m "$mem" -smp "$cpus" \
   -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
   -kernel "$kernel" -initrd "$initrd" \

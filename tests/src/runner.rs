@@ -12,6 +12,7 @@
 //! Without /dev/kvm everything goes there. Without /dev/kvm or qemu: failure under CI=true, else SKIPPED.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -314,12 +315,24 @@ fn run_nested(raw_args: &[String], only_guest: bool) -> std::result::Result<Coun
     let _cleanup = Cleanup(script.clone());
 
     let limit = std::env::var("SKIFF_NESTED_TIMEOUT").unwrap_or_else(|_| "3000".into());
-    let mut child = Command::new("bash")
-        .arg(&runner)
+    let mut cmd = Command::new("bash");
+    cmd.arg(&runner)
         .args(["-m", "8192", "-t", &limit, &script_name])
         .current_dir(&repo)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::piped());
+    // If this runner is killed (a CI or `timeout` limit), run-nested.sh dies too, and it
+    // takes the nested host's QEMU with it (setpriv --pdeathsig there).
+    // SAFETY: the closure runs between fork and exec and only calls prctl.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", runner.display()))?;
     let mut last_result = None;
