@@ -5,47 +5,22 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
 use vmm_sys_util::tempdir::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_skiff-blk");
-/// The fd number skiff-blk inherits the test's fd as.
-const CHILD_FD: RawFd = 100;
+mod common;
+use common::{stop, wait_listening};
 
-/// skiff-blk on `socket` with `fd` (if any) inherited as CHILD_FD.
-fn command(socket: &Path, args: &[&str], fd: Option<RawFd>) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    if let Some(src) = fd {
-        // SAFETY: the closure only calls dup2, which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(src, CHILD_FD) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
-    cmd
+const BIN: &str = env!("CARGO_BIN_EXE_skiff-blk");
+
+fn command(socket: &Path, args: &[&str], fd: Option<RawFd>) -> std::process::Command {
+    common::command(BIN, socket, args, fd)
 }
 
 fn run(args: &[&str], fd: Option<RawFd>) -> (i32, String) {
-    let Output { status, stderr, .. } = command(Path::new("/nonexistent-dir/blk.sock"), args, fd)
-        .output()
-        .expect("run skiff-blk");
-    (
-        status.code().expect("exit code"),
-        String::from_utf8_lossy(&stderr).into_owned(),
-    )
+    common::run(BIN, args, fd)
 }
 
 fn image(dir: &TempDir) -> std::path::PathBuf {
@@ -67,27 +42,6 @@ fn vmm_open(path: &Path, write: bool, lock: libc::c_int) -> File {
     let ret = unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) };
     assert_eq!(ret, 0, "flock: {}", io::Error::last_os_error());
     file
-}
-
-/// Waits until `child` listens on `socket`; panics with its stderr if it exits first.
-fn wait_listening(child: &mut Child, socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = io::Read::read_to_string(&mut e, &mut err);
-            }
-            panic!("skiff-blk exited ({status}) instead of listening: {err}");
-        }
-        assert!(Instant::now() < deadline, "skiff-blk did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
@@ -20,6 +20,8 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempdir::TempDir;
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skiff-blk");
 const MEM: usize = 1 << 20;
@@ -42,32 +44,18 @@ fn memfd(name: &std::ffi::CStr, size: usize) -> File {
     f
 }
 
-fn start_blk(dir: &TempDir, socket: &Path, image: &Path) -> Child {
-    let mut child = Command::new(BIN)
-        .arg("--socket")
-        .arg(socket)
-        .arg("--image")
-        .arg(image)
-        .arg("--queue-size")
-        .arg(QSIZE.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn skiff-blk");
-    let _ = dir;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            panic!("skiff-blk exited ({status}) instead of listening: {err}");
-        }
-        assert!(Instant::now() < deadline, "skiff-blk did not listen");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn start_blk(socket: &Path, image: &Path) -> Child {
+    let image = image.to_str().expect("utf-8 path");
+    let mut child = common::command(
+        BIN,
+        socket,
+        &["--image", image, "--queue-size", &QSIZE.to_string()],
+        None,
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn skiff-blk");
+    common::wait_listening(&mut child, socket);
     child
 }
 
@@ -202,7 +190,7 @@ fn a_new_backend_resubmits_what_the_area_holds_in_taken_order() {
 
     // The first backend hands out the area.
     let socket = dir.as_path().join("blk.sock");
-    let mut first = start_blk(&dir, &socket, &image);
+    let mut first = start_blk(&socket, &image);
     let mut f = connect(&socket, &mem);
     let ask = VhostUserInflight {
         mmap_size: 0,
@@ -233,7 +221,7 @@ fn a_new_backend_resubmits_what_the_area_holds_in_taken_order() {
     drop(f);
 
     // A new backend gets the area and the ring at the used index, as the VMM does.
-    let mut second = start_blk(&dir, &socket, &image);
+    let mut second = start_blk(&socket, &image);
     let mut f = connect(&socket, &mem);
     f.set_inflight_fd(&info, area.as_raw_fd())
         .expect("SET_INFLIGHT_FD");
@@ -346,7 +334,7 @@ fn an_inflight_message_without_the_feature_ends_the_connection() {
         .and_then(|f| f.set_len(64 * 512))
         .expect("image");
     let socket = dir.as_path().join("blk.sock");
-    let mut child = start_blk(&dir, &socket, &image);
+    let mut child = start_blk(&socket, &image);
     // The vhost crate's frontend would refuse to send it; a raw one does.
     let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
     let mut msg = Vec::new();

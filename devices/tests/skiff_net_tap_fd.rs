@@ -4,50 +4,27 @@
 //! named `sktfd<pid>x`, non-persistent, deleted by the kernel when its last fd closes.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use vmm_sys_util::tempdir::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_skiff-net");
-/// The fd number skiff-net inherits the test's fd as.
-const CHILD_FD: RawFd = 100;
+mod common;
+use common::can_create_taps;
 
-/// skiff-net on `socket` with `fd` (if any) inherited as CHILD_FD.
-fn command(socket: &Path, args: &[&str], fd: Option<RawFd>) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null());
-    if let Some(src) = fd {
-        // SAFETY: the closure only calls dup2, which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(src, CHILD_FD) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
-    cmd
+const BIN: &str = env!("CARGO_BIN_EXE_skiff-net");
+
+fn command(socket: &Path, args: &[&str], fd: Option<RawFd>) -> std::process::Command {
+    common::command(BIN, socket, args, fd)
 }
 
 fn run(args: &[&str], fd: Option<RawFd>) -> (i32, String) {
-    let Output { status, stderr, .. } = command(Path::new("/nonexistent-dir/net.sock"), args, fd)
-        .output()
-        .expect("run skiff-net");
-    (
-        status.code().expect("exit code"),
-        String::from_utf8_lossy(&stderr).into_owned(),
-    )
+    common::run(BIN, args, fd)
 }
 
 #[test]
@@ -86,28 +63,6 @@ fn tap_and_tap_fd_are_exclusive() {
     let (code, err) = run(&[], None);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("<--tap <NAME>|--tap-fd <N>>"), "{err}");
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-fn can_create_taps(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        !in_ci(),
-        "{test} needs root to create TAP devices and CI is set: run the devices tests as root"
-    );
-    // Straight to fd 2, not eprintln!: libtest hides a passing test's captured output.
-    let msg = format!(
-        "!!!!! SKIPPED {test}: needs root to create TAP devices \
-         (run as root; with CI=true this is a failure) !!!!!\n"
-    );
-    let _ = io::stderr().write_all(msg.as_bytes());
-    false
 }
 
 #[repr(C)]

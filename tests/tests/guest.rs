@@ -84,6 +84,27 @@ fn main() {
 
 // ---------------------------------------------------------------- helpers
 
+/// Connects to the guest's `nc -l` at `addr`, retrying for up to CMD while it starts; the
+/// stream gets LONG as its write timeout.
+fn connect_guest_nc(vm: &mut TestVm, addr: SocketAddr) -> Result<TcpStream> {
+    let deadline = Instant::now() + CMD;
+    let sock = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(300)),
+            Err(e) => {
+                return Err(format!(
+                    "cannot connect to the guest's nc at {addr}: {e}{}",
+                    vm.diagnostics()
+                ))
+            }
+        }
+    };
+    sock.set_write_timeout(Some(LONG))
+        .map_err(|e| e.to_string())?;
+    Ok(sock)
+}
+
 fn vmlinux() -> Result<std::path::PathBuf> {
     Ok(guest_artifacts()?.vmlinux())
 }
@@ -358,24 +379,7 @@ fn net_ping_and_64m_tcp() -> Result {
         let addr: SocketAddr = format!("172.30.{x}.2:{port}")
             .parse()
             .map_err(|e| format!("{e}"))?;
-        let deadline = Instant::now() + CMD;
-        let mut sock = loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(300));
-                }
-                Err(e) => {
-                    return Err(format!(
-                        "cannot connect to the guest's nc at {addr}: {e}{}",
-                        vm.diagnostics()
-                    ))
-                }
-            }
-        };
-        sock.set_write_timeout(Some(LONG))
-            .map_err(|e| e.to_string())?;
+        let mut sock = connect_guest_nc(&mut vm, addr)?;
         sock.set_read_timeout(Some(CMD))
             .map_err(|e| e.to_string())?;
         sock.write_all(&data)

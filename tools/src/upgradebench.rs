@@ -282,7 +282,7 @@ impl Driver {
                 seq += 1;
                 let head = fill(mem, slot, seq);
                 inflight.insert(slot, seq);
-                self.ring_avail(ring, avail, head);
+                ring.make_available(mem, avail, head);
                 avail = avail.wrapping_add(1);
                 posted = true;
             }
@@ -322,10 +322,6 @@ impl Driver {
             }
         }
         r
-    }
-
-    fn ring_avail(&self, ring: Ring, pos: u16, head: u16) {
-        ring.make_available(&self.ram.mem, pos, head);
     }
 }
 
@@ -640,12 +636,6 @@ struct Setup {
     rings: Vec<Ring>,
 }
 
-impl Setup {
-    fn ring_at(&self, i: usize) -> Ring {
-        self.rings[i]
-    }
-}
-
 fn bench_device(
     name: &'static str,
     setup: &Setup,
@@ -743,7 +733,7 @@ fn bench_device(
                 // After a crash the ring restarts at the used index in guest memory, as
                 // skiff's VMM does; the inflight area tells skiff-blk what to resubmit.
                 let base = if a.crash {
-                    setup.ring_at(i).used_idx(&ram.mem)
+                    ring.used_idx(&ram.mem)
                 } else {
                     cur.stop_ring(i)?
                 };

@@ -2,7 +2,7 @@
 //! short pauses, no I/O error, no lost or corrupted data.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use api_server::models::{Drive, NetworkInterface, UpgradeReport};
 use tests::{ensure, host, Result, TestDir, TestVm};
 
 use super::api::ApiVm;
-use super::{last_line, CMD, EXIT, LONG, MIB};
+use super::{connect_guest_nc, last_line, CMD, EXIT, LONG, MIB};
 
 /// How many upgrades the soak tests do: 100, or `SKIFF_UPGRADES`. (tools/upgradebench.sh
 /// times 1000 per device at native speed with a synthetic front end.)
@@ -241,18 +241,7 @@ pub fn upgrade_net_100_under_tcp() -> Result {
         let addr: SocketAddr = format!("172.29.{x}.2:{port}")
             .parse()
             .map_err(|e| format!("{e}"))?;
-        let deadline = Instant::now() + CMD;
-        let mut sock = loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(300))
-                }
-                Err(e) => return Err(format!("cannot connect to the guest's nc: {e}")),
-            }
-        };
-        sock.set_write_timeout(Some(LONG))
-            .map_err(|e| e.to_string())?;
+        let mut sock = connect_guest_nc(&mut a.vm, addr)?;
         // To stop the sender at once if an upgrade fails.
         let abort = sock.try_clone().map_err(|e| e.to_string())?;
         // The sender paces itself while upgrades are going on, so the stream spans them all.

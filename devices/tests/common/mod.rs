@@ -1,0 +1,98 @@
+//! Helpers the device-process tests share (each test file includes this module and uses
+//! part of it).
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The fd number a device process inherits the test's fd as.
+pub const CHILD_FD: RawFd = 100;
+
+/// `bin --socket SOCKET args...` with stdin and stdout closed and `fd` (if any) inherited
+/// as [`CHILD_FD`].
+pub fn command(bin: &str, socket: &Path, args: &[&str], fd: Option<RawFd>) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    if let Some(src) = fd {
+        // SAFETY: the closure only calls dup2, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(src, CHILD_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd
+}
+
+/// Runs `bin` with `args` on a socket that cannot be created (so it only checks its
+/// options and exits): its exit code and stderr.
+pub fn run(bin: &str, args: &[&str], fd: Option<RawFd>) -> (i32, String) {
+    let Output { status, stderr, .. } =
+        command(bin, Path::new("/nonexistent-dir/x.sock"), args, fd)
+            .output()
+            .expect("run the device process");
+    (
+        status.code().expect("exit code"),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// Waits until `child` listens on `socket`; panics with its stderr if it exits first.
+pub fn wait_listening(child: &mut Child, socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("the device process exited ({status}) instead of listening: {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the device process did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Kills and reaps `child`.
+pub fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Whether CI is set (root-only tests then fail instead of skipping).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Whether this test may create TAPs: root. Not root: a failure under CI, else a loud skip.
+pub fn can_create_taps(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test} needs root to create TAP devices and CI is set: run the devices tests as root"
+    );
+    // Straight to fd 2, not eprintln!: libtest hides a passing test's captured output.
+    let msg = format!(
+        "!!!!! SKIPPED {test}: needs root to create TAP devices \
+         (run as root; with CI=true this is a failure) !!!!!\n"
+    );
+    let _ = io::stderr().write_all(msg.as_bytes());
+    false
+}
