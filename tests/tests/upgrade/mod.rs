@@ -288,10 +288,13 @@ pub fn upgrade_net_100_under_tcp() -> Result {
         let sent = sender
             .join()
             .map_err(|_| "the sender panicked".to_string())?;
-        if let Some(f) = failure {
-            return Err(f);
+        // A failed upgrade, or a stream that stalled: show what the guest's kernel saw.
+        if let Some(f) = failure.or_else(|| sent.as_ref().err().cloned()) {
+            let dmesg =
+                a.vm.run("dmesg | tail -30; cat /sys/class/net/eth0/operstate", CMD)
+                    .map_or_else(|e| e, |(out, _)| out);
+            return Err(format!("{f}\nguest kernel log:\n{dmesg}"));
         }
-        sent?;
         let got = a.vm.run_ok("wait; sha256sum /tmp/f", LONG)?;
         let got = host::first_sha256(&got).ok_or_else(|| format!("no sha256 in {got:?}"))?;
         ensure!(got == want, "the guest received sha256 {got}, sent {want}");
