@@ -2,7 +2,8 @@
 # Boot a microVM to a shell on this terminal: a Linux guest with its root filesystem on a
 # virtio-blk disk served by skiff-blk and, when run as root, a virtio-net link served by
 # skiff-net on a TAP device this script creates (172.30.254.1/24 on the host side) and removes.
-# Leave the guest with `reboot` (or `exit`). On a host whose KVM cannot boot ordinary guests
+# Leave the guest with `exit` or `reboot -f` (the guest's init is a shell script: a plain
+# `reboot` only signals it and does nothing). On a host whose KVM cannot boot ordinary guests
 # (kvm_pvm, no VT-x/AMD-V) it runs inside the nested test host and says so.
 #   tools/boot.sh [extra skiff run arguments...]
 set -euo pipefail
@@ -32,5 +33,5 @@ if [ "$(id -u)" = 0 ] && [ -e /dev/net/tun ]; then
   args+=(--net tap=$tap --cmdline "ip=172.30.254.2::172.30.254.1:255.255.255.0::eth0:off")
   echo "boot.sh: guest eth0 is 172.30.254.2, host side $tap is 172.30.254.1"
 fi
-echo "boot.sh: starting skiff; type 'reboot' in the guest to leave"
+echo "boot.sh: starting skiff; type 'exit' (or 'reboot -f') in the guest to leave"
 "${CARGO_TARGET_DIR:-target}/release/skiff" "${args[@]}" "$@"

@@ -276,6 +276,14 @@ fn tail(s: &str, n: usize) -> &str {
     &s[start..]
 }
 
+/// A command typed at the guest's shell by [`TestVm::start_command`], not yet collected.
+#[must_use = "collect the command's output with TestVm::finish_command"]
+pub struct PendingCommand {
+    cmd: String,
+    tok: String,
+    from: usize,
+}
+
 /// A running (or exited) `skiff`. Dropping it kills skiff's whole process group (device processes too).
 /// [`TestVm::spawn`] runs another VMM (QEMU) the same way: guest console on stdin/stdout.
 pub struct TestVm {
@@ -358,9 +366,16 @@ impl TestVm {
 
     /// The last lines of console and stderr, for failure messages.
     pub fn diagnostics(&self) -> String {
+        let console = self.console_text();
+        // The guest's init prints this when its console shell ends, then reboots.
+        let shell = if console.contains("shell exited; rebooting") {
+            "\nThe guest's console shell exited (its init then rebooted the guest)."
+        } else {
+            ""
+        };
         format!(
-            "\n----- console (tail) -----\n{}\n----- {} stderr (tail) -----\n{}\n-----",
-            tail(&self.console_text(), 3000),
+            "{shell}\n----- console (tail) -----\n{}\n----- {} stderr (tail) -----\n{}\n-----",
+            tail(&console, 3000),
             self.program,
             tail(&self.stderr_text(), 3000)
         )
@@ -384,15 +399,21 @@ impl TestVm {
         }
     }
 
-    /// Waits for the guest's `GUEST-READY` line and its shell, then turns off tty echo and kernel
-    /// console messages so command output is only what commands print.
+    /// Waits for the guest's `GUEST-READY` line and its shell, then turns off kernel console
+    /// messages so command output is only what commands print.
+    ///
+    /// The tty's echo stays on. With echo off, busybox ash (1.35) reads commands with plain
+    /// `fgets`; a background job that ends while the shell waits at the prompt interrupts that
+    /// read (SIGCHLD, EINTR), ash takes it for the end of its input and exits, and the guest's
+    /// init reboots. The echoed command line never matches the XBEG/XEND markers [`TestVm::run`]
+    /// looks for (it holds `XBEG%s`, not the token), so it is not part of any output.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result {
         self.wait_for("GUEST-READY", timeout)?;
         self.wait_for("guest:", timeout)?;
-        let (_, code) = self.run("stty -echo; dmesg -n 1", Duration::from_secs(60))?;
+        let (_, code) = self.run("dmesg -n 1", Duration::from_secs(60))?;
         crate::ensure!(
             code == 0,
-            "stty/dmesg in the guest failed ({code}){}",
+            "dmesg -n 1 in the guest failed ({code}){}",
             self.diagnostics()
         );
         Ok(())
@@ -415,19 +436,40 @@ impl TestVm {
     }
 
     /// Runs a shell command line in the guest: returns its output and exit code.
-    /// It is sent as `printf 'XBEG%s\n' T; CMD; printf 'XEND%s:%d\n' T $?` with a fresh token T,
-    /// so neither marker can match the echoed command line.
     pub fn run(&mut self, cmd: &str, timeout: Duration) -> Result<(String, i32)> {
+        let pending = self.start_command(cmd)?;
+        self.finish_command(pending, timeout)
+    }
+
+    /// Types a command line at the guest's shell and returns at once; the command runs in
+    /// the shell's foreground while the test does host-side work, and
+    /// [`TestVm::finish_command`] collects its output. Nothing else may be typed meanwhile:
+    /// the tty would echo it into the command's output.
+    pub fn start_command(&mut self, cmd: &str) -> Result<PendingCommand> {
+        let cmd = cmd.trim();
         self.token += 1;
         let tok = format!("{:x}", self.token);
-        let cmd = cmd.trim();
         let sep = if cmd.ends_with('&') { "" } else { ";" };
         self.send(&format!(
             "printf 'XBEG%s\\n' {tok}; {cmd}{sep} printf 'XEND%s:%d\\n' {tok} $?\n"
         ))?;
+        Ok(PendingCommand {
+            cmd: cmd.to_string(),
+            tok,
+            from: self.cursor,
+        })
+    }
+
+    /// Waits up to `timeout` for a command from [`TestVm::start_command`] to end; returns
+    /// its output and exit code.
+    pub fn finish_command(
+        &mut self,
+        pending: PendingCommand,
+        timeout: Duration,
+    ) -> Result<(String, i32)> {
+        let PendingCommand { cmd, tok, from } = pending;
         let begin = format!("XBEG{tok}");
         let end = format!("XEND{tok}:");
-        let from = self.cursor;
         let found = self.console.wait(timeout, from, |b| {
             let s = find_bytes(b, begin.as_bytes())?;
             let nl = s + find_bytes(&b[s..], b"\n")? + 1;

@@ -375,7 +375,10 @@ fn net_ping_and_64m_tcp() -> Result {
         std::fs::write(&file, &data).map_err(|e| e.to_string())?;
         let want = host::sha256_file(&file, 0, None)?;
         let port = 5555;
-        vm.run_ok(&format!("nc -l -p {port} < /dev/null > /tmp/f &"), CMD)?;
+        // nc in the shell's foreground, so that its end is the command's end.
+        let nc = vm.start_command(&format!(
+            "nc -l -p {port} < /dev/null > /tmp/f; sha256sum /tmp/f"
+        ))?;
         let addr: SocketAddr = format!("172.30.{x}.2:{port}")
             .parse()
             .map_err(|e| format!("{e}"))?;
@@ -388,7 +391,9 @@ fn net_ping_and_64m_tcp() -> Result {
         let mut rest = Vec::new();
         let _ = sock.read_to_end(&mut rest); // nc closes its side when it has everything
         drop(sock);
-        let got = guest_sha256(&mut vm, "wait; sha256sum /tmp/f", LONG)?;
+        let (out, code) = vm.finish_command(nc, LONG)?;
+        ensure!(code == 0, "sha256sum of what nc received failed: {out}");
+        let got = host::first_sha256(&out).ok_or_else(|| format!("no sha256 in {out:?}"))?;
         ensure!(
             got == want,
             "the guest received data with sha256 {got}, sent {want}"

@@ -237,26 +237,50 @@ pub fn upgrade_net_100_under_tcp() -> Result {
             host::sha256_file(&file, 0, None)?
         };
         let port = 5556;
-        a.vm.run_ok(&format!("nc -l -p {port} < /dev/null > /tmp/f &"), CMD)?;
+        // nc in the shell's foreground, so that its end is the command's end.
+        let nc = a.vm.start_command(&format!(
+            "nc -l -p {port} < /dev/null > /tmp/f; sha256sum /tmp/f"
+        ))?;
         let addr: SocketAddr = format!("172.29.{x}.2:{port}")
             .parse()
             .map_err(|e| format!("{e}"))?;
         let mut sock = connect_guest_nc(&mut a.vm, addr)?;
+        // A stream stalled this long is a failure; do not wait for LONG.
+        sock.set_write_timeout(Some(CMD))
+            .map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(CMD))
+            .map_err(|e| e.to_string())?;
         // To stop the sender at once if an upgrade fails.
         let abort = sock.try_clone().map_err(|e| e.to_string())?;
-        // The sender paces itself while upgrades are going on, so the stream spans them all.
+        // The sender paces itself (32 KiB per 20 ms) while upgrades are going on, never
+        // running more than 1/upgrades() of the data ahead of them, so the stream flows
+        // during every upgrade; it ends the stream after the last one.
         let done = Arc::new(AtomicUsize::new(0));
         let done_w = done.clone();
         let sender = std::thread::spawn(move || -> Result<()> {
+            let n = upgrades();
+            let share = data.len().div_ceil(n + 1);
+            let mut sent = 0;
             for chunk in data.chunks(32 * 1024) {
-                sock.write_all(chunk).map_err(|e| format!("sending: {e}"))?;
-                if done_w.load(Ordering::Relaxed) < upgrades() {
+                while sent >= (done_w.load(Ordering::Relaxed) + 1) * share {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                sock.write_all(chunk).map_err(|e| {
+                    format!("sending (byte {sent}; the stream stalls after {CMD:?}): {e}")
+                })?;
+                sent += chunk.len();
+                if done_w.load(Ordering::Relaxed) < n {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
+            while done_w.load(Ordering::Relaxed) < n {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             sock.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+            // nc closes its side when it has everything.
             let mut rest = Vec::new();
-            let _ = sock.read_to_end(&mut rest);
+            sock.read_to_end(&mut rest)
+                .map_err(|e| format!("the guest's nc did not close the stream: {e}"))?;
             Ok(())
         });
         let mut pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
@@ -290,13 +314,18 @@ pub fn upgrade_net_100_under_tcp() -> Result {
             .map_err(|_| "the sender panicked".to_string())?;
         // A failed upgrade, or a stream that stalled: show what the guest's kernel saw.
         if let Some(f) = failure.or_else(|| sent.as_ref().err().cloned()) {
+            // nc may still wait for the stream: Ctrl-C ends it and its command line, so the
+            // shell takes the next command.
+            drop(nc);
+            let _ = a.vm.send("\x03");
             let dmesg =
                 a.vm.run("dmesg | tail -30; cat /sys/class/net/eth0/operstate", CMD)
                     .map_or_else(|e| e, |(out, _)| out);
             return Err(format!("{f}\nguest kernel log:\n{dmesg}"));
         }
-        let got = a.vm.run_ok("wait; sha256sum /tmp/f", LONG)?;
-        let got = host::first_sha256(&got).ok_or_else(|| format!("no sha256 in {got:?}"))?;
+        let (out, code) = a.vm.finish_command(nc, LONG)?;
+        ensure!(code == 0, "sha256sum of what nc received failed: {out}");
+        let got = host::first_sha256(&out).ok_or_else(|| format!("no sha256 in {out:?}"))?;
         ensure!(got == want, "the guest received sha256 {got}, sent {want}");
         let out = a.vm.run_ok(
             &format!("ping -c 1 -W 10 172.29.{x}.1 >/dev/null && echo OK"),
