@@ -6,7 +6,9 @@
 //! arrows of DESIGN.md in `tests/deps.rs`.
 
 pub mod artifacts;
+mod hang;
 pub mod host;
+mod nested;
 pub mod runner;
 pub mod vm;
 

@@ -6,19 +6,22 @@
 //!
 //! Where: tests of [`Kind::Host`] need only the KVM API (/dev/kvm), tests of [`Kind::Guest`] boot a
 //! guest and need a KVM with VT-x/AMD-V. On a host whose /dev/kvm cannot boot guests (kvm_pvm, or no
-//! vmx/svm flag), the guest tests are re-run inside the nested test host (`resources/nested/run-nested.sh`):
-//! a script in the repo dir (which the nested host mounts read-write) execs this same binary with the
-//! same arguments and `SKIFF_IN_NESTED=1 SKIFF_TEST_KIND=guest`; its exit status is propagated.
-//! Without /dev/kvm everything goes there. Without /dev/kvm or qemu: failure under CI=true, else SKIPPED.
+//! vmx/svm flag), the guest tests run inside the nested test host (see [`crate::nested`], which
+//! also starts a new nested host when one dies). Without /dev/kvm everything goes there. Without
+//! /dev/kvm or qemu: failure under CI=true, else SKIPPED.
+//!
+//! A test that runs longer than its limit ([`time_limit`]) is called hung: the runner prints where
+//! each process it started is blocked, what their guests printed last and the kernel's log, kills
+//! them, and fails the test.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
+use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use crate::host::{self, KvmHost};
-use crate::Result;
+use crate::nested::{self, in_nested, Progress};
+use crate::{hang, Result};
 
 /// Where a test can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,10 +31,8 @@ pub enum Kind {
     /// Needs only the KVM API (bad-input tests).
     Host,
     /// A long, heavy guest test (live-upgrade soak runs under fio or a TCP stream). Listed
-    /// as ignored unless `--ignored` is given, as libtest does with `#[ignore]`: in the
-    /// nested test host they currently crash the nested host's own kernel (a NULL pointer
-    /// dereference in its kernel, cause not found), so CI cannot run them there. Run them
-    /// with `cargo test -p tests --test guest -- --ignored` on a VT-x/AMD-V host.
+    /// as ignored unless `--ignored` is given, as libtest does with `#[ignore]`:
+    /// `cargo test -p tests --test guest -- --ignored`.
     Soak,
 }
 
@@ -58,13 +59,11 @@ struct Args {
     exact: bool,
     list: bool,
     ignored_only: bool,
-    raw: Vec<String>,
 }
 
 fn parse_args() -> Args {
     let mut a = Args::default();
     let raw: Vec<String> = std::env::args().skip(1).collect();
-    a.raw = raw.clone();
     let mut it = raw.into_iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -98,14 +97,16 @@ impl Args {
     }
 }
 
+/// A run's results.
 #[derive(Default, Clone, Copy)]
-struct Counts {
-    /// Guest tests run a second time after a nested-host triple fault.
-    retried: usize,
-    passed: usize,
-    failed: usize,
-    ignored: usize,
-    filtered: usize,
+pub(crate) struct Counts {
+    /// Guest tests run again after a nested-host guest triple fault or stall, and nested
+    /// hosts started again after one died.
+    pub retried: usize,
+    pub passed: usize,
+    pub failed: usize,
+    pub ignored: usize,
+    pub filtered: usize,
 }
 
 impl Counts {
@@ -121,7 +122,7 @@ impl Counts {
     }
 
     /// Parses a libtest `test result:` line.
-    fn parse(line: &str) -> Option<Counts> {
+    pub(crate) fn parse(line: &str) -> Option<Counts> {
         let num = |key: &str| -> Option<usize> {
             let end = line.find(key)?;
             line[..end]
@@ -146,36 +147,75 @@ const TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
 /// How `TestVm::wait_ready` reports a guest that never reached userspace.
 const NEVER_READY: &str = "\"GUEST-READY\" did not appear on the console";
 
-fn in_nested() -> bool {
-    std::env::var("SKIFF_IN_NESTED").is_ok_and(|v| v == "1")
+/// How [`run_one`] reports a test that did not end in time.
+const HUNG: &str = "the test hung";
+
+/// How long a test may run before the runner calls it hung: `SKIFF_TEST_TIMEOUT` seconds,
+/// else by kind (guest tests under TCG in the nested host are the slow ones).
+fn time_limit(kind: Kind) -> Duration {
+    if let Some(s) = std::env::var("SKIFF_TEST_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_secs(s);
+    }
+    Duration::from_secs(match kind {
+        Kind::Host => 180,
+        Kind::Guest => 600,
+        Kind::Soak => 2400,
+    })
 }
 
 fn run_one(t: &Test) -> Result {
     let f = t.func;
     let netns = t.netns;
+    let (tx, done) = mpsc::channel();
     // A fresh thread per test: a private network namespace dies with it.
     let handle = std::thread::Builder::new()
         .name(t.name.to_string())
-        .spawn(move || -> Result {
-            if netns {
-                host::enter_private_netns()?;
-            }
-            match catch_unwind(AssertUnwindSafe(f)) {
-                Ok(r) => r,
-                Err(p) => Err(p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
-                    .unwrap_or_else(|| "panicked".into())),
-            }
+        .spawn(move || {
+            let r = (|| {
+                if netns {
+                    host::enter_private_netns()?;
+                }
+                match catch_unwind(AssertUnwindSafe(f)) {
+                    Ok(r) => r,
+                    Err(p) => Err(p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                        .unwrap_or_else(|| "panicked".into())),
+                }
+            })();
+            let _ = tx.send(r);
         })
         .map_err(|e| format!("cannot spawn test thread: {e}"))?;
-    handle
-        .join()
-        .unwrap_or_else(|_| Err("test thread panicked".into()))
+    let limit = time_limit(t.kind);
+    match done.recv_timeout(limit) {
+        Ok(r) => {
+            let _ = handle.join();
+            r
+        }
+        Err(RecvTimeoutError::Disconnected) => Err("test thread panicked".into()),
+        Err(RecvTimeoutError::Timeout) => {
+            // Show where everything is stuck before killing it; the kills end the test's
+            // own waits (console reads, process waits), so its thread can finish.
+            let diag = hang::diagnostics();
+            hang::kill_descendants(Duration::from_secs(10));
+            let late = match done.recv_timeout(Duration::from_secs(60)) {
+                Ok(_) => String::new(),
+                Err(_) => "\n(its thread did not end within 60 s after its processes were killed, and is left behind)".into(),
+            };
+            Err(format!(
+                "{HUNG}: it did not end within {} s (SKIFF_TEST_TIMEOUT sets the limit){late}\n{diag}",
+                limit.as_secs()
+            ))
+        }
+    }
 }
 
 fn run_tests(tests: &[&Test]) -> Counts {
+    let progress = Progress::from_env();
     let mut c = Counts::default();
     let mut failures = Vec::new();
     println!(
@@ -187,6 +227,7 @@ fn run_tests(tests: &[&Test]) -> Counts {
         print!("test {} ... ", t.name);
         let _ = std::io::stdout().flush();
         let start = Instant::now();
+        progress.start(t.name);
         let mut result = run_one(t);
         // Known issue (see tests/tests/guest.rs `boot`): in the nested test host a guest
         // occasionally triple-faults (skiff reports KVM_EXIT_SHUTDOWN), cause not yet found.
@@ -211,6 +252,7 @@ fn run_tests(tests: &[&Test]) -> Counts {
             c.retried += 1;
             result = run_one(t);
         }
+        progress.end(t.name, result.is_ok());
         match result {
             Ok(()) => {
                 println!("ok ({:.1}s)", start.elapsed().as_secs_f64());
@@ -218,6 +260,10 @@ fn run_tests(tests: &[&Test]) -> Counts {
             }
             Err(e) => {
                 println!("FAILED ({:.1}s)", start.elapsed().as_secs_f64());
+                // In the nested host, at once: the nested host may die before the end.
+                if in_nested() {
+                    println!("---- {} ----\n{e}\n", t.name);
+                }
                 c.failed += 1;
                 failures.push((t.name, e));
             }
@@ -226,7 +272,11 @@ fn run_tests(tests: &[&Test]) -> Counts {
     if !failures.is_empty() {
         println!("\nfailures:\n");
         for (name, e) in &failures {
-            println!("---- {name} ----\n{e}\n");
+            if in_nested() {
+                println!("---- {name} ---- (shown above)");
+            } else {
+                println!("---- {name} ----\n{e}\n");
+            }
         }
         println!("failures:");
         for (name, _) in &failures {
@@ -238,129 +288,6 @@ fn run_tests(tests: &[&Test]) -> Counts {
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// Strips ANSI escape sequences and CRs from a console line of the nested host.
-fn clean(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\x1b' => {
-                if chars.peek() == Some(&'[') {
-                    chars.next();
-                    for d in chars.by_ref() {
-                        if d.is_ascii_alphabetic() {
-                            break;
-                        }
-                    }
-                } else {
-                    chars.next();
-                }
-            }
-            '\r' => {}
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// Runs the selected tests again inside the nested test host; returns their counts (or an error).
-fn run_nested(raw_args: &[String], only_guest: bool) -> std::result::Result<Counts, String> {
-    let repo = crate::repo_root();
-    let runner = repo.join("resources").join("nested").join("run-nested.sh");
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let script_name = format!(".nested-tests-{}.sh", std::process::id());
-    let script = repo.join(&script_name);
-    let mut body = String::from("#!/bin/sh\n# generated by the skiff test runner; removed when it ends\nexport SKIFF_IN_NESTED=1\n");
-    if only_guest {
-        body.push_str("export SKIFF_TEST_KIND=guest\n");
-    }
-    if let Ok(g) = crate::guest_artifacts() {
-        body.push_str(&format!(
-            "export SKIFF_ARTIFACTS={}\n",
-            sh_quote(&g.dir.to_string_lossy())
-        ));
-    }
-    // Test knobs reach the tests inside too.
-    for var in [
-        "SKIFF_UPGRADES",
-        "SKIFF_KILLS",
-        "SKIFF_TEST_VERBOSE",
-        "SKIFF_KEEP_TMP",
-        "SKIFF_FC_PYTHON",
-        "RUST_LOG",
-    ] {
-        if let Ok(v) = std::env::var(var) {
-            body.push_str(&format!("export {var}={}\n", sh_quote(&v)));
-        }
-    }
-    body.push_str(&format!("exec {}", sh_quote(&exe.to_string_lossy())));
-    for a in raw_args {
-        body.push(' ');
-        body.push_str(&sh_quote(a));
-    }
-    body.push('\n');
-    std::fs::write(&script, body).map_err(|e| format!("{}: {e}", script.display()))?;
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(script.clone());
-
-    let limit = std::env::var("SKIFF_NESTED_TIMEOUT").unwrap_or_else(|_| "3000".into());
-    let mut cmd = Command::new("bash");
-    cmd.arg(&runner)
-        .args(["-m", "8192", "-t", &limit, &script_name])
-        .current_dir(&repo)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-    // If this runner is killed (a CI or `timeout` limit), run-nested.sh dies too, and it
-    // takes the nested host's QEMU with it (setpriv --pdeathsig there).
-    // SAFETY: the closure runs between fork and exec and only calls prctl.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", runner.display()))?;
-    let mut last_result = None;
-    if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out)
-            .split(b'\n')
-            .map_while(std::result::Result::ok)
-        {
-            let line = clean(&String::from_utf8_lossy(&line));
-            if line.starts_with("test result:") {
-                last_result = Counts::parse(&line);
-            }
-            println!("[nested] {line}");
-        }
-    }
-    let status = child.wait().map_err(|e| format!("run-nested.sh: {e}"))?;
-    match (status.code(), last_result) {
-        (Some(0 | 101), Some(c)) => Ok(c),
-        (Some(124), _) => Err(format!(
-            "the nested test host timed out after {limit} s (SKIFF_NESTED_TIMEOUT)"
-        )),
-        (Some(125), _) => {
-            Err("the nested test host failed to run the tests (run-nested.sh exit 125)".into())
-        }
-        (code, _) => Err(format!(
-            "nested test run ended with {code:?} and no test result line"
-        )),
-    }
 }
 
 /// Entry point of a `harness = false` test binary.
@@ -396,8 +323,7 @@ pub fn main(tests: &[Test]) -> ! {
         })
         .collect();
 
-    let in_nested = std::env::var("SKIFF_IN_NESTED").is_ok_and(|v| v == "1");
-    let kvm = if in_nested {
+    let kvm = if in_nested() {
         KvmHost::Usable
     } else {
         host::kvm_host()
@@ -434,22 +360,17 @@ pub fn main(tests: &[Test]) -> ! {
         } else {
             println!("\n{why}: running the guest tests inside the nested test host (resources/nested/run-nested.sh)");
             let _ = std::io::stdout().flush();
-            match run_nested(&args.raw, kvm == KvmHost::ApiOnly) {
-                Ok(c) => {
-                    counts.passed += c.passed;
-                    counts.failed += c.failed;
-                    counts.ignored += c.ignored;
-                }
-                Err(e) => {
-                    println!("error: {e}");
-                    counts.failed += away.len().max(1);
-                }
-            }
+            let names: Vec<&str> = away.iter().map(|t| t.name).collect();
+            let c = nested::run(&names, args.ignored_only, kvm == KvmHost::ApiOnly);
+            counts.passed += c.passed;
+            counts.failed += c.failed;
+            counts.ignored += c.ignored;
+            counts.retried += c.retried;
         }
     }
     if counts.retried > 0 {
         println!(
-            "\nRETRY: {} guest test(s) were run twice after a nested-host guest triple fault",
+            "\nRETRY: {} time(s) a guest test or the nested test host was started again (see the RETRY lines)",
             counts.retried
         );
     }

@@ -5,7 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -276,6 +276,36 @@ fn tail(s: &str, n: usize) -> &str {
     &s[start..]
 }
 
+/// Every [`TestVm`] alive, so that the runner can show what a hung test's guests printed
+/// last ([`live_vm_diagnostics`]).
+struct LiveVm {
+    pid: i32,
+    program: String,
+    console: Weak<Stream>,
+    stderr: Weak<Stream>,
+}
+
+static LIVE_VMS: Mutex<Vec<LiveVm>> = Mutex::new(Vec::new());
+
+/// The console and stderr tails of every VMM the tests have running now.
+pub fn live_vm_diagnostics() -> String {
+    let live = LIVE_VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut s = String::new();
+    for vm in live.iter() {
+        let text = |w: &Weak<Stream>| w.upgrade().map(|s| s.text()).unwrap_or_default();
+        s += &format!(
+            "----- {} (pid {}) console (tail) -----\n{}\n----- {} (pid {}) stderr (tail) -----\n{}\n",
+            vm.program,
+            vm.pid,
+            tail(&text(&vm.console), 3000),
+            vm.program,
+            vm.pid,
+            tail(&text(&vm.stderr), 3000)
+        );
+    }
+    s
+}
+
 /// A command typed at the guest's shell by [`TestVm::start_command`], not yet collected.
 #[must_use = "collect the command's output with TestVm::finish_command"]
 pub struct PendingCommand {
@@ -337,11 +367,22 @@ impl TestVm {
             .map_err(|e| format!("cannot start {}: {e}", cmd.get_program().to_string_lossy()))?;
         let out = child.stdout.take().ok_or("no stdout pipe")?;
         let err = child.stderr.take().ok_or("no stderr pipe")?;
+        let console = Stream::spawn(out, verbose.then_some("console"));
+        let stderr = Stream::spawn(err, verbose.then_some("stderr"));
+        LIVE_VMS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(LiveVm {
+                pid: child.id() as i32,
+                program: program.to_string(),
+                console: Arc::downgrade(&console),
+                stderr: Arc::downgrade(&stderr),
+            });
         Ok(TestVm {
             program: program.to_string(),
             stdin: child.stdin.take(),
-            console: Stream::spawn(out, verbose.then_some("console")),
-            stderr: Stream::spawn(err, verbose.then_some("stderr")),
+            console,
+            stderr,
             child,
             cursor: 0,
             status: None,
@@ -565,6 +606,10 @@ impl TestVm {
 
 impl Drop for TestVm {
     fn drop(&mut self) {
+        LIVE_VMS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|v| v.pid != self.pid());
         // SAFETY: kill(2) with a negative pid signals the process group skiff leads (process_group(0));
         // it touches no memory.
         unsafe {

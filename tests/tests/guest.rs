@@ -438,7 +438,7 @@ fn reboot_exits_0() -> Result {
 }
 
 fn expect_panic_exit(vm: &mut TestVm, what: &str) -> Result {
-    let st = vm.wait_exit(LONG)?;
+    let st = vm.wait_exit(CMD)?;
     ensure!(
         st.code() == Some(3),
         "after {what} skiff exited with {st}, want 3{}",

@@ -1,0 +1,148 @@
+//! What the runner does when a test hangs: show where every process it started is blocked
+//! (threads, kernel wait channels and stacks), what their guests printed last and what the
+//! kernel logged, then kill those processes so the test's own waits end.
+
+use std::fs;
+use std::time::Duration;
+
+/// A process as /proc shows it.
+struct Proc {
+    pid: i32,
+    ppid: i32,
+    state: char,
+    comm: String,
+}
+
+fn read_proc(pid: i32) -> Option<Proc> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let mut rest = stat.get(close + 2..)?.split(' ');
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some(Proc {
+        pid,
+        ppid,
+        state,
+        comm: stat.get(open + 1..close)?.to_string(),
+    })
+}
+
+fn all_procs() -> Vec<Proc> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .filter_map(read_proc)
+        .collect()
+}
+
+/// Every live descendant of this process, parents before children.
+fn descendants() -> Vec<Proc> {
+    let procs = all_procs();
+    let mut out: Vec<Proc> = Vec::new();
+    let mut parents = vec![std::process::id() as i32];
+    while let Some(p) = parents.pop() {
+        for c in procs.iter().filter(|c| c.ppid == p && c.state != 'Z') {
+            parents.push(c.pid);
+            out.push(Proc {
+                pid: c.pid,
+                ppid: c.ppid,
+                state: c.state,
+                comm: c.comm.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn one_line(path: &str) -> String {
+    fs::read_to_string(path)
+        .map(|s| s.replace('\0', " ").trim().to_string())
+        .unwrap_or_default()
+}
+
+/// One process: its command line, then per thread its state, wait channel and, for a
+/// thread blocked in the kernel, its kernel stack (root only).
+fn describe(p: &Proc) -> String {
+    let mut s = format!(
+        "pid {} (parent {}) {} [{}]: {}\n",
+        p.pid,
+        p.ppid,
+        p.comm,
+        p.state,
+        one_line(&format!("/proc/{}/cmdline", p.pid))
+    );
+    let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", p.pid)) else {
+        return s;
+    };
+    for t in tasks.flatten() {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        let base = format!("/proc/{}/task/{tid}", p.pid);
+        let state = one_line(&format!("{base}/stat"))
+            .rsplit_once(") ")
+            .and_then(|(_, r)| r.chars().next())
+            .unwrap_or('?');
+        s += &format!(
+            "  thread {tid} {} [{state}] wchan {}\n",
+            one_line(&format!("{base}/comm")),
+            one_line(&format!("{base}/wchan"))
+        );
+        if state == 'D' || state == 'S' && p.comm.starts_with("skiff") {
+            for frame in one_line(&format!("{base}/stack")).lines().take(12) {
+                s += &format!("    {frame}\n");
+            }
+        }
+    }
+    s
+}
+
+/// The kernel's last log lines (dmesg), when readable.
+fn kernel_log_tail() -> String {
+    match std::process::Command::new("dmesg").output() {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        }
+        Ok(o) => format!(
+            "(dmesg failed: {})",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("(dmesg: {e})"),
+    }
+}
+
+/// Everything worth knowing about a hung test, as one text.
+pub fn diagnostics() -> String {
+    let mut s = String::from("----- processes this test started -----\n");
+    for p in descendants() {
+        s += &describe(&p);
+    }
+    s += &crate::vm::live_vm_diagnostics();
+    s += "----- kernel log (tail) -----\n";
+    s += &kernel_log_tail();
+    s += "\n-----";
+    s
+}
+
+/// SIGKILLs every descendant of this process (children first, so that none is re-parented
+/// and missed) and waits up to `grace` for them to go.
+pub fn kill_descendants(grace: Duration) {
+    let deadline = std::time::Instant::now() + grace;
+    loop {
+        let left = descendants();
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            return;
+        }
+        for p in left.iter().rev() {
+            // SAFETY: kill(2) on a pid of our own process tree; no memory is touched.
+            unsafe {
+                libc::kill(p.pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
