@@ -64,6 +64,7 @@ fn main() {
         Guest false upgrade_failures_keep_old_process,
         Soak false crash_blk_20_kills_under_fio,
         Guest false crash_blk_3_kills_under_dd,
+        Guest true crash_net_5_kills_under_tcp,
         Guest false interop_qemu_boots_from_skiff_blk,
         Guest false interop_skiff_boots_from_qemu_storage_daemon,
         Host false missing_kernel,

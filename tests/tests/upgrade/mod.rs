@@ -104,6 +104,49 @@ fn while_guest_runs<T: Send + 'static>(
     Ok((out, r))
 }
 
+/// kill -9 of the device process of device number `index` (in `GET /skiff/devices`),
+/// whose pid is `pid`, waiting until skiff restarted it for the `restarts`-th time; returns
+/// the new pid.
+fn kill_and_wait_restart(
+    api: &mut api_server::client::ApiClient,
+    index: usize,
+    pid: u32,
+    restarts: usize,
+) -> Result<u32> {
+    // SAFETY: kill(2) on a pid the VMM reported; no memory is touched.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let devices = api.skiff_devices().map_err(|e| e.to_string())?;
+        let d = devices
+            .devices
+            .get(index)
+            .ok_or_else(|| format!("GET /skiff/devices has no device {index}"))?;
+        match d.pid {
+            Some(p) if p != pid && d.restarts as usize == restarts => return Ok(p),
+            _ => ensure!(
+                Instant::now() < deadline,
+                "kill {restarts}: {} was not restarted: {d:?}",
+                d.id
+            ),
+        }
+    }
+}
+
+/// The pid of device number `index`'s process.
+fn device_pid(api: &mut api_server::client::ApiClient, index: usize) -> Result<u32> {
+    let devices = api.skiff_devices().map_err(|e| e.to_string())?;
+    let d = devices
+        .devices
+        .get(index)
+        .ok_or_else(|| format!("GET /skiff/devices has no device {index}"))?;
+    d.pid
+        .ok_or_else(|| format!("{} has no device process", d.id))
+}
+
 /// kill -9 of the data drive's skiff-blk `kills` times, after `delay`, waiting each time
 /// until skiff restarted it; returns the killed pids.
 fn kill_blk(
@@ -113,28 +156,10 @@ fn kill_blk(
 ) -> Result<Vec<u32>> {
     std::thread::sleep(delay);
     let mut pids = Vec::new();
+    let mut pid = device_pid(api, 1)?;
     for n in 0..kills {
-        let pid = api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
-            .pid
-            .ok_or("the data drive has no device process")?;
-        // SAFETY: kill(2) on a pid the VMM reported; no memory is touched.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGKILL);
-        }
         pids.push(pid);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            std::thread::sleep(Duration::from_millis(300));
-            let devices = api.skiff_devices().map_err(|e| e.to_string())?;
-            let d = &devices.devices[1];
-            if d.pid.is_some_and(|p| p != pid) && d.restarts as usize == n + 1 {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "kill {n}: skiff-blk was not restarted: {d:?}"
-            );
-        }
+        pid = kill_and_wait_restart(api, 1, pid, n + 1)?;
     }
     Ok(pids)
 }
@@ -171,9 +196,7 @@ pub fn upgrade_blk_100_under_fio() -> Result {
         Duration::from_secs(secs) + LONG,
         move |api| {
             std::thread::sleep(Duration::from_secs(3));
-            let mut pid = api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
-                .pid
-                .ok_or("the data drive has no device process")?;
+            let mut pid = device_pid(api, 1)?;
             let mut pauses = Vec::new();
             for k in 0..n {
                 let r = api
@@ -205,9 +228,31 @@ pub fn upgrade_blk_100_under_fio() -> Result {
     a.vm.reboot_and_wait(EXIT)
 }
 
+/// What the net stream tests do to skiff-net while the stream flows.
+#[derive(Clone, Copy, PartialEq)]
+enum NetEvent {
+    /// `PUT /skiff/devices/eth0/upgrade` to the same binary.
+    Upgrade,
+    /// kill -9, and wait until skiff restarted it.
+    Kill,
+}
+
 /// 100 upgrades of skiff-net while the host streams 32 MiB of known content to the
 /// guest over TCP: the guest receives it whole (TCP retransmits what a switch drops).
 pub fn upgrade_net_100_under_tcp() -> Result {
+    net_stream_under(NetEvent::Upgrade, upgrades())
+}
+
+/// kill -9 of skiff-net 5 times, every few hundred ms, while the host streams 32 MiB of
+/// known content to the guest over TCP: skiff restarts it each time at the rings' last
+/// used index, the guest receives the stream whole (TCP retransmits the frames a dead
+/// process had taken), the restarts are counted, and the guest's network still works.
+pub fn crash_net_5_kills_under_tcp() -> Result {
+    net_stream_under(NetEvent::Kill, 5)
+}
+
+/// `count` events of kind `event` on skiff-net while the host streams 32 MiB to the guest.
+fn net_stream_under(event: NetEvent, count: usize) -> Result {
     let x = 20 + std::process::id() % 200;
     let tap_name = format!("sku{}n", std::process::id() % 100_000);
     let tap = host::Tap::create(&tap_name, &format!("172.29.{x}.1/24"))?;
@@ -252,13 +297,13 @@ pub fn upgrade_net_100_under_tcp() -> Result {
             .map_err(|e| e.to_string())?;
         // To stop the sender at once if an upgrade fails.
         let abort = sock.try_clone().map_err(|e| e.to_string())?;
-        // The sender paces itself (32 KiB per 20 ms) while upgrades are going on, never
-        // running more than 1/upgrades() of the data ahead of them, so the stream flows
-        // during every upgrade; it ends the stream after the last one.
+        // The sender paces itself (32 KiB per 20 ms) while the events go on, never
+        // running more than 1/count of the data ahead of them, so the stream flows
+        // during every one; it ends the stream after the last one.
         let done = Arc::new(AtomicUsize::new(0));
         let done_w = done.clone();
         let sender = std::thread::spawn(move || -> Result<()> {
-            let n = upgrades();
+            let n = count;
             let share = data.len().div_ceil(n + 1);
             let mut sent = 0;
             for chunk in data.chunks(32 * 1024) {
@@ -283,29 +328,35 @@ pub fn upgrade_net_100_under_tcp() -> Result {
                 .map_err(|e| format!("the guest's nc did not close the stream: {e}"))?;
             Ok(())
         });
-        let mut pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1]
-            .pid
-            .ok_or("eth0 has no device process")?;
+        let mut pid = device_pid(&mut a.api, 1)?;
         let mut pauses = Vec::new();
         let mut failure = None;
-        for n in 0..upgrades() {
-            match a.api.upgrade_device("eth0", None) {
-                Ok(r) => {
-                    if let Err(e) = check_report(&r, "eth0", pid) {
-                        failure = Some(e);
-                        break;
-                    }
-                    pid = r.new_pid;
-                    pauses.push(r.pause_us);
+        for n in 0..count {
+            let step = match event {
+                NetEvent::Upgrade => a
+                    .api
+                    .upgrade_device("eth0", None)
+                    .map_err(|e| format!("upgrade {n}: {e}"))
+                    .and_then(|r| {
+                        check_report(&r, "eth0", pid)?;
+                        pauses.push(r.pause_us);
+                        Ok(r.new_pid)
+                    }),
+                NetEvent::Kill => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    kill_and_wait_restart(&mut a.api, 1, pid, n + 1)
                 }
+            };
+            match step {
+                Ok(new) => pid = new,
                 Err(e) => {
-                    failure = Some(format!("upgrade {n}: {e}{}", a.vm.diagnostics()));
+                    failure = Some(format!("{e}{}", a.vm.diagnostics()));
                     break;
                 }
             }
             done.store(n + 1, Ordering::Relaxed);
         }
-        done.store(upgrades(), Ordering::Relaxed);
+        done.store(count, Ordering::Relaxed);
         if failure.is_some() {
             let _ = abort.shutdown(Shutdown::Both);
         }
@@ -331,8 +382,24 @@ pub fn upgrade_net_100_under_tcp() -> Result {
             &format!("ping -c 1 -W 10 172.29.{x}.1 >/dev/null && echo OK"),
             CMD,
         )?;
-        ensure!(last_line(&out) == "OK", "no ping after the upgrades: {out}");
-        println!("upgrade_net_100_under_tcp: {}", summary(&mut pauses));
+        ensure!(last_line(&out) == "OK", "no ping afterwards: {out}");
+        let restarts = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1].restarts;
+        ensure!(
+            restarts as usize == count,
+            "GET /skiff/devices counts {restarts} replacements of skiff-net, want {count}"
+        );
+        let prom = a.api.skiff_metrics().map_err(|e| e.to_string())?;
+        let metric = match event {
+            NetEvent::Upgrade => format!("skiff_device_switch_pause_seconds_count {count}"),
+            NetEvent::Kill => format!("skiff_vm_device_crash_restarts_total {count}"),
+        };
+        ensure!(
+            prom.contains(&metric),
+            "the metrics lack {metric:?}:\n{prom}"
+        );
+        if event == NetEvent::Upgrade {
+            println!("upgrade_net_100_under_tcp: {}", summary(&mut pauses));
+        }
         a.vm.reboot_and_wait(EXIT)
     })();
     drop(tap);
