@@ -230,6 +230,11 @@ impl Stream {
         s
     }
 
+    /// Whether the pipe has reached its end (the process exited).
+    fn closed(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
     fn text(&self) -> String {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         String::from_utf8_lossy(&st.0).replace('\r', "")
@@ -534,10 +539,14 @@ impl TestVm {
                 self.cursor = from + stop;
                 Ok((out, code))
             }
-            None => Err(format!(
-                "guest command {cmd:?} did not finish within {timeout:?}{}",
-                self.diagnostics()
-            )),
+            None => {
+                let how = if self.console.closed() {
+                    format!("did not finish: {} exited", self.program)
+                } else {
+                    format!("did not finish within {timeout:?}")
+                };
+                Err(format!("guest command {cmd:?} {how}{}", self.diagnostics()))
+            }
         }
     }
 

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod logger;
 pub mod memory;
 pub mod metrics;
+mod recovery;
 mod replace;
 pub mod report;
 pub mod tap;

@@ -50,14 +50,7 @@ const TOKEN_STDIN: u64 = 2;
 const TOKEN_CONSOLE: u64 = 3;
 const TOKEN_API: u64 = 4;
 const TOKEN_METRICS_TIMER: u64 = 5;
-const TOKEN_PROCESS: u64 = 100;
-
-/// Delays before the attempts to restart a device process that died (bounded back-off).
-const RESTART_BACKOFF_MS: [u64; 4] = [0, 50, 250, 1000];
-/// At most this many restarts of one device within [`RESTART_WINDOW`].
-const RESTART_LIMIT: usize = 30;
-/// See [`RESTART_LIMIT`].
-const RESTART_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const TOKEN_PROCESS: u64 = 100;
 
 /// How long a pause may take to stop every vCPU.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -132,7 +125,7 @@ pub struct Vmm {
     pub(crate) console: ConsoleConfig,
     pub(crate) opts: BuildOptions,
     pub(crate) signals: OwnedFd,
-    epoll: Epoll,
+    pub(crate) epoll: Epoll,
     api: Option<ApiLink>,
     pub(crate) vm: Option<RunningVm>,
     pub(crate) lifecycle: Lifecycle,
@@ -148,7 +141,7 @@ pub struct Vmm {
     /// The terminal in raw mode while the guest owns the console.
     raw_terminal: Option<crate::terminal::RawTerminal>,
     /// When each device's process was last restarted after dying.
-    restart_log: std::collections::HashMap<usize, VecDeque<Instant>>,
+    pub(crate) restart_log: std::collections::HashMap<usize, VecDeque<Instant>>,
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and the threads it starts) and returns a
@@ -189,7 +182,12 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
     (n as usize == size).then_some(info.ssi_signo as i32)
 }
 
-fn ctl(epoll: &Epoll, op: ControlOperation, fd: i32, token: u64) -> Result<(), VmmError> {
+pub(crate) fn ctl(
+    epoll: &Epoll,
+    op: ControlOperation,
+    fd: i32,
+    token: u64,
+) -> Result<(), VmmError> {
     epoll
         .ctl(op, fd, EpollEvent::new(EventSet::IN, token))
         .map_err(|e| VmmError::EventLoop("epoll_ctl", e))
@@ -649,7 +647,7 @@ impl Vmm {
                     log::warn!("periodic metrics flush: {e}");
                 }
             }
-            t if t >= TOKEN_PROCESS => self.process_event((t - TOKEN_PROCESS) as usize)?,
+            t if t >= TOKEN_PROCESS => self.device_process_died((t - TOKEN_PROCESS) as usize)?,
             _ => {}
         }
         Ok(())
@@ -677,71 +675,6 @@ impl Vmm {
             Err(_) if matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
             _ => self.stdin.open = false,
         }
-        Ok(())
-    }
-
-    fn process_event(&mut self, idx: usize) -> Result<(), VmmError> {
-        let Some(vm) = &mut self.vm else {
-            return Ok(());
-        };
-        let Some(p) = vm.built.processes.get_mut(idx) else {
-            return Ok(());
-        };
-        // A pidfd is readable only once its process has exited; an event for a live
-        // process is a stale one for a process that was replaced in the same batch.
-        let Err(why) = p.check_alive() else {
-            return Ok(());
-        };
-        ctl(
-            &self.epoll,
-            ControlOperation::Delete,
-            p.pidfd.as_raw_fd(),
-            TOKEN_PROCESS + idx as u64,
-        )?;
-        log::warn!("{why}");
-        let slot = vm.built.devices.iter().position(|d| d.process == Some(idx));
-        if let Some(slot_idx) = slot {
-            match self.restart_allowed(slot_idx) {
-                Ok(()) => {
-                    for (attempt, backoff_ms) in RESTART_BACKOFF_MS.iter().enumerate() {
-                        std::thread::sleep(Duration::from_millis(*backoff_ms));
-                        match self.recover_device(slot_idx, &why) {
-                            Ok(()) => return Ok(()),
-                            Err(e) => log::warn!(
-                                "restart attempt {} of {} failed: {e}",
-                                attempt + 1,
-                                RESTART_BACKOFF_MS.len()
-                            ),
-                        }
-                    }
-                }
-                Err(e) => log::error!("{e}"),
-            }
-        }
-        if let Some(vm) = &self.vm {
-            vm.built.exit.report(ExitReason::DeviceFailure(why));
-        }
-        Ok(())
-    }
-
-    /// Whether device `slot_idx` may be restarted once more: at most
-    /// [`RESTART_LIMIT`] restarts within [`RESTART_WINDOW`].
-    fn restart_allowed(&mut self, slot_idx: usize) -> Result<(), String> {
-        let now = Instant::now();
-        let log = self.restart_log.entry(slot_idx).or_default();
-        while log
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
-        {
-            log.pop_front();
-        }
-        if log.len() >= RESTART_LIMIT {
-            return Err(format!(
-                "device process restarted {RESTART_LIMIT} times within {} s; giving up",
-                RESTART_WINDOW.as_secs()
-            ));
-        }
-        log.push_back(now);
         Ok(())
     }
 
