@@ -17,7 +17,8 @@
 # Kernel: $SKIFF_NESTED_KERNEL, else l2-host.bzImage from the artifact dir that ../artifacts.sh finds
 # (which builds it when it is nowhere, about 10 minutes). Initramfs: $SKIFF_NESTED_INITRD, else
 # busybox-static + l2-init.sh packed on first use into ${XDG_CACHE_HOME:-~/.cache}/skiff/nested/.
-# $SKIFF_NESTED_CPU: QEMU -cpu model (default max); $SKIFF_NESTED_LOGLEVEL: the nested kernel's loglevel (3).
+# $SKIFF_NESTED_ACCEL: QEMU -accel (default tcg,thread=multi); $SKIFF_NESTED_CPU: QEMU -cpu model (default max);
+# $SKIFF_NESTED_LOGLEVEL: the nested kernel's loglevel (3).
 # Needs: qemu-system-x86, busybox-static, cpio.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -85,7 +86,7 @@ fi
 # latest; an orphaned nested host would otherwise keep a CPU busy until its time limit.
 setpriv --pdeathsig TERM timeout "${tflags[@]}" "$limit" \
   setpriv --pdeathsig KILL qemu-system-x86_64 \
-  -accel tcg,thread=multi -cpu "${SKIFF_NESTED_CPU:-max}" -M q35 -m "$mem" -smp "$cpus" \
+  -accel "${SKIFF_NESTED_ACCEL:-tcg,thread=multi}" -cpu "${SKIFF_NESTED_CPU:-max}" -M q35 -m "$mem" -smp "$cpus" \
   -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
   -kernel "$kernel" -initrd "$initrd" \
   -append "console=ttyS0 reboot=t panic=-1 loglevel=${SKIFF_NESTED_LOGLEVEL:-3} nested.work=$work nested.cmd=$script nested.env=$envname" \

@@ -90,7 +90,7 @@ fn describe(p: &Proc) -> String {
             one_line(&format!("{base}/comm")),
             one_line(&format!("{base}/wchan"))
         );
-        if state == 'D' || state == 'S' && p.comm.starts_with("skiff") {
+        if state == 'D' || (state == 'S' && p.comm.starts_with("skiff")) {
             for frame in one_line(&format!("{base}/stack")).lines().take(12) {
                 s += &format!("    {frame}\n");
             }
@@ -145,4 +145,61 @@ pub fn kill_descendants(grace: Duration) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// CPU time (utime + stime, in clock ticks) of each thread of `pid`, with its name.
+fn thread_times(pid: i32) -> Vec<(String, String, u64)> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String, u64)> = tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_string_lossy().into_owned();
+            let stat = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(") ")?;
+            let f: Vec<&str> = rest.split(' ').collect();
+            // After "comm) ": state is field 0, utime 11, stime 12.
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            let name = one_line(&format!("/proc/{pid}/task/{tid}/comm"));
+            Some((tid, name, ticks))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// What each thread of process `pid` did over `window`: its state, wait channel and the
+/// CPU it used (a stalled guest's vCPU threads either spin or sit idle in KVM_RUN).
+pub fn thread_activity(pid: i32, window: Duration) -> String {
+    let before = thread_times(pid);
+    if before.is_empty() {
+        return String::new();
+    }
+    std::thread::sleep(window);
+    let after = thread_times(pid);
+    // SAFETY: sysconf has no memory side effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let mut s = format!(
+        "\n----- pid {pid} threads over {} ms: CPU used, state, wait channel -----\n",
+        window.as_millis()
+    );
+    for (tid, name, ticks) in &after {
+        let was = before
+            .iter()
+            .find(|(t, _, _)| t == tid)
+            .map_or(*ticks, |b| b.2);
+        let base = format!("/proc/{pid}/task/{tid}");
+        let state = one_line(&format!("{base}/stat"))
+            .rsplit_once(") ")
+            .and_then(|(_, r)| r.chars().next())
+            .unwrap_or('?');
+        s += &format!(
+            "{tid} {name}: {} ms [{state}] {}\n",
+            ticks.saturating_sub(was) * 1000 / hz,
+            one_line(&format!("{base}/wchan"))
+        );
+    }
+    s += "-----";
+    s
 }

@@ -419,8 +419,15 @@ impl TestVm {
         } else {
             ""
         };
+        // A VMM still running: are its vCPUs busy, halted or blocked? (A stalled guest
+        // whose vCPUs sit in KVM_RUN without using CPU waits for an interrupt.)
+        let activity = if self.console.closed() {
+            String::new()
+        } else {
+            crate::hang::thread_activity(self.pid(), Duration::from_secs(1))
+        };
         format!(
-            "{shell}\n----- console (tail) -----\n{}\n----- {} stderr (tail) -----\n{}\n-----",
+            "{shell}\n----- console (tail) -----\n{}\n----- {} stderr (tail) -----\n{}\n-----{activity}",
             tail(&console, 3000),
             self.program,
             tail(&self.stderr_text(), 3000)
