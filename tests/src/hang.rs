@@ -64,6 +64,15 @@ fn one_line(path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// A thread's state letter and wait channel; `base` is its /proc/PID/task/TID.
+fn thread_state(base: &str) -> (char, String) {
+    let state = one_line(&format!("{base}/stat"))
+        .rsplit_once(") ")
+        .and_then(|(_, r)| r.chars().next())
+        .unwrap_or('?');
+    (state, one_line(&format!("{base}/wchan")))
+}
+
 /// One process: its command line, then per thread its state, wait channel and, for a
 /// thread blocked in the kernel, its kernel stack (root only).
 fn describe(p: &Proc) -> String {
@@ -81,14 +90,10 @@ fn describe(p: &Proc) -> String {
     for t in tasks.flatten() {
         let tid = t.file_name().to_string_lossy().into_owned();
         let base = format!("/proc/{}/task/{tid}", p.pid);
-        let state = one_line(&format!("{base}/stat"))
-            .rsplit_once(") ")
-            .and_then(|(_, r)| r.chars().next())
-            .unwrap_or('?');
+        let (state, wchan) = thread_state(&base);
         s += &format!(
-            "  thread {tid} {} [{state}] wchan {}\n",
-            one_line(&format!("{base}/comm")),
-            one_line(&format!("{base}/wchan"))
+            "  thread {tid} {} [{state}] wchan {wchan}\n",
+            one_line(&format!("{base}/comm"))
         );
         if state == 'D' || (state == 'S' && p.comm.starts_with("skiff")) {
             for frame in one_line(&format!("{base}/stack")).lines().take(12) {
@@ -189,15 +194,10 @@ pub fn thread_activity(pid: i32, window: Duration) -> String {
             .iter()
             .find(|(t, _, _)| t == tid)
             .map_or(*ticks, |b| b.2);
-        let base = format!("/proc/{pid}/task/{tid}");
-        let state = one_line(&format!("{base}/stat"))
-            .rsplit_once(") ")
-            .and_then(|(_, r)| r.chars().next())
-            .unwrap_or('?');
+        let (state, wchan) = thread_state(&format!("/proc/{pid}/task/{tid}"));
         s += &format!(
-            "{tid} {name}: {} ms [{state}] {}\n",
-            ticks.saturating_sub(was) * 1000 / hz,
-            one_line(&format!("{base}/wchan"))
+            "{tid} {name}: {} ms [{state}] {wchan}\n",
+            ticks.saturating_sub(was) * 1000 / hz
         );
     }
     s += "-----";
