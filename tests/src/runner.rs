@@ -146,6 +146,9 @@ impl Counts {
 const TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
 /// How `TestVm::wait_ready` reports a guest that never reached userspace.
 const NEVER_READY: &str = "\"GUEST-READY\" did not appear on the console";
+/// How a test that does not boot to the shell reports a guest that never reached
+/// userspace (e.g. `init=/bin/false`).
+pub const NEVER_USERSPACE: &str = "the guest never reached userspace";
 
 /// How [`run_one`] reports a test that did not end in time.
 const HUNG: &str = "the test hung";
@@ -240,7 +243,7 @@ fn run_tests(tests: &[&Test]) -> Counts {
             let Err(e) = &result else { break };
             let why = if e.contains(TRIPLE_FAULT) {
                 "the guest triple-faulted during the test"
-            } else if e.contains(NEVER_READY) {
+            } else if e.contains(NEVER_READY) || e.contains(NEVER_USERSPACE) {
                 "the guest never reached userspace"
             } else {
                 break;
