@@ -175,11 +175,12 @@ fn thread_times(pid: i32) -> Vec<(String, String, u64)> {
 }
 
 /// What each thread of process `pid` did over `window`: its state, wait channel and the
-/// CPU it used (a stalled guest's vCPU threads either spin or sit idle in KVM_RUN).
-pub fn thread_activity(pid: i32, window: Duration) -> String {
+/// CPU it used (a stalled guest's vCPU threads either spin or sit idle in KVM_RUN); and
+/// the most CPU, in ms, that one of its vCPU threads (named `vcpuN`) used.
+pub fn thread_activity(pid: i32, window: Duration) -> (String, u64) {
     let before = thread_times(pid);
     if before.is_empty() {
-        return String::new();
+        return (String::new(), 0);
     }
     std::thread::sleep(window);
     let after = thread_times(pid);
@@ -189,17 +190,57 @@ pub fn thread_activity(pid: i32, window: Duration) -> String {
         "\n----- pid {pid} threads over {} ms: CPU used, state, wait channel -----\n",
         window.as_millis()
     );
+    let mut busiest = 0;
     for (tid, name, ticks) in &after {
         let was = before
             .iter()
             .find(|(t, _, _)| t == tid)
             .map_or(*ticks, |b| b.2);
+        let ms = ticks.saturating_sub(was) * 1000 / hz;
+        if name.starts_with("vcpu") {
+            busiest = busiest.max(ms);
+        }
         let (state, wchan) = thread_state(&format!("/proc/{pid}/task/{tid}"));
-        s += &format!(
-            "{tid} {name}: {} ms [{state}] {wchan}\n",
-            ticks.saturating_sub(was) * 1000 / hz
-        );
+        s += &format!("{tid} {name}: {ms} ms [{state}] {wchan}\n");
     }
     s += "-----";
-    s
+    (s, busiest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn thread_activity_sees_a_spinning_vcpu_thread() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let spinner = std::thread::Builder::new()
+            .name("vcpu7".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+            .expect("spawn");
+        let (text, busiest) = thread_activity(std::process::id() as i32, Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+        spinner.join().expect("join");
+        assert!(text.contains("vcpu7"), "{text}");
+        // Flat out would be 1000 ms; a loaded 2-CPU machine may give it less.
+        assert!(
+            busiest >= 300,
+            "busiest vCPU thread used {busiest} ms:\n{text}"
+        );
+    }
+
+    #[test]
+    fn thread_activity_of_a_missing_process_is_empty() {
+        assert_eq!(
+            thread_activity(i32::MAX, Duration::from_millis(10)),
+            (String::new(), 0)
+        );
+    }
 }

@@ -149,6 +149,9 @@ const NEVER_READY: &str = "\"GUEST-READY\" did not appear on the console";
 /// How a test that does not boot to the shell reports a guest that never reached
 /// userspace (e.g. `init=/bin/false`).
 pub const NEVER_USERSPACE: &str = "the guest never reached userspace";
+/// How `TestVm::diagnostics` marks a guest that spins with its console silent (how the
+/// nested test host's guests stall).
+pub const GUEST_SPINS: &str = "STALL: the guest spins with its console silent";
 
 /// How [`run_one`] reports a test that did not end in time.
 const HUNG: &str = "the test hung";
@@ -237,14 +240,17 @@ fn run_tests(tests: &[&Test]) -> Counts {
         // There, and only for that signature, a guest test is run once more, loudly; any
         // other failure, and a second triple fault, fail the test.
         // The same holds for a guest that never reached userspace (a stall during boot) in a
-        // test that boots through the API, where `boot`'s own retry does not apply. At most
-        // two more runs.
+        // test that boots through the API, where `boot`'s own retry does not apply, and for
+        // a guest that stalled later with a vCPU spinning and its console silent (seen
+        // mid-`cat` at a shell prompt, with no device I/O going on). At most two more runs.
         for attempt in 2..=3 {
             let Err(e) = &result else { break };
             let why = if e.contains(TRIPLE_FAULT) {
                 "the guest triple-faulted during the test"
             } else if e.contains(NEVER_READY) || e.contains(NEVER_USERSPACE) {
                 "the guest never reached userspace"
+            } else if e.contains(GUEST_SPINS) {
+                "the guest stalled (a vCPU spinning, its console silent)"
             } else {
                 break;
             };

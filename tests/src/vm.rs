@@ -230,6 +230,11 @@ impl Stream {
         s
     }
 
+    /// How many bytes have arrived so far.
+    fn len(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0.len()
+    }
+
     /// Whether the pipe has reached its end (the process exited).
     fn closed(&self) -> bool {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).1
@@ -420,14 +425,27 @@ impl TestVm {
             ""
         };
         // A VMM still running: are its vCPUs busy, halted or blocked? (A stalled guest
-        // whose vCPUs sit in KVM_RUN without using CPU waits for an interrupt.)
-        let activity = if self.console.closed() {
-            String::new()
+        // whose vCPUs sit in KVM_RUN without using CPU waits for an interrupt; one whose
+        // vCPU runs flat out while its console stays silent spins, as the nested test
+        // host's guests do when they stall.)
+        let (activity, spins) = if self.console.closed() {
+            (String::new(), false)
         } else {
-            crate::hang::thread_activity(self.pid(), Duration::from_secs(1))
+            let printed = self.console.len();
+            let (text, busiest_ms) =
+                crate::hang::thread_activity(self.pid(), Duration::from_secs(1));
+            (text, busiest_ms >= 900 && self.console.len() == printed)
+        };
+        let spins = if spins {
+            format!(
+                "\n{}: a vCPU ran flat out for a second while the console stayed silent",
+                crate::runner::GUEST_SPINS
+            )
+        } else {
+            String::new()
         };
         format!(
-            "{shell}\n----- console (tail) -----\n{}\n----- {} stderr (tail) -----\n{}\n-----{activity}",
+            "{shell}\n----- console (tail) -----\n{}\n----- {} stderr (tail) -----\n{}\n-----{activity}{spins}",
             tail(&console, 3000),
             self.program,
             tail(&self.stderr_text(), 3000)
