@@ -5,7 +5,9 @@
 use std::fs;
 use std::time::Duration;
 
-/// A process as /proc shows it.
+use crate::host;
+
+/// A process of this test's tree.
 struct Proc {
     pid: i32,
     ppid: i32,
@@ -13,47 +15,29 @@ struct Proc {
     comm: String,
 }
 
-fn read_proc(pid: i32) -> Option<Proc> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let mut rest = stat.get(close + 2..)?.split(' ');
-    let state = rest.next()?.chars().next()?;
-    let ppid = rest.next()?.parse().ok()?;
-    Some(Proc {
-        pid,
-        ppid,
-        state,
-        comm: stat.get(open + 1..close)?.to_string(),
-    })
-}
-
-fn all_procs() -> Vec<Proc> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
-        .filter_map(read_proc)
-        .collect()
-}
-
 /// Every live descendant of this process, parents before children.
 fn descendants() -> Vec<Proc> {
-    let procs = all_procs();
+    let mut procs: Vec<Proc> = host::pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let st = host::read_stat(&format!("/proc/{pid}/stat"))?;
+            Some(Proc {
+                pid,
+                ppid: st.ppid,
+                state: st.state,
+                comm: st.comm,
+            })
+        })
+        .filter(|p| p.state != 'Z')
+        .collect();
     let mut out: Vec<Proc> = Vec::new();
     let mut parents = vec![std::process::id() as i32];
-    while let Some(p) = parents.pop() {
-        for c in procs.iter().filter(|c| c.ppid == p && c.state != 'Z') {
-            parents.push(c.pid);
-            out.push(Proc {
-                pid: c.pid,
-                ppid: c.ppid,
-                state: c.state,
-                comm: c.comm.clone(),
-            });
-        }
+    while let Some(parent) = parents.pop() {
+        let (children, rest): (Vec<Proc>, Vec<Proc>) =
+            procs.into_iter().partition(|c| c.ppid == parent);
+        procs = rest;
+        parents.extend(children.iter().map(|c| c.pid));
+        out.extend(children);
     }
     out
 }
@@ -62,15 +46,6 @@ fn one_line(path: &str) -> String {
     fs::read_to_string(path)
         .map(|s| s.replace('\0', " ").trim().to_string())
         .unwrap_or_default()
-}
-
-/// A thread's state letter and wait channel; `base` is its /proc/PID/task/TID.
-fn thread_state(base: &str) -> (char, String) {
-    let state = one_line(&format!("{base}/stat"))
-        .rsplit_once(") ")
-        .and_then(|(_, r)| r.chars().next())
-        .unwrap_or('?');
-    (state, one_line(&format!("{base}/wchan")))
 }
 
 /// One process: its command line, then per thread its state, wait channel and, for a
@@ -84,16 +59,13 @@ fn describe(p: &Proc) -> String {
         p.state,
         one_line(&format!("/proc/{}/cmdline", p.pid))
     );
-    let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", p.pid)) else {
-        return s;
-    };
-    for t in tasks.flatten() {
-        let tid = t.file_name().to_string_lossy().into_owned();
+    for (tid, st) in threads(p.pid) {
         let base = format!("/proc/{}/task/{tid}", p.pid);
-        let (state, wchan) = thread_state(&base);
+        let state = st.state;
         s += &format!(
-            "  thread {tid} {} [{state}] wchan {wchan}\n",
-            one_line(&format!("{base}/comm"))
+            "  thread {tid} {} [{state}] wchan {}\n",
+            st.comm,
+            one_line(&format!("{base}/wchan"))
         );
         if state == 'D' || (state == 'S' && p.comm.starts_with("skiff")) {
             for frame in one_line(&format!("{base}/stack")).lines().take(12) {
@@ -152,25 +124,20 @@ pub fn kill_descendants(grace: Duration) {
     }
 }
 
-/// CPU time (utime + stime, in clock ticks) of each thread of `pid`, with its name.
-fn thread_times(pid: i32) -> Vec<(String, String, u64)> {
+/// Each thread of `pid`: its id, name and stat.
+fn threads(pid: i32) -> Vec<(String, host::ProcStat)> {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
-    let mut out: Vec<(String, String, u64)> = tasks
+    let mut out: Vec<(String, host::ProcStat)> = tasks
         .flatten()
         .filter_map(|t| {
             let tid = t.file_name().to_string_lossy().into_owned();
-            let stat = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-            let (_, rest) = stat.rsplit_once(") ")?;
-            let f: Vec<&str> = rest.split(' ').collect();
-            // After "comm) ": state is field 0, utime 11, stime 12.
-            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            let name = one_line(&format!("/proc/{pid}/task/{tid}/comm"));
-            Some((tid, name, ticks))
+            let st = host::read_stat(&format!("/proc/{pid}/task/{tid}/stat"))?;
+            Some((tid, st))
         })
         .collect();
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
@@ -178,12 +145,11 @@ fn thread_times(pid: i32) -> Vec<(String, String, u64)> {
 /// CPU it used (a stalled guest's vCPU threads either spin or sit idle in KVM_RUN); and
 /// the most CPU, in ms, that one of its vCPU threads (named `vcpuN`) used.
 pub fn thread_activity(pid: i32, window: Duration) -> (String, u64) {
-    let before = thread_times(pid);
+    let before = threads(pid);
     if before.is_empty() {
         return (String::new(), 0);
     }
     std::thread::sleep(window);
-    let after = thread_times(pid);
     // SAFETY: sysconf has no memory side effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     let mut s = format!(
@@ -191,17 +157,17 @@ pub fn thread_activity(pid: i32, window: Duration) -> (String, u64) {
         window.as_millis()
     );
     let mut busiest = 0;
-    for (tid, name, ticks) in &after {
+    for (tid, st) in threads(pid) {
         let was = before
             .iter()
-            .find(|(t, _, _)| t == tid)
-            .map_or(*ticks, |b| b.2);
-        let ms = ticks.saturating_sub(was) * 1000 / hz;
-        if name.starts_with("vcpu") {
+            .find(|(t, _)| *t == tid)
+            .map_or(st.cpu_ticks, |(_, b)| b.cpu_ticks);
+        let ms = st.cpu_ticks.saturating_sub(was) * 1000 / hz;
+        if st.comm.starts_with("vcpu") {
             busiest = busiest.max(ms);
         }
-        let (state, wchan) = thread_state(&format!("/proc/{pid}/task/{tid}"));
-        s += &format!("{tid} {name}: {ms} ms [{state}] {wchan}\n");
+        let wchan = one_line(&format!("/proc/{pid}/task/{tid}/wchan"));
+        s += &format!("{tid} {}: {ms} ms [{}] {wchan}\n", st.comm, st.state);
     }
     s += "-----";
     (s, busiest)

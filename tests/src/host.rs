@@ -200,31 +200,56 @@ pub struct ProcInfo {
     pub cmdline: String,
 }
 
+/// The fields of a /proc `stat` file (of a process or of one of its threads) that the
+/// harness uses.
+pub struct ProcStat {
+    pub comm: String,
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+/// Reads and parses `path` (`/proc/PID/stat` or `/proc/PID/task/TID/stat`).
+pub fn read_stat(path: &str) -> Option<ProcStat> {
+    let stat = fs::read_to_string(path).ok()?;
+    // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let f: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    Some(ProcStat {
+        comm: stat.get(open + 1..close)?.to_string(),
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        cpu_ticks: f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    })
+}
+
+/// Every pid in /proc.
+pub fn pids() -> Vec<i32> {
+    fs::read_dir("/proc").map_or_else(
+        |_| Vec::new(),
+        |dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+                .collect()
+        },
+    )
+}
+
 /// Live (non-zombie) skiff-blk / skiff-net processes.
 pub fn device_processes() -> Vec<ProcInfo> {
     let mut found = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+    for pid in pids() {
+        let Some(stat) = read_stat(&format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid pgrp ...; comm may contain spaces, so split after the last ')'.
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let comm = stat
-            .get(stat.find('(').map_or(0, |o| o + 1)..close)
-            .unwrap_or("");
-        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        if rest.first() == Some(&"Z") || rest.len() < 3 {
+        if stat.state == 'Z' {
             continue;
         }
-        let raw = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&raw)
             .replace('\0', " ")
             .trim()
@@ -232,11 +257,11 @@ pub fn device_processes() -> Vec<ProcInfo> {
         let argv0 = cmdline.split(' ').next().unwrap_or("");
         let is_device = ["skiff-blk", "skiff-net"]
             .iter()
-            .any(|d| comm.starts_with(d) || argv0.ends_with(&format!("/{d}")) || argv0 == *d);
+            .any(|d| stat.comm.starts_with(d) || argv0.ends_with(&format!("/{d}")) || argv0 == *d);
         if is_device {
             found.push(ProcInfo {
                 pid,
-                pgrp: rest[2].parse().unwrap_or(0),
+                pgrp: stat.pgrp,
                 cmdline,
             });
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api_server::client::ClientError;
-use api_server::models::{Drive, NetworkInterface, UpgradeReport};
+use api_server::models::{Drive, NetworkInterface, SkiffDevice, UpgradeReport};
 use tests::{ensure, host, Result, TestDir, TestVm};
 
 use super::api::ApiVm;
@@ -120,11 +120,7 @@ fn kill_and_wait_restart(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         std::thread::sleep(Duration::from_millis(300));
-        let devices = api.skiff_devices().map_err(|e| e.to_string())?;
-        let d = devices
-            .devices
-            .get(index)
-            .ok_or_else(|| format!("GET /skiff/devices has no device {index}"))?;
+        let d = device_at(api, index)?;
         match d.pid {
             Some(p) if p != pid && d.restarts as usize == restarts => return Ok(p),
             _ => ensure!(
@@ -136,13 +132,19 @@ fn kill_and_wait_restart(
     }
 }
 
+/// Device number `index` in `GET /skiff/devices`.
+fn device_at(api: &mut api_server::client::ApiClient, index: usize) -> Result<SkiffDevice> {
+    api.skiff_devices()
+        .map_err(|e| e.to_string())?
+        .devices
+        .into_iter()
+        .nth(index)
+        .ok_or_else(|| format!("GET /skiff/devices has no device {index}"))
+}
+
 /// The pid of device number `index`'s process.
 fn device_pid(api: &mut api_server::client::ApiClient, index: usize) -> Result<u32> {
-    let devices = api.skiff_devices().map_err(|e| e.to_string())?;
-    let d = devices
-        .devices
-        .get(index)
-        .ok_or_else(|| format!("GET /skiff/devices has no device {index}"))?;
+    let d = device_at(api, index)?;
     d.pid
         .ok_or_else(|| format!("{} has no device process", d.id))
 }
