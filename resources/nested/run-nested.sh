@@ -18,7 +18,8 @@
 # (which builds it when it is nowhere, about 10 minutes). Initramfs: $SKIFF_NESTED_INITRD, else
 # busybox-static + l2-init.sh packed on first use into ${XDG_CACHE_HOME:-~/.cache}/skiff/nested/.
 # $SKIFF_NESTED_ACCEL: QEMU -accel (default tcg,thread=multi); $SKIFF_NESTED_CPU: QEMU -cpu model (default max);
-# $SKIFF_NESTED_LOGLEVEL: the nested kernel's loglevel (3).
+# $SKIFF_NESTED_LOGLEVEL: the nested kernel's loglevel (3); $SKIFF_NESTED_QEMU: the QEMU binary
+# (default qemu-system-x86_64 on PATH); $SKIFF_NESTED_APPEND: more nested-kernel parameters.
 # Needs: qemu-system-x86, busybox-static, cpio.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -32,8 +33,15 @@ shift $((OPTIND - 1))
 script=$1
 [ -f "$script" ] || { echo "run-nested.sh: no such script: $script" >&2; exit 2; }
 case "$script" in *[[:space:]\'\"]*) echo "run-nested.sh: script path must not contain spaces or quotes" >&2; exit 2 ;; esac
-command -v qemu-system-x86_64 >/dev/null \
-  || { echo "run-nested.sh: qemu-system-x86_64 missing (apt-get install qemu-system-x86)" >&2; exit 2; }
+qemu=${SKIFF_NESTED_QEMU:-qemu-system-x86_64}
+command -v "$qemu" >/dev/null \
+  || { echo "run-nested.sh: $qemu missing (apt-get install qemu-system-x86)" >&2; exit 2; }
+# A QEMU unpacked outside /usr (dpkg -x, for experiments) finds its firmware beside it.
+qemu_data=()
+for d in share/qemu share/seabios; do
+  d=$(dirname "$(command -v "$qemu")")/../$d
+  [ "$(dirname "$(command -v "$qemu")")" != /usr/bin ] && [ -d "$d" ] && qemu_data+=(-L "$d")
+done
 
 kernel=${SKIFF_NESTED_KERNEL:-}
 if [ -z "$kernel" ]; then
@@ -85,11 +93,11 @@ fi
 # signal), `timeout` gets SIGTERM and passes it to QEMU, and QEMU dies with `timeout` at the
 # latest; an orphaned nested host would otherwise keep a CPU busy until its time limit.
 setpriv --pdeathsig TERM timeout "${tflags[@]}" "$limit" \
-  setpriv --pdeathsig KILL qemu-system-x86_64 \
+  setpriv --pdeathsig KILL "$qemu" "${qemu_data[@]}" \
   -accel "${SKIFF_NESTED_ACCEL:-tcg,thread=multi}" -cpu "${SKIFF_NESTED_CPU:-max}" -M q35 -m "$mem" -smp "$cpus" \
   -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
   -kernel "$kernel" -initrd "$initrd" \
-  -append "console=ttyS0 reboot=t panic=-1 loglevel=${SKIFF_NESTED_LOGLEVEL:-3} nested.work=$work nested.cmd=$script nested.env=$envname" \
+  -append "console=ttyS0 reboot=t panic=-1 loglevel=${SKIFF_NESTED_LOGLEVEL:-3} nested.work=$work nested.cmd=$script nested.env=$envname ${SKIFF_NESTED_APPEND:-}" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs local,path="$work",mount_tag=work,security_model=none,multidevs=remap \
   <"$stdin" 2>&1 | tee "$log"

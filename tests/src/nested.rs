@@ -23,8 +23,12 @@ use std::time::{Duration, Instant};
 
 use crate::runner::Counts;
 
-/// A nested host that reports nothing for this long is frozen.
+/// A nested host that reports nothing for this long is frozen (`SKIFF_NESTED_SILENCE`
+/// seconds overrides it, for the rig's own tests).
 const SILENCE: Duration = Duration::from_secs(150);
+/// How long past a test's limit the runner inside may take to end it (its hang report, the
+/// kills, up to 60 s for the test's thread) before the runner outside ends the nested host.
+const HANG_GRACE: Duration = Duration::from_secs(180);
 /// How often the runner inside says it is alive.
 const ALIVE_EVERY: Duration = Duration::from_secs(5);
 /// New nested hosts after one that died, per run.
@@ -53,9 +57,10 @@ impl Progress {
         Progress(path)
     }
 
-    pub fn start(&self, name: &str) {
+    /// A test starts, with `limit` to end in (re-runs included).
+    pub fn start(&self, name: &str, limit: Duration) {
         if let Some(p) = &self.0 {
-            append(p, &format!("start {name}"));
+            append(p, &format!("start {name} {}", limit.as_secs()));
         }
     }
 
@@ -178,6 +183,21 @@ pub(crate) fn run(names: &[&str], ignored: bool, only_guest: bool) -> Counts {
     counts
 }
 
+/// The test the progress file says is running (a `start` line with no `end` after it): its
+/// name and limit.
+fn running_test(progress: &str) -> Option<(String, Duration)> {
+    let mut running = None;
+    for line in progress.lines() {
+        if let Some(rest) = line.strip_prefix("start ") {
+            let (name, limit) = rest.rsplit_once(' ')?;
+            running = Some((name.to_string(), Duration::from_secs(limit.parse().ok()?)));
+        } else if line.starts_with("end ") {
+            running = None;
+        }
+    }
+    running
+}
+
 /// One nested host running `names`.
 fn run_once(names: &[String], ignored: bool, only_guest: bool) -> Result<Attempt, String> {
     let repo = crate::repo_root();
@@ -276,10 +296,17 @@ fn run_once(names: &[String], ignored: bool, only_guest: bool) -> Result<Attempt
         }
     });
 
+    let silence = std::env::var("SKIFF_NESTED_SILENCE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(SILENCE, Duration::from_secs);
     let mut result = None;
     let mut frozen = None;
+    let mut overdue = None;
     let mut seen = 0u64;
     let mut last_sign = Instant::now();
+    // The test running inside: its name, when the runner outside saw it start, its limit.
+    let mut current: Option<(String, Instant, Duration)> = None;
     loop {
         match rx.recv_timeout(ALIVE_EVERY) {
             Ok(line) => {
@@ -295,11 +322,36 @@ fn run_once(names: &[String], ignored: bool, only_guest: bool) -> Result<Attempt
         if size != seen {
             seen = size;
             last_sign = Instant::now();
-        } else if last_sign.elapsed() > SILENCE {
+            current = running_test(&std::fs::read_to_string(&progress).unwrap_or_default()).map(
+                |(name, limit)| match current.take() {
+                    Some(c) if c.0 == name => c,
+                    _ => (name, Instant::now(), limit),
+                },
+            );
+        }
+        let kill = if last_sign.elapsed() > silence {
             frozen = Some(format!(
                 "the nested test host gave no sign of life for {} s (frozen); its QEMU was killed",
-                SILENCE.as_secs()
+                silence.as_secs()
             ));
+            true
+        } else if let Some((name, since, limit)) = current
+            .as_ref()
+            .filter(|c| c.1.elapsed() > c.2 + HANG_GRACE)
+        {
+            // The runner inside ends a test at its limit; one that is still running this
+            // long after it means that runner is stuck itself. The limit holds anyway.
+            overdue = Some(name.clone());
+            frozen = Some(format!(
+                "{name} ran for {} s, past its limit of {} s, and the runner inside the nested host did not end it; its QEMU was killed (the nested host's console above is all there is to show)",
+                since.elapsed().as_secs(),
+                limit.as_secs()
+            ));
+            true
+        } else {
+            false
+        };
+        if kill {
             // SAFETY: kill(2) on the process group run-nested.sh leads (process_group(0)):
             // it, timeout, QEMU and tee; no memory is touched.
             unsafe {
@@ -310,12 +362,20 @@ fn run_once(names: &[String], ignored: bool, only_guest: bool) -> Result<Attempt
     }
     let status = child.wait().map_err(|e| format!("run-nested.sh: {e}"))?;
     let text = std::fs::read_to_string(&progress).unwrap_or_default();
-    let ended = text
+    let mut ended: Vec<(String, bool)> = text
         .lines()
         .filter_map(|l| l.strip_prefix("end "))
         .filter_map(|l| l.rsplit_once(' '))
         .map(|(name, how)| (name.to_string(), how == "ok"))
         .collect();
+    // A test that overran its limit failed: it is not run again.
+    if let Some(name) = overdue {
+        println!(
+            "---- {name} ----\nthe test hung: {}\n",
+            frozen.as_deref().unwrap_or_default()
+        );
+        ended.push((name, false));
+    }
     let failure = match (frozen, status.code(), result) {
         (Some(f), _, _) => Some(f),
         (None, Some(0 | 101), Some(_)) => None,
@@ -334,4 +394,24 @@ fn run_once(names: &[String], ignored: bool, only_guest: bool) -> Result<Attempt
         ended,
         failure,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_test_is_the_last_start_without_an_end() {
+        assert_eq!(running_test(""), None);
+        assert_eq!(running_test("alive\nalive\n"), None);
+        let p = "alive\nstart guest::a 600\nalive\nend guest::a ok\nstart guest::b 2400\nalive\n";
+        assert_eq!(
+            running_test(p),
+            Some(("guest::b".to_string(), Duration::from_secs(2400)))
+        );
+        assert_eq!(
+            running_test("start guest::a 600\nend guest::a failed\n"),
+            None
+        );
+    }
 }

@@ -34,13 +34,22 @@ pub enum Kind {
     /// as ignored unless `--ignored` is given, as libtest does with `#[ignore]`:
     /// `cargo test -p tests --test guest -- --ignored`.
     Soak,
+    /// A guest test that hangs or freezes on purpose, so that the rig's own tests can check
+    /// that the runner ends it: selected only when `SKIFF_RIG_FAULTS=1` (those tests set it
+    /// for the test binary they start), otherwise not even listed.
+    Fault,
 }
 
 impl Kind {
-    /// Boots a guest (Guest or Soak).
+    /// Boots a guest (Guest, Soak or Fault).
     pub fn boots(self) -> bool {
-        matches!(self, Kind::Guest | Kind::Soak)
+        matches!(self, Kind::Guest | Kind::Soak | Kind::Fault)
     }
+}
+
+/// True when the rig's fault tests are wanted ([`Kind::Fault`]).
+fn faults_wanted() -> bool {
+    std::env::var("SKIFF_RIG_FAULTS").is_ok_and(|v| v == "1")
 }
 
 /// One test.
@@ -156,9 +165,12 @@ pub const GUEST_SPINS: &str = "STALL: the guest spins with its console silent";
 /// How [`run_one`] reports a test that did not end in time.
 const HUNG: &str = "the test hung";
 
-/// How long a test may run before the runner calls it hung: `SKIFF_TEST_TIMEOUT` seconds,
+/// A re-run starts only with at least this much of the test's limit left.
+const MIN_RERUN: Duration = Duration::from_secs(60);
+
+/// How long a test may run, re-runs included, before the runner calls it hung: `SKIFF_TEST_TIMEOUT` seconds,
 /// else by kind (guest tests under TCG in the nested host are the slow ones).
-fn time_limit(kind: Kind) -> Duration {
+pub(crate) fn time_limit(kind: Kind) -> Duration {
     if let Some(s) = std::env::var("SKIFF_TEST_TIMEOUT")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -169,10 +181,12 @@ fn time_limit(kind: Kind) -> Duration {
         Kind::Host => 180,
         Kind::Guest => 600,
         Kind::Soak => 2400,
+        Kind::Fault => 600,
     })
 }
 
-fn run_one(t: &Test) -> Result {
+/// Runs `t` once; a run still going at `deadline` is called hung, shown and killed.
+fn run_one(t: &Test, deadline: Instant) -> Result {
     let f = t.func;
     let netns = t.netns;
     let (tx, done) = mpsc::channel();
@@ -197,7 +211,7 @@ fn run_one(t: &Test) -> Result {
         })
         .map_err(|e| format!("cannot spawn test thread: {e}"))?;
     let limit = time_limit(t.kind);
-    match done.recv_timeout(limit) {
+    match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         Ok(r) => {
             let _ = handle.join();
             r
@@ -213,7 +227,7 @@ fn run_one(t: &Test) -> Result {
                 Err(_) => "\n(its thread did not end within 60 s after its processes were killed, and is left behind)".into(),
             };
             Err(format!(
-                "{HUNG}: it did not end within {} s (SKIFF_TEST_TIMEOUT sets the limit){late}\n{diag}",
+                "{HUNG}: it did not end within its limit of {} s, re-runs included (SKIFF_TEST_TIMEOUT sets the limit){late}\n{diag}",
                 limit.as_secs()
             ))
         }
@@ -233,8 +247,13 @@ fn run_tests(tests: &[&Test]) -> Counts {
         print!("test {} ... ", t.name);
         let _ = std::io::stdout().flush();
         let start = Instant::now();
-        progress.start(t.name);
-        let mut result = run_one(t);
+        // One limit for the test, re-runs included: a test that fails slowly and is run
+        // again must not get the limit anew each time (a guest test ran for more than 20
+        // minutes under a 10-minute limit that way).
+        let limit = time_limit(t.kind);
+        let deadline = start + limit;
+        progress.start(t.name, limit);
+        let mut result = run_one(t, deadline);
         // Known issue (see tests/tests/guest.rs `boot`): in the nested test host a guest
         // occasionally triple-faults (skiff reports KVM_EXIT_SHUTDOWN), cause not yet found.
         // There, and only for that signature, a guest test is run once more, loudly; any
@@ -245,7 +264,10 @@ fn run_tests(tests: &[&Test]) -> Counts {
         // mid-`cat` at a shell prompt, with no device I/O going on). At most two more runs.
         for attempt in 2..=3 {
             let Err(e) = &result else { break };
-            let why = if e.contains(TRIPLE_FAULT) {
+            // A hung test used up its limit: it is reported, never run again.
+            let why = if e.starts_with(HUNG) {
+                break;
+            } else if e.contains(TRIPLE_FAULT) {
                 "the guest triple-faulted during the test"
             } else if e.contains(NEVER_READY) || e.contains(NEVER_USERSPACE) {
                 "the guest never reached userspace"
@@ -257,9 +279,13 @@ fn run_tests(tests: &[&Test]) -> Counts {
             if !t.kind.boots() || !in_nested() {
                 break;
             }
+            if deadline.saturating_duration_since(Instant::now()) < MIN_RERUN {
+                println!("NO RETRY (nested host): {why}, but less than {} s of the test's {} s limit is left", MIN_RERUN.as_secs(), limit.as_secs());
+                break;
+            }
             println!("RETRY (nested host): {why}; running the test again (attempt {attempt}). Failed attempt:\n{e}");
             c.retried += 1;
-            result = run_one(t);
+            result = run_one(t, deadline);
         }
         progress.end(t.name, result.is_ok());
         match result {
@@ -303,8 +329,12 @@ fn in_ci() -> bool {
 pub fn main(tests: &[Test]) -> ! {
     let args = parse_args();
     let start = Instant::now();
+    let tests: Vec<&Test> = tests
+        .iter()
+        .filter(|t| t.kind != Kind::Fault || faults_wanted())
+        .collect();
     if args.list {
-        for t in tests {
+        for t in &tests {
             if args.selects(t.name) {
                 println!("{}: test", t.name);
             }
@@ -314,7 +344,7 @@ pub fn main(tests: &[Test]) -> ! {
     let only_guest = std::env::var("SKIFF_TEST_KIND").is_ok_and(|k| k == "guest");
     let mut counts = Counts::default();
     let selected: Vec<&Test> = tests
-        .iter()
+        .into_iter()
         .filter(|t| {
             let wanted = args.selects(t.name) && (!only_guest || t.kind.boots());
             // Soak tests run only with --ignored; everything else only without it.

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 mod api;
 mod interop;
+mod rig;
 mod upgrade;
 
 use api::*;
 use interop::*;
+use rig::*;
 use tests::runner::{self, Kind, Test};
 use tests::{ensure, guest_artifacts, host, DriveSpec, NetSpec, Result, TestDir, TestVm, VmConfig};
 use upgrade::*;
@@ -29,7 +31,7 @@ macro_rules! tests {
     ($($kind:ident $netns:literal $name:ident),* $(,)?) => {
         &[$(Test {
             name: concat!(tests!(@prefix $kind), stringify!($name)),
-            kind: Kind::$kind,
+            kind: tests!(@kind $kind),
             netns: $netns,
             func: $name,
         }),*]
@@ -37,6 +39,10 @@ macro_rules! tests {
     (@prefix Guest) => { "guest::" };
     (@prefix Host) => { "bad_input::" };
     (@prefix Soak) => { "soak::" };
+    (@prefix Fault) => { "rigfault::" };
+    (@prefix Rig) => { "rig::" };
+    (@kind Rig) => { Kind::Host };
+    (@kind $kind:ident) => { Kind::$kind };
 }
 
 fn main() {
@@ -80,6 +86,10 @@ fn main() {
         Host false cli_missing_kernel,
         Host false api_preboot_rules,
         Host false api_socket_handling,
+        Rig false runner_ends_a_spinning_guest,
+        Rig false runner_replaces_a_frozen_nested_host,
+        Fault false guest_spins,
+        Fault false nested_host_freezes,
     ])
 }
 
