@@ -2,7 +2,7 @@
 //! device processes can map the same pages through vhost-user's memory table.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -11,6 +11,9 @@ use crate::layout::{MMIO_HOLE_START, RAM_ABOVE_4G_START};
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// The seals against shrinking and growing could not be set.
+    #[error("cannot seal the guest memory memfd against resizing")]
+    Seal(#[source] std::io::Error),
     /// memfd_create failed.
     #[error("cannot create the guest memory memfd")]
     Memfd(#[source] std::io::Error),
@@ -54,7 +57,12 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 /// Creates `size` bytes of guest RAM in one memfd.
 pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
     // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
-    let fd = unsafe { libc::memfd_create(c"skiff-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"skiff-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -63,6 +71,19 @@ pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
     memfd
         .set_len(size)
         .map_err(|e| MemoryError::Truncate(size, e))?;
+    // Every device process maps this memfd: sealed, none of them can shrink it (the VMM
+    // would die of SIGBUS in KVM_RUN) or grow it, and nobody can lift the seals.
+    // SAFETY: F_ADD_SEALS on the memfd we own; no memory is passed.
+    let sealed = unsafe {
+        libc::fcntl(
+            memfd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    };
+    if sealed != 0 {
+        return Err(MemoryError::Seal(std::io::Error::last_os_error()));
+    }
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (base, len) in ram_ranges(size) {
@@ -117,5 +138,21 @@ mod tests {
         use std::os::unix::fs::FileExt;
         ram.memfd.read_exact_at(&mut buf, MMIO_HOLE_START).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xabcd);
+    }
+
+    /// A device process maps this memfd: it must not be able to shrink it (the VMM would
+    /// die of SIGBUS in KVM_RUN) or grow it, nor to lift the seals.
+    #[test]
+    fn guest_ram_memfd_is_sealed_against_resizing() {
+        let ram = create_guest_ram(4 << 20).unwrap();
+        // SAFETY: F_GET_SEALS on a memfd the test owns.
+        let seals = unsafe { libc::fcntl(ram.memfd.as_raw_fd(), libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & want, want, "seals {seals:#x}");
+        assert!(ram.memfd.set_len(2 << 20).is_err(), "the memfd shrank");
+        assert!(ram.memfd.set_len(8 << 20).is_err(), "the memfd grew");
+        // Writes within it still work.
+        use std::os::unix::fs::FileExt;
+        ram.memfd.write_all_at(&[1, 2, 3], 4096).unwrap();
     }
 }

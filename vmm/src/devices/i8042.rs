@@ -37,7 +37,9 @@ const CTRL_ALT_DEL_SET2: &[u8] = &[
     0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
 ];
 const CTRL_ALT_DEL_SET1: &[u8] = &[0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
-/// Bytes the guest may leave unread before a key press is refused.
+/// Bytes the guest may leave unread before a key press is refused, and the most the output
+/// queue holds: a guest that writes commands and never reads the answers makes the
+/// controller drop the newest, as a real keyboard's 16-byte buffer overflows.
 const OUT_LIMIT: usize = 16;
 
 const KBD_ACK: u8 = 0xfa;
@@ -64,6 +66,8 @@ pub struct I8042 {
     status: u8,
     out: VecDeque<u8>,
     expect: Expect,
+    /// The output queue overflowed once (logged then, not again).
+    overflowed: bool,
 }
 
 impl I8042 {
@@ -73,13 +77,19 @@ impl I8042 {
             kbd_irq,
             ctr: CTR_KBD_INT | CTR_SYSTEM,
             status: SB_SYSTEM | SB_KBD_ENABLED,
-            out: VecDeque::with_capacity(4),
+            out: VecDeque::with_capacity(OUT_LIMIT),
             expect: Expect::Command,
+            overflowed: false,
         }
     }
 
     fn push(&mut self, bytes: &[u8]) {
-        self.out.extend(bytes);
+        let room = OUT_LIMIT.saturating_sub(self.out.len());
+        if bytes.len() > room && !self.overflowed {
+            self.overflowed = true;
+            log::warn!("i8042: the guest leaves its output unread; bytes beyond {OUT_LIMIT} are dropped (logged once)");
+        }
+        self.out.extend(&bytes[..bytes.len().min(room)]);
         if self.ctr & CTR_KBD_INT != 0 {
             if let Err(e) = self.kbd_irq.trigger() {
                 log::warn!("i8042: cannot raise IRQ 1: {e}");
@@ -93,7 +103,7 @@ impl I8042 {
         if self.status & SB_KBD_ENABLED == 0 || self.ctr & CTR_KBD_INT == 0 {
             return Err("the guest has not enabled the i8042 keyboard or its interrupt".into());
         }
-        if self.out.len() > OUT_LIMIT {
+        if self.out.len() + CTRL_ALT_DEL_SET2.len().max(CTRL_ALT_DEL_SET1.len()) > OUT_LIMIT {
             return Err(format!(
                 "the guest is not reading the i8042 keyboard ({} bytes pending)",
                 self.out.len()
@@ -184,6 +194,25 @@ mod tests {
     fn dev() -> (I8042, EventFd) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         (I8042::new(IrqLine(irq.try_clone().unwrap())), irq)
+    }
+
+    /// A guest that writes commands and never reads the answers cannot grow the VMM's heap.
+    #[test]
+    fn unread_output_is_capped() {
+        let (mut d, _) = dev();
+        for _ in 0..100_000 {
+            d.write(COMMAND_OFFSET, CMD_SELF_TEST);
+            d.write(0, KBD_GET_ID);
+        }
+        assert_eq!(d.out.len(), OUT_LIMIT);
+        assert!(d.press_ctrl_alt_del().is_err());
+        // The oldest answers are kept, in order.
+        assert_eq!(d.read(0), 0x55);
+        assert_eq!(d.read(0), KBD_ACK);
+        while d.read(COMMAND_OFFSET) & SB_OUT_FULL != 0 {
+            d.read(0);
+        }
+        d.press_ctrl_alt_del().unwrap();
     }
 
     #[test]
