@@ -190,13 +190,18 @@ for ((h = 0; h < load; h++)); do
 done
 echo "bootloop: $boots boots${workload:+ with workload $workload} of $vmms, vCPUs $vcpus, MiB $mems, stall limit ${limit}s, outer load $load CPU hog(s)," \
   "nested host ${ncpu} CPUs ${nmem} MiB, outer $("${SKIFF_NESTED_QEMU:-qemu-system-x86_64}" --version | head -n 1),${extra:+ guest args '$extra',}" \
-  "cpu ${SKIFF_NESTED_CPU:-max}, accel ${SKIFF_NESTED_ACCEL:-tcg,thread=multi}"
+  "cpu ${SKIFF_NESTED_CPU:-max}, accel ${SKIFF_NESTED_ACCEL:-tcg,thread=multi}${SKIFF_NESTED_APPEND:+, nested kernel args '$SKIFF_NESTED_APPEND'}${SKIFF_NESTED_NICE:+, nice $SKIFF_NESTED_NICE}"
 t0=$(date +%s)
 set +e
-"$here/run-nested.sh" -m "$nmem" -c "$ncpu" -t $(( boots * (limit + 30) + 300 )) "$wd/inner.sh" | grep --line-buffered -E '^(boot |nested-dmesg: )'
+"$here/run-nested.sh" -m "$nmem" -c "$ncpu" -t $(( boots * (limit + 30) + 300 )) "$wd/inner.sh" \
+  | tee "$wd/nested-console.log" | grep --line-buffered -E '^(boot |nested-dmesg: )'
 rc=${PIPESTATUS[0]}
 set -e
 res=$wd/results
+if [ "$rc" -ne 0 ]; then
+  echo "bootloop.sh: the nested host failed (run-nested.sh exit $rc); its console's last lines:"
+  grep -vE '^(boot |nested-dmesg: )' "$wd/nested-console.log" | tail -n 25 | sed 's/^/  /'
+fi
 [ -s "$res" ] || { echo "bootloop.sh: the nested host reported no boots (run-nested.sh exit $rc)" >&2; exit 1; }
 echo
 echo "=== summary ($(( $(date +%s) - t0 )) s, outer load $load${extra:+, guest args '$extra'}) ==="
