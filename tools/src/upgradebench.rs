@@ -646,10 +646,10 @@ fn bench_device(
 ) -> Result<DeviceReport> {
     let ram = Arc::new(Ram::new()?);
     let kicks: Vec<EventFd> = (0..setup.queues)
-        .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
         .collect::<io::Result<_>>()
         .map_err(err("eventfd"))?;
-    let call = EventFd::new(libc::EFD_NONBLOCK).map_err(err("eventfd"))?;
+    let call = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(err("eventfd"))?;
     let sockets = [
         dir.join(format!("{name}-a.sock")),
         dir.join(format!("{name}-b.sock")),

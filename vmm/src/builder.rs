@@ -386,7 +386,7 @@ fn console_sink(c: &ConsoleConfig) -> Result<ConsoleSink, BuildError> {
 }
 
 fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine, BuildError> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK)
+    let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(|e| BuildError::Host("an interrupt eventfd", e))?;
     vm.register_irqfd(&evt, gsi)
         .map_err(|e| BuildError::KvmVm("register an irqfd", e))?;
@@ -420,8 +420,8 @@ pub fn build(
 
     let exit = Arc::new(VmExit::new().map_err(|e| BuildError::Host("the exit eventfd", e))?);
     let panic = Arc::new(Mutex::new(None));
-    let console_flush =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Host("the console eventfd", e))?;
+    let console_flush = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| BuildError::Host("the console eventfd", e))?;
     let serial_metrics = Arc::new(SerialMetrics::default());
     let serial = SerialDevice::new(
         irq_line(&vm, SERIAL_IRQ)?,

@@ -33,7 +33,7 @@ impl VmExit {
     pub fn new() -> std::io::Result<Self> {
         Ok(VmExit {
             reason: Mutex::new(None),
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         })
     }
 

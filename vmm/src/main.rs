@@ -205,7 +205,7 @@ fn start_api(
     path: &std::path::Path,
 ) -> Result<(vmm::vmm::ApiLink, api_server::server::ApiServerHandle), String> {
     let server = api_server::server::ApiServer::bind(path).map_err(|e| error_chain(&e))?;
-    let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+    let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(|e| format!("cannot create the API eventfd: {e}"))?;
     let wake_api = wake
         .try_clone()

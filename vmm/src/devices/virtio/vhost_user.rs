@@ -243,10 +243,10 @@ impl VhostUserDevice {
                 num_queues = 1;
             }
         }
-        let call = EventFd::new(libc::EFD_NONBLOCK)
+        let call = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| VhostUserError::Request("eventfd", vhost::Error::IOError(e)))?;
         let kicks = (0..num_queues)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| VhostUserError::Request("eventfd", vhost::Error::IOError(e)))?;
         Ok(VhostUserDevice {
