@@ -2,6 +2,7 @@
 //! devices, kernel, boot information and vCPUs.
 
 use std::fs::File;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{cpuid, loader, mptable, regs};
 use crate::config::{ConsoleConfig, DriveBackend, VmConfig};
-use crate::device_process::{find_binary, DeviceProcess, DeviceProcessError};
+use crate::device_binary::{BinaryDir, DeviceBinaryError};
+use crate::device_process::{DeviceProcess, DeviceProcessError};
 use crate::devices::bus::IoBus;
 use crate::devices::i8042::I8042;
 use crate::devices::metrics_page::{MetricsPage, MetricsPageError};
@@ -25,6 +27,7 @@ use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vhost_user::{
     connect_with_retry, DeviceKind, VhostUserDevice, VhostUserError,
 };
+use crate::devices::virtio::RamRanges;
 use crate::devices::IrqLine;
 use crate::exit::VmExit;
 use crate::layout::*;
@@ -61,6 +64,9 @@ pub enum BuildError {
     /// A device process could not be started.
     #[error(transparent)]
     DeviceProcess(#[from] DeviceProcessError),
+    /// A device binary was refused.
+    #[error(transparent)]
+    DeviceBinary(#[from] DeviceBinaryError),
     /// A vhost-user backend failed during setup.
     #[error("{0}")]
     Backend(String, #[source] VhostUserError),
@@ -161,8 +167,8 @@ impl DeviceSlot {
 
 /// Where to find device binaries and put sockets.
 pub struct BuildOptions {
-    /// Directory of skiff-blk / skiff-net (None: next to skiff, then PATH).
-    pub device_bin_dir: Option<PathBuf>,
+    /// The directory device binaries (skiff-blk, skiff-net, upgrades) come from.
+    pub device_bins: BinaryDir,
 }
 
 struct PendingDevice {
@@ -186,15 +192,23 @@ fn runtime_dir() -> Result<PathBuf, BuildError> {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("skiff-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| BuildError::Host("the runtime directory for device sockets", e))?;
-    Ok(dir)
+    // mkdtemp: a new directory (never one that someone else made first, or a link), with an
+    // unguessable name, mode 0700.
+    let template = base.join(format!("skiff-{}-XXXXXX", std::process::id()));
+    let mut bytes = template.into_os_string().into_vec();
+    bytes.push(0);
+    // SAFETY: `bytes` is a NUL-terminated template ending in XXXXXX that mkdtemp rewrites in
+    // place; it lives across the call.
+    let made = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
+    if made.is_null() {
+        return Err(BuildError::Host(
+            "the runtime directory for device sockets",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    bytes.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
 }
-use std::os::unix::fs::DirBuilderExt;
 
 /// How long a device process may take to answer one vhost-user request.
 const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -251,8 +265,8 @@ fn start_device_processes(
     processes: &mut Vec<DeviceProcess>,
 ) -> Result<Vec<PendingDevice>, BuildError> {
     let mut pending = Vec::new();
-    let blk = find_binary("skiff-blk", opts.device_bin_dir.as_deref());
-    let net = find_binary("skiff-net", opts.device_bin_dir.as_deref());
+    let blk = opts.device_bins.resolve(Path::new("skiff-blk"))?;
+    let net = opts.device_bins.resolve(Path::new("skiff-net"))?;
     for (i, d) in cfg.drives.iter().enumerate() {
         let name = match &d.backend {
             DriveBackend::Socket(s) => {
@@ -284,7 +298,7 @@ fn start_device_processes(
                 (
                     socket,
                     Some(processes.len() - 1),
-                    Some(blk.clone()),
+                    Some(blk.path().to_path_buf()),
                     image.display().to_string(),
                 )
             }
@@ -324,7 +338,7 @@ fn start_device_processes(
             name,
             socket,
             process: Some(processes.len() - 1),
-            binary: Some(net.clone()),
+            binary: Some(net.path().to_path_buf()),
             backing: n.tap.clone(),
             read_only: false,
             metrics: Some(page),
@@ -438,6 +452,12 @@ pub fn build(
     );
     let i8042 = I8042::new(irq_line(&vm, 1)?);
 
+    let ram_ranges = RamRanges(
+        ram.mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.start_addr().0 + r.len()))
+            .collect(),
+    );
     let mut transports = Vec::new();
     let mut mmio_args = Vec::new();
     let mut devices = Vec::new();
@@ -473,6 +493,7 @@ pub fn build(
         transports.push(Mutex::new(MmioTransport::new(
             Box::new(dev),
             p.name.clone(),
+            ram_ranges.clone(),
         )));
         devices.push(DeviceSlot {
             id: p.id,
@@ -554,4 +575,29 @@ pub fn build(
         serial_metrics,
         devices,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn runtime_dirs_are_new_private_and_unguessable() {
+        let a = runtime_dir().expect("a");
+        let b = runtime_dir().expect("b");
+        assert_ne!(a, b);
+        for d in [&a, &b] {
+            let m = std::fs::symlink_metadata(d).expect("stat");
+            assert!(m.is_dir());
+            assert_eq!(m.mode() & 0o7777, 0o700, "{}", d.display());
+            let name = d.file_name().expect("name").to_string_lossy().into_owned();
+            let prefix = format!("skiff-{}-", std::process::id());
+            assert!(
+                name.starts_with(&prefix) && name.len() == prefix.len() + 6,
+                "{name}"
+            );
+            std::fs::remove_dir(d).expect("rmdir");
+        }
+    }
 }

@@ -3,10 +3,11 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::device_binary::DeviceBinary;
 use crate::devices::metrics_page::MetricsPage;
 
 /// Errors starting a device process.
@@ -37,28 +38,11 @@ pub struct DeviceProcess {
     pub socket: PathBuf,
 }
 
-/// Finds a device binary: `dir` when given, else next to the running skiff, else PATH.
-pub fn find_binary(name: &str, dir: Option<&Path>) -> PathBuf {
-    if let Some(d) = dir {
-        return d.join(name);
-    }
-    if let Some(here) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    {
-        let p = here.join(name);
-        if p.exists() {
-            return p;
-        }
-    }
-    PathBuf::from(name)
-}
-
 impl DeviceProcess {
     /// Starts `bin args...`; it must listen on `socket`.
     pub fn spawn(
         name: String,
-        bin: &Path,
+        bin: &DeviceBinary,
         args: &[String],
         socket: PathBuf,
     ) -> Result<Self, DeviceProcessError> {
@@ -71,7 +55,7 @@ impl DeviceProcess {
     /// device process is given the same page and its counts continue.
     pub fn spawn_with_metrics(
         name: String,
-        bin: &Path,
+        bin: &DeviceBinary,
         args: &[String],
         socket: PathBuf,
         metrics: &MetricsPage,
@@ -87,7 +71,7 @@ impl DeviceProcess {
     /// which the caller puts in `args`). Otherwise as [`DeviceProcess::spawn`].
     pub fn spawn_with_fds(
         name: String,
-        bin: &Path,
+        bin: &DeviceBinary,
         args: &[String],
         socket: PathBuf,
         fds: &[BorrowedFd<'_>],
@@ -98,15 +82,23 @@ impl DeviceProcess {
 
     fn start(
         name: String,
-        bin: &Path,
+        bin: &DeviceBinary,
         args: &[String],
         socket: PathBuf,
         inherit: Vec<RawFd>,
     ) -> Result<Self, DeviceProcessError> {
-        let mut cmd = Command::new(bin);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
+        let mut cmd = Command::new(bin.exec_path());
+        cmd.arg0(bin.file_name())
+            .args(args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // The environment is cleared; only the log level goes through.
+        if let Some(level) = std::env::var_os("RUST_LOG") {
+            cmd.env("RUST_LOG", level);
+        }
         // SAFETY: the closure runs in the child between fork and exec and calls only
-        // async-signal-safe functions (prctl, sigprocmask, fcntl).
+        // async-signal-safe functions (prctl, sigprocmask, close_range, fcntl).
         unsafe {
             cmd.pre_exec(move || {
                 // Die with the VMM, whatever way it ends.
@@ -118,9 +110,20 @@ impl DeviceProcess {
                 let mut empty: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut empty);
                 libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                // Keep this fd across exec in the child's copy of the fd table only. Same
-                // number as in the VMM, so it cannot collide with stdio or std's own
-                // exec-error pipe (both distinct open fds here).
+                // Whatever a library opened without O_CLOEXEC stays behind: every fd past
+                // stdio closes at exec, then exactly the fds meant for this child are kept.
+                if libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Same number as in the VMM, so it cannot collide with stdio or std's own
+                // exec-error pipe (both distinct open fds here). The binary's fd stays
+                // close-on-exec: exec opens it by its /proc/self/fd path first.
                 for &fd in &inherit {
                     let flags = libc::fcntl(fd, libc::F_GETFD);
                     if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
@@ -131,7 +134,7 @@ impl DeviceProcess {
             });
         }
         let child = cmd.spawn().map_err(|source| DeviceProcessError::Spawn {
-            bin: bin.display().to_string(),
+            bin: bin.path().display().to_string(),
             source,
         })?;
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
@@ -209,13 +212,34 @@ mod tests {
     fn exit_code(script: &str, metrics: Option<&MetricsPage>) -> Option<i32> {
         let args = vec!["-c".to_string(), script.to_string()];
         let socket = PathBuf::from("/nonexistent");
-        let bin = Path::new("/bin/sh");
+        let dir = crate::device_binary::BinaryDir::open(Some(std::path::Path::new("/bin")))
+            .expect("/bin");
+        let bin = dir.resolve(std::path::Path::new("sh")).expect("sh");
         let mut p = match metrics {
-            Some(m) => DeviceProcess::spawn_with_metrics("sh".into(), bin, &args, socket, m),
-            None => DeviceProcess::spawn("sh".into(), bin, &args, socket),
+            Some(m) => DeviceProcess::spawn_with_metrics("sh".into(), &bin, &args, socket, m),
+            None => DeviceProcess::spawn("sh".into(), &bin, &args, socket),
         }
         .expect("spawn");
         p.child.wait().expect("wait").code()
+    }
+
+    #[test]
+    fn a_child_gets_stdio_and_its_own_fds_only() {
+        // An fd a library opened without O_CLOEXEC, and the environment.
+        // SAFETY: eventfd returns a new fd or -1.
+        let leaked = unsafe { libc::eventfd(0, 0) };
+        assert!(leaked >= 0);
+        std::env::set_var("SKIFF_SECRET_TEST_VAR", "1");
+        let page = MetricsPage::create("fd-test").expect("page");
+        let fd = page.fd().as_raw_fd();
+        // Only 0, 1, 2, the page and the shell's own fd listing /proc/self/fd.
+        let script = format!(
+            r#"n=$(ls /proc/self/fd | sort -n | tr '\n' ' '); [ "$n" = "0 1 2 3 {fd} " ] || [ "$n" = "0 1 2 {fd} " ] || {{ echo "fds: $n" >&2; exit 1; }}; [ -z "$SKIFF_SECRET_TEST_VAR" ] && [ -z "$HOME" ]"#
+        );
+        let code = exit_code(&script, Some(&page));
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(leaked) };
+        assert_eq!(code, Some(0));
     }
 
     #[test]

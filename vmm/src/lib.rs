@@ -5,6 +5,7 @@ pub mod api;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod device_binary;
 pub mod device_process;
 pub mod devices;
 pub mod exit;

@@ -23,6 +23,29 @@ pub enum LoggerError {
     Open(String, #[source] std::io::Error),
 }
 
+/// Throttles a log line that a guest can trigger at will: [`LogThrottle::hit`] counts one
+/// occurrence and is true for the 1st, 2nd, 4th, 8th, ... so a guest doing it in a loop
+/// cannot flood the log, and the count says how often it happened.
+#[derive(Debug, Default)]
+pub struct LogThrottle(AtomicU64);
+
+impl LogThrottle {
+    /// A throttle that has seen nothing.
+    pub const fn new() -> Self {
+        LogThrottle(AtomicU64::new(0))
+    }
+
+    /// Counts one occurrence; true when it deserves a log line.
+    pub fn hit(&self) -> bool {
+        (self.0.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+    }
+
+    /// Occurrences so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 struct Target {
     file: File,
     show_level: bool,

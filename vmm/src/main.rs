@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use vmm::builder::BuildOptions;
 use vmm::config::{ConsoleConfig, DriveBackend, DriveConfig, NetConfig, VmConfig};
+use vmm::device_binary::BinaryDir;
 use vmm::error_chain;
 use vmm::exit::ExitReason;
 use vmm::vmm::{Vmm, VmmOptions};
@@ -44,7 +45,10 @@ struct Common {
     /// Guest console: stdio, none, or file:PATH.
     #[arg(long, default_value = "stdio", global = true)]
     console: ConsoleConfig,
-    /// Directory holding skiff-blk and skiff-net (default: next to skiff, then PATH).
+    /// The only directory device processes are started from: skiff-blk, skiff-net and the
+    /// binaries named by upgrade requests (default: the directory of skiff). It and the
+    /// programs in it must be owned by root or skiff's user and writable by the owner only;
+    /// programs run with a cleared environment (RUST_LOG excepted).
     #[arg(long, value_name = "DIR", global = true)]
     device_bin_dir: Option<PathBuf>,
     /// Serve the control API (Firecracker-compatible HTTP/JSON) on this Unix socket. A
@@ -249,6 +253,10 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&error_chain(&e)),
     };
+    let device_bins = match BinaryDir::open(cli.common.device_bin_dir.as_deref()) {
+        Ok(d) => d,
+        Err(e) => return fail(&error_chain(&e)),
+    };
     let (api, _api_handle) = match &api_sock {
         Some(p) => match start_api(p) {
             Ok((link, handle)) => (Some(link), Some(handle)),
@@ -259,9 +267,7 @@ fn main() -> ExitCode {
     let mut vmm = match Vmm::new(VmmOptions {
         id: cli.common.id.clone(),
         console: console.clone(),
-        build: BuildOptions {
-            device_bin_dir: cli.common.device_bin_dir,
-        },
+        build: BuildOptions { device_bins },
         signals,
         api,
     }) {

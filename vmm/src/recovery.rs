@@ -19,6 +19,39 @@ const RESTART_LIMIT: usize = 30;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 impl Vmm {
+    /// A backend signalled that the guest driver broke a ring of transport `i`: the device
+    /// needs a reset, and the driver is told with a configuration-change interrupt.
+    pub(crate) fn ring_broken(&mut self, i: usize) {
+        let Some(vm) = &self.vm else { return };
+        let Some(t) = vm.built.bus.virtio.get(i) else {
+            return;
+        };
+        let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+        let name = vm
+            .built
+            .devices
+            .iter()
+            .find(|d| d.transport == i)
+            .map_or_else(
+                || format!("virtio transport {i}"),
+                |d| format!("device '{}'", d.id),
+            );
+        let newly = t.ring_broken();
+        let Some(dev) = t.device_mut().as_vhost_user() else {
+            return;
+        };
+        let _ = dev.err_fd().read();
+        if newly {
+            log::warn!(
+                "{name}: the backend stopped a ring the guest driver broke; the device needs \
+                 a reset (DEVICE_NEEDS_RESET)"
+            );
+            if let Err(e) = dev.call_fd().write(1) {
+                log::warn!("{name}: cannot raise the config-change interrupt: {e}");
+            }
+        }
+    }
+
     /// Device process `idx` may have died (its pidfd is readable): restart it with
     /// back-off and reconnect its rings, or end the VM with the cause when that fails or
     /// it died too often.

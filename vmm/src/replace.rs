@@ -118,7 +118,18 @@ impl Vmm {
                 slot.socket.display()
             )));
         };
-        let binary = binary.unwrap_or(current_binary);
+        // Whatever a client names, only a checked file of the operator's directory runs.
+        let exe = self
+            .opts
+            .device_bins
+            .resolve(&binary.unwrap_or(current_binary))
+            .map_err(|e| {
+                bad(format!(
+                    "{}; device '{id}' keeps its current process",
+                    error_chain(&e)
+                ))
+            })?;
+        let binary = exe.path().to_path_buf();
         let generation = slot.restarts + 1;
         let prefix = match slot.kind {
             DeviceKind::Block => "blk",
@@ -176,7 +187,7 @@ impl Vmm {
             fds.push(file.as_fd());
         }
         let mut process =
-            DeviceProcess::spawn_with_fds(name.clone(), &binary, &args, socket.clone(), &fds)
+            DeviceProcess::spawn_with_fds(name.clone(), &exe, &args, socket.clone(), &fds)
                 .map_err(|e| {
                     bad(format!(
                         "{}; device '{id}' keeps its current process",

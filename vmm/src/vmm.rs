@@ -50,6 +50,8 @@ const TOKEN_STDIN: u64 = 2;
 const TOKEN_CONSOLE: u64 = 3;
 const TOKEN_API: u64 = 4;
 const TOKEN_METRICS_TIMER: u64 = 5;
+/// `TOKEN_RING_ERR + i`: the ring-error eventfd of virtio transport `i` (fewer than 50).
+const TOKEN_RING_ERR: u64 = 50;
 pub(crate) const TOKEN_PROCESS: u64 = 100;
 
 /// How long a pause may take to stop every vCPU.
@@ -361,6 +363,17 @@ impl Vmm {
                 TOKEN_PROCESS + i as u64,
             )?;
         }
+        for (i, t) in b.bus.virtio.iter().enumerate() {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(dev) = t.device_mut().as_vhost_user() {
+                ctl(
+                    &self.epoll,
+                    ControlOperation::Add,
+                    dev.err_fd().as_raw_fd(),
+                    TOKEN_RING_ERR + i as u64,
+                )?;
+            }
+        }
         if self.console == ConsoleConfig::Stdio {
             // stdin that is a regular file or /dev/null cannot be watched: no console input.
             self.stdin.open = ctl(
@@ -648,6 +661,7 @@ impl Vmm {
                 }
             }
             t if t >= TOKEN_PROCESS => self.device_process_died((t - TOKEN_PROCESS) as usize)?,
+            t if t >= TOKEN_RING_ERR => self.ring_broken((t - TOKEN_RING_ERR) as usize),
             _ => {}
         }
         Ok(())

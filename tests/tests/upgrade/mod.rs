@@ -408,12 +408,50 @@ fn net_stream_under(event: NetEvent, count: usize) -> Result {
     result
 }
 
-/// An upgrade to a binary that does not exist, or that exits at once, is refused with
-/// the reason; the old process keeps serving and the guest's I/O goes on.
+/// Makes `dir/bins`, skiff's device binary directory for the upgrade-failure test: copies of
+/// skiff-blk and skiff-net, and programs no upgrade may run. Returns it and the file the
+/// refused scripts would create if they ran.
+fn hostile_bin_dir(dir: &TestDir) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let bins = dir.join("bins");
+    let marker = dir.join("a-script-ran");
+    let set_mode = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("chmod {}: {e}", p.display()))
+    };
+    std::fs::create_dir(&bins).map_err(|e| format!("mkdir {}: {e}", bins.display()))?;
+    set_mode(&bins, 0o755)?;
+    let copy = |from: &std::path::Path, name: &str, mode: u32| -> Result {
+        let to = bins.join(name);
+        std::fs::copy(from, &to)
+            .map_err(|e| format!("copy {} to {}: {e}", from.display(), to.display()))?;
+        set_mode(&to, mode)
+    };
+    copy(&tests::binary("skiff-blk")?, "skiff-blk", 0o755)?;
+    copy(&tests::binary("skiff-net")?, "skiff-net", 0o755)?;
+    copy(std::path::Path::new("/bin/false"), "exits-at-once", 0o755)?;
+    copy(std::path::Path::new("/bin/true"), "writable-by-all", 0o777)?;
+    let script = format!("#!/bin/sh\ntouch {}\n", marker.display());
+    for p in [bins.join("script.sh"), dir.join("evil.sh")] {
+        std::fs::write(&p, &script).map_err(|e| format!("write {}: {e}", p.display()))?;
+        set_mode(&p, 0o755)?;
+    }
+    std::os::unix::fs::symlink(dir.join("evil.sh"), bins.join("link-out"))
+        .map_err(|e| format!("symlink: {e}"))?;
+    Ok((bins, marker))
+}
+
+/// An upgrade to a binary that does not exist, that exits at once, or that is not a checked
+/// program of skiff's device binary directory (a path outside it, a link out of it, `..`, a
+/// script, a file others can write) is refused with the reason and runs nothing; the old
+/// process keeps serving and the guest's I/O goes on. Device processes get a cleared
+/// environment.
 pub fn upgrade_failures_keep_old_process() -> Result {
     let dir = TestDir::new("upgrade-fail")?;
     let data = dir.sparse_image("data.img", 16 * MIB)?;
-    let mut a = ApiVm::start(&dir, &[])?;
+    let (bins, marker) = hostile_bin_dir(&dir)?;
+    let bins_arg = bins.display().to_string();
+    let mut a = ApiVm::start(&dir, &["--device-bin-dir", &bins_arg])?;
     a.configure(&dir, 1, 256, "")?;
     put_data_drive(&mut a, &data)?;
     match a.api.upgrade_device("data", None) {
@@ -425,27 +463,37 @@ pub fn upgrade_failures_keep_old_process() -> Result {
     }
     a.start_guest()?;
     let pid = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1].pid;
-    let missing = dir.join("no-such-skiff-blk");
-    let exits = dir.join("exits-at-once.sh");
-    std::fs::write(
-        &exits,
-        "#!/bin/sh\necho starting and giving up >&2\nexit 7\n",
-    )
-    .map_err(|e| e.to_string())?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&exits, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| e.to_string())?;
-    }
-    for (bin, words) in [
+    let evil = dir.join("evil.sh").display().to_string();
+    let cases = [
         (
-            missing.display().to_string(),
+            "no-such-skiff-blk".to_string(),
             vec!["no-such-skiff-blk", "keeps"],
         ),
-        (exits.display().to_string(), vec!["exit", "keeps serving"]),
-        ("/bin/true".to_string(), vec!["keeps serving"]),
-    ] {
-        match a.api.upgrade_device("data", Some(&bin)) {
+        (
+            evil.clone(),
+            vec!["is not in the device binary directory", "keeps"],
+        ),
+        (
+            "../evil.sh".to_string(),
+            vec!["is not in the device binary directory"],
+        ),
+        (
+            "link-out".to_string(),
+            vec!["is not in the device binary directory"],
+        ),
+        ("script.sh".to_string(), vec!["not an elf executable"]),
+        (
+            "writable-by-all".to_string(),
+            vec!["writable by group or others"],
+        ),
+        (
+            "/bin/true".to_string(),
+            vec!["is not in the device binary directory"],
+        ),
+        ("exits-at-once".to_string(), vec!["exit", "keeps serving"]),
+    ];
+    for (bin, words) in &cases {
+        match a.api.upgrade_device("data", Some(bin)) {
             Err(ClientError::Fault {
                 status: 400,
                 message,
@@ -458,6 +506,11 @@ pub fn upgrade_failures_keep_old_process() -> Result {
             }
             other => return Err(format!("upgrade to {bin}: want 400, got {other:?}")),
         }
+        ensure!(
+            !marker.exists(),
+            "the upgrade to {bin} ran a script ({} exists)",
+            marker.display()
+        );
         let now = a.api.skiff_devices().map_err(|e| e.to_string())?.devices[1].pid;
         ensure!(
             now == pid,
@@ -481,9 +534,10 @@ pub fn upgrade_failures_keep_old_process() -> Result {
         other => return Err(format!("upgrade of an unknown device: {other:?}")),
     }
     let prom = a.api.skiff_metrics().map_err(|e| e.to_string())?;
+    let failed = format!("skiff_vm_upgrades_failed_total {}", cases.len());
     ensure!(
-        prom.contains("skiff_vm_upgrades_failed_total 3"),
-        "failed upgrades are not counted:\n{prom}"
+        prom.contains(&failed),
+        "failed upgrades are not counted (want {failed:?}):\n{prom}"
     );
     // And a good one still works afterwards, for every device at once.
     let all = a
@@ -491,6 +545,29 @@ pub fn upgrade_failures_keep_old_process() -> Result {
         .upgrade_all(&Default::default())
         .map_err(|e| format!("PUT /skiff/upgrade: {e}"))?;
     ensure!(all.devices.len() == 2, "PUT /skiff/upgrade: {all:?}");
+    // The new device processes run from the directory, with nothing of skiff's environment
+    // but the log level.
+    for d in a.api.skiff_devices().map_err(|e| e.to_string())?.devices {
+        let Some(pid) = d.pid else { continue };
+        let env = std::fs::read(format!("/proc/{pid}/environ"))
+            .map_err(|e| format!("environ of {pid}: {e}"))?;
+        let vars: Vec<String> = env
+            .split(|b| *b == 0)
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        ensure!(
+            vars.iter().all(|v| v.starts_with("RUST_LOG=")),
+            "device '{}' (pid {pid}) got skiff's environment: {vars:?}",
+            d.id
+        );
+        let bin = d.binary.unwrap_or_default();
+        ensure!(
+            bin.starts_with(&bins_arg),
+            "device '{}' runs {bin}, not a program of {bins_arg}",
+            d.id
+        );
+    }
     a.vm.reboot_and_wait(EXIT)
 }
 

@@ -7,6 +7,10 @@ use super::i8042::I8042;
 use super::serial::SerialDevice;
 use super::virtio::mmio::MmioTransport;
 use crate::layout::{I8042_DATA_PORT, SERIAL_PORT, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::logger::LogThrottle;
+
+/// Guest accesses to MMIO addresses no device claims (logged throttled).
+static UNCLAIMED: LogThrottle = LogThrottle::new();
 
 /// The devices vCPU exits can reach.
 pub struct IoBus {
@@ -79,7 +83,9 @@ impl IoBus {
         match self.virtio_at(addr) {
             Some((dev, off)) => lock(dev).read(off, data),
             None => {
-                log::debug!("MMIO read of unclaimed address {addr:#x}");
+                if UNCLAIMED.hit() {
+                    log::debug!("MMIO read of unclaimed address {addr:#x}");
+                }
                 data.fill(0xff);
             }
         }
@@ -89,7 +95,11 @@ impl IoBus {
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         match self.virtio_at(addr) {
             Some((dev, off)) => lock(dev).write(off, data),
-            None => log::debug!("MMIO write to unclaimed address {addr:#x}"),
+            None => {
+                if UNCLAIMED.hit() {
+                    log::debug!("MMIO write to unclaimed address {addr:#x}");
+                }
+            }
         }
     }
 }

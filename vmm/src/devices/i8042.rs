@@ -10,6 +10,10 @@ use std::collections::VecDeque;
 use vm_superio::Trigger;
 
 use super::IrqLine;
+use crate::logger::LogThrottle;
+
+/// Controller commands the guest sent that are not emulated (logged throttled).
+static UNKNOWN_COMMANDS: LogThrottle = LogThrottle::new();
 
 const CMD_READ_CTR: u8 = 0x20;
 const CMD_WRITE_CTR: u8 = 0x60;
@@ -147,7 +151,11 @@ impl I8042 {
                 CMD_ENABLE_KBD => self.status |= SB_KBD_ENABLED,
                 CMD_DISABLE_AUX | CMD_ENABLE_AUX => {}
                 CMD_RESET_CPU => return true,
-                other => log::debug!("i8042: ignoring controller command {other:#x}"),
+                other => {
+                    if UNKNOWN_COMMANDS.hit() {
+                        log::debug!("i8042: ignoring controller command {other:#x}");
+                    }
+                }
             }
             return false;
         }

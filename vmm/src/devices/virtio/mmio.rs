@@ -6,9 +6,8 @@
 //! reports a used-buffer notification once the device runs (the driver then checks its
 //! queues), as Firecracker does for its vhost-user devices.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use super::{QueueConfig, VirtioDevice};
+use super::{QueueConfig, RamRanges, VirtioDevice};
+use crate::logger::LogThrottle;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -62,15 +61,16 @@ pub struct MmioTransport {
     config_generation: u32,
     active: bool,
     config_changed: bool,
+    /// Where guest RAM is, to check the rings against.
+    ram: RamRanges,
 }
 
 /// Guest accesses that broke the virtio-mmio rules, in all transports.
-static GUEST_MISUSE: AtomicU64 = AtomicU64::new(0);
+static GUEST_MISUSE: LogThrottle = LogThrottle::new();
 
-/// Counts one guest access that broke the rules; true for the 1st, 2nd, 4th, 8th, ...,
-/// the ones worth a log line (a guest doing it in a loop cannot flood the log).
+/// Counts one guest access that broke the rules; true for the ones worth a log line.
 fn guest_misuse() -> bool {
-    (GUEST_MISUSE.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+    GUEST_MISUSE.hit()
 }
 
 fn set_half(v: &mut u64, high: bool, half: u32) {
@@ -82,8 +82,8 @@ fn set_half(v: &mut u64, high: bool, half: u32) {
 }
 
 impl MmioTransport {
-    /// A transport for `device`; `name` identifies it in logs.
-    pub fn new(device: Box<dyn VirtioDevice>, name: String) -> Self {
+    /// A transport for `device` in a guest whose RAM is `ram`; `name` identifies it in logs.
+    pub fn new(device: Box<dyn VirtioDevice>, name: String, ram: RamRanges) -> Self {
         let queues = vec![
             QueueConfig {
                 max_size: device.queue_max_size(),
@@ -103,6 +103,7 @@ impl MmioTransport {
             config_generation: 0,
             active: false,
             config_changed: false,
+            ram,
         }
     }
 
@@ -131,6 +132,18 @@ impl MmioTransport {
     pub fn config_changed(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
         self.config_changed = true;
+    }
+
+    /// The backend found a ring the driver broke: the device needs a reset
+    /// (DEVICE_NEEDS_RESET) and the configuration-change interrupt tells the driver. True
+    /// the first time in a driver session (the caller logs it and raises the interrupt).
+    pub fn ring_broken(&mut self) -> bool {
+        if !self.active || self.status & STATUS_DEVICE_NEEDS_RESET != 0 {
+            return false;
+        }
+        self.status |= STATUS_DEVICE_NEEDS_RESET;
+        self.config_changed();
+        true
     }
 
     /// Whether the device processes its queues.
@@ -180,7 +193,9 @@ impl MmioTransport {
             REG_STATUS => self.status,
             REG_CONFIG_GENERATION => self.config_generation,
             _ => {
-                log::debug!("{}: read of unknown register {offset:#x}", self.name);
+                if guest_misuse() {
+                    log::debug!("{}: read of unknown register {offset:#x}", self.name);
+                }
                 0
             }
         };
@@ -268,7 +283,11 @@ impl MmioTransport {
                 }
             }
             REG_STATUS => self.write_status(v),
-            _ => log::debug!("{}: write of unknown register {offset:#x}", self.name),
+            _ => {
+                if guest_misuse() {
+                    log::debug!("{}: write of unknown register {offset:#x}", self.name);
+                }
+            }
         }
     }
 
@@ -281,11 +300,13 @@ impl MmioTransport {
         if new & STATUS_FEATURES_OK != 0 {
             let offered = self.device.features();
             if self.acked_features & !offered != 0 {
-                log::warn!(
-                    "{}: driver acked features {:#x} that were not offered",
-                    self.name,
-                    self.acked_features & !offered
-                );
+                if guest_misuse() {
+                    log::warn!(
+                        "{}: driver acked features {:#x} that were not offered",
+                        self.name,
+                        self.acked_features & !offered
+                    );
+                }
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
             }
@@ -295,9 +316,24 @@ impl MmioTransport {
             if v & (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
                 != (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
             {
-                log::warn!("{}: DRIVER_OK without feature negotiation", self.name);
+                if guest_misuse() {
+                    log::warn!("{}: DRIVER_OK without feature negotiation", self.name);
+                }
                 self.status |= STATUS_FAILED;
                 return;
+            }
+            // A ring a backend cannot serve never reaches it.
+            for (i, q) in self.queues.iter().enumerate().filter(|(_, q)| q.ready) {
+                if let Err(why) = q.check(&self.ram) {
+                    if guest_misuse() {
+                        log::warn!(
+                            "{}: queue {i} refused at DRIVER_OK: {why}; the device needs a reset",
+                            self.name
+                        );
+                    }
+                    self.status |= STATUS_DEVICE_NEEDS_RESET;
+                    return;
+                }
             }
             match self.device.activate(self.acked_features, &self.queues) {
                 Ok(()) => {
@@ -309,7 +345,10 @@ impl MmioTransport {
                     );
                 }
                 Err(e) => {
-                    log::error!("{}: activation failed: {e}", self.name);
+                    // The guest can retry in a loop (reset, set up, DRIVER_OK).
+                    if guest_misuse() {
+                        log::error!("{}: activation failed: {e}", self.name);
+                    }
                     self.status |= STATUS_DEVICE_NEEDS_RESET;
                 }
             }
@@ -381,6 +420,11 @@ mod tests {
         }
     }
 
+    /// 256 MiB of RAM below a hole, 64 MiB above it.
+    fn ram() -> RamRanges {
+        RamRanges(vec![(0, 256 << 20), (4 << 30, (4 << 30) + (64 << 20))])
+    }
+
     fn r(t: &mut MmioTransport, off: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(off, &mut b);
@@ -393,7 +437,7 @@ mod tests {
     #[test]
     fn driver_init_sequence_activates() {
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let mut t = MmioTransport::new(Box::new(FakeDevice(seen.clone())), "vda".into());
+        let mut t = MmioTransport::new(Box::new(FakeDevice(seen.clone())), "vda".into(), ram());
         assert_eq!(r(&mut t, REG_MAGIC), MAGIC);
         assert_eq!(r(&mut t, REG_VERSION), 2);
         assert_eq!(r(&mut t, REG_DEVICE_ID), 2);
@@ -439,7 +483,7 @@ mod tests {
     #[test]
     fn unoffered_features_fail_negotiation() {
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let mut t = MmioTransport::new(Box::new(FakeDevice(seen)), "vda".into());
+        let mut t = MmioTransport::new(Box::new(FakeDevice(seen)), "vda".into(), ram());
         w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w(&mut t, REG_DRIVER_FEATURES, 0b1);
         w(
@@ -453,7 +497,7 @@ mod tests {
     #[test]
     fn bad_queue_size_is_ignored() {
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let mut t = MmioTransport::new(Box::new(FakeDevice(seen)), "vda".into());
+        let mut t = MmioTransport::new(Box::new(FakeDevice(seen)), "vda".into(), ram());
         w(
             &mut t,
             REG_STATUS,
@@ -462,5 +506,96 @@ mod tests {
         w(&mut t, REG_QUEUE_NUM, 100);
         w(&mut t, REG_QUEUE_NUM, 1024);
         assert_eq!(t.queues[0].size, 0);
+    }
+
+    /// Negotiates, sets queue 1 up with `size` and the three addresses, makes it ready and
+    /// writes DRIVER_OK; returns the transport and what the device saw.
+    fn bring_up(size: u32, desc: u64, avail: u64, used: u64) -> (MmioTransport, Arc<Mutex<Seen>>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mut t = MmioTransport::new(Box::new(FakeDevice(seen.clone())), "vda".into(), ram());
+        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut t, REG_STATUS, ok);
+        w(&mut t, REG_QUEUE_SEL, 1);
+        w(&mut t, REG_QUEUE_NUM, size);
+        for (lo, hi, v) in [
+            (REG_QUEUE_DESC_LOW, REG_QUEUE_DESC_HIGH, desc),
+            (REG_QUEUE_DRIVER_LOW, REG_QUEUE_DRIVER_HIGH, avail),
+            (REG_QUEUE_DEVICE_LOW, REG_QUEUE_DEVICE_HIGH, used),
+        ] {
+            w(&mut t, lo, v as u32);
+            w(&mut t, hi, (v >> 32) as u32);
+        }
+        w(&mut t, REG_QUEUE_READY, 1);
+        w(&mut t, REG_STATUS, ok | STATUS_DRIVER_OK);
+        (t, seen)
+    }
+
+    #[test]
+    fn rings_a_backend_cannot_serve_are_refused_at_driver_ok() {
+        let end = 256u64 << 20;
+        for (what, size, desc, avail, used) in [
+            ("size 0", 0, 0x1000, 0x2000, 0x3000),
+            ("size not set (invalid 100)", 100, 0x1000, 0x2000, 0x3000),
+            (
+                "descriptors past the end of RAM",
+                256,
+                end - 16,
+                0x2000,
+                0x3000,
+            ),
+            (
+                "used ring in the MMIO hole",
+                256,
+                0x1000,
+                0x2000,
+                0xd000_0000,
+            ),
+            (
+                "available ring across the end of RAM",
+                256,
+                0x1000,
+                end - 64,
+                0x3000,
+            ),
+            (
+                "descriptors from the hole into the high region",
+                256,
+                (4 << 30) - 2048,
+                0x2000,
+                0x3000,
+            ),
+            ("misaligned used ring", 256, 0x1000, 0x2000, 0x3002),
+            ("address wraps", 256, u64::MAX - 15, 0x2000, 0x3000),
+        ] {
+            let (mut t, seen) = bring_up(size, desc, avail, used);
+            assert!(!t.is_active(), "{what}: activated");
+            assert!(
+                seen.lock().unwrap().activated.is_none(),
+                "{what}: reached the device"
+            );
+            assert_ne!(
+                r(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET,
+                0,
+                "{what}: no DEVICE_NEEDS_RESET"
+            );
+            // A reset clears it, and a good setup then works.
+            w(&mut t, REG_STATUS, 0);
+            assert_eq!(r(&mut t, REG_STATUS), 0);
+        }
+        let (t, seen) = bring_up(256, 0x1000, 0x2000, 0x3000);
+        assert!(t.is_active());
+        assert!(seen.lock().unwrap().activated.is_some());
+    }
+
+    #[test]
+    fn a_broken_ring_needs_a_reset_once_per_session() {
+        let (mut t, _) = bring_up(256, 0x1000, 0x2000, 0x3000);
+        assert!(t.ring_broken());
+        assert!(!t.ring_broken(), "reported twice");
+        assert_ne!(r(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_eq!(r(&mut t, REG_INTERRUPT_STATUS) & INT_CONFIG, INT_CONFIG);
+        w(&mut t, REG_STATUS, 0);
+        assert!(!t.ring_broken(), "an inactive device has no rings to break");
     }
 }

@@ -158,6 +158,9 @@ pub struct VhostUserDevice {
     mem: GuestMemoryMmap,
     call: EventFd,
     kicks: Vec<EventFd>,
+    /// Every ring's error eventfd (SET_VRING_ERR): the backend signals it when the guest
+    /// driver left a ring in a state it cannot serve.
+    err: EventFd,
     started: Vec<usize>,
     /// The inflight area of the driver's current session, if the backend offers one.
     inflight: Option<InflightFd>,
@@ -249,6 +252,8 @@ impl VhostUserDevice {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| VhostUserError::Request("eventfd", vhost::Error::IOError(e)))?;
+        let err = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| VhostUserError::Request("eventfd", vhost::Error::IOError(e)))?;
         Ok(VhostUserDevice {
             kind,
             frontend,
@@ -259,6 +264,7 @@ impl VhostUserDevice {
             mem,
             call,
             kicks,
+            err,
             started: Vec::new(),
             inflight: None,
         })
@@ -334,6 +340,11 @@ impl VhostUserDevice {
         &self.call
     }
 
+    /// The eventfd the backend signals when a ring is broken (SET_VRING_ERR, all rings).
+    pub fn err_fd(&self) -> &EventFd {
+        &self.err
+    }
+
     /// The kick eventfd of each queue (to register as ioeventfds).
     pub fn kick_fds(&self) -> &[EventFd] {
         &self.kicks
@@ -368,8 +379,11 @@ impl VhostUserDevice {
                 i,
                 &data,
                 0,
-                &self.call,
-                &self.kicks[i],
+                RingFds {
+                    call: &self.call,
+                    kick: &self.kicks[i],
+                    err: &self.err,
+                },
             )?;
             self.started.push(i);
         }
@@ -500,8 +514,11 @@ impl VhostUserDevice {
                             i,
                             &data,
                             base,
-                            &self.call,
-                            &self.kicks[i],
+                            RingFds {
+                                call: &self.call,
+                                kick: &self.kicks[i],
+                                err: &self.err,
+                            },
                         )
                     });
                 match r {
@@ -546,8 +563,11 @@ impl VhostUserDevice {
                             i,
                             &data,
                             base,
-                            &self.call,
-                            &self.kicks[i],
+                            RingFds {
+                                call: &self.call,
+                                kick: &self.kicks[i],
+                                err: &self.err,
+                            },
                         )
                     });
                 if let Err(re) = r {
@@ -619,8 +639,11 @@ impl VhostUserDevice {
                 i,
                 &data,
                 u32::from(used_idx),
-                &self.call,
-                &self.kicks[i],
+                RingFds {
+                    call: &self.call,
+                    kick: &self.kicks[i],
+                    err: &self.err,
+                },
             )?;
             // The dead backend may have consumed the guest's last kick.
             let _ = self.kicks[i].write(1);
@@ -647,29 +670,36 @@ struct RingMode {
     ack: bool,
 }
 
+/// The eventfds of one ring: KVM's ioeventfd (kick), irqfd (call), and the error eventfd.
+struct RingFds<'a> {
+    call: &'a EventFd,
+    kick: &'a EventFd,
+    err: &'a EventFd,
+}
+
 fn start_ring(
     frontend: &mut Frontend,
     mode: RingMode,
     i: usize,
     data: &VringConfigData,
     base: u32,
-    call: &EventFd,
-    kick: &EventFd,
+    fds: RingFds<'_>,
 ) -> Result<(), VhostUserError> {
     kreq("SET_VRING_NUM", frontend.set_vring_num(i, data.queue_size))?;
     kreq("SET_VRING_BASE", frontend.set_vring_base(i, base as u16))?;
     kreq("SET_VRING_ADDR", frontend.set_vring_addr(i, data))?;
-    kreq("SET_VRING_CALL", frontend.set_vring_call(i, call))?;
+    kreq("SET_VRING_CALL", frontend.set_vring_call(i, fds.call))?;
+    kreq("SET_VRING_ERR", frontend.set_vring_err(i, fds.err))?;
     // The last request is acknowledged: when this returns the ring runs (or the backend
     // refused it), which is what the pause measures.
     if mode.enable {
-        kreq("SET_VRING_KICK", frontend.set_vring_kick(i, kick))?;
+        kreq("SET_VRING_KICK", frontend.set_vring_kick(i, fds.kick))?;
         acked(frontend, mode.ack, "SET_VRING_ENABLE", |f| {
             f.set_vring_enable(i, true)
         })?;
     } else {
         acked(frontend, mode.ack, "SET_VRING_KICK", |f| {
-            f.set_vring_kick(i, kick)
+            f.set_vring_kick(i, fds.kick)
         })?;
     }
     Ok(())
