@@ -60,8 +60,14 @@ pub fn parse_level(value: Option<&str>) -> LevelFilter {
     }
 }
 
-/// Installs the stderr logger for `program`, level from `RUST_LOG`.
+/// Installs the stderr logger for `program`, level from `RUST_LOG`, and names the process
+/// `program`: skiff starts device processes through the fd of the checked binary
+/// (`/proc/self/fd/N`), which would leave the fd number as the name `ps` and `top` show.
 pub fn init(program: &'static str) -> Result<(), LoggerError> {
+    if let Ok(name) = std::ffi::CString::new(program) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15 bytes).
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
     let level = parse_level(std::env::var("RUST_LOG").ok().as_deref());
     let logger = LOGGER.get_or_init(|| StderrLogger { program, level });
     log::set_logger(logger).map_err(|_| LoggerError::AlreadySet)?;

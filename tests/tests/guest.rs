@@ -68,6 +68,7 @@ fn main() {
         Soak false upgrade_blk_100_under_fio,
         Soak true upgrade_net_100_under_tcp,
         Guest false upgrade_failures_keep_old_process,
+        Guest true device_processes_hold_only_their_fds,
         Soak false crash_blk_20_kills_under_fio,
         Guest false crash_blk_3_kills_under_dd,
         Guest true crash_net_5_kills_under_tcp,

@@ -693,3 +693,152 @@ fn crash_blk_kills_under_fio(kills: usize) -> Result {
     );
     Ok(())
 }
+
+/// What one fd of a device process is, for [`device_processes_hold_only_their_fds`]: its own
+/// image, TAP and metrics page become fixed words, so processes of one kind compare equal.
+fn fd_kind(link: &str, own_image: Option<&str>, own_id: &str) -> String {
+    if own_image.is_some_and(|i| link == i) {
+        return "own image".into();
+    }
+    if link == format!("/memfd:skiff-metrics-{own_id} (deleted)") {
+        return "own metrics page".into();
+    }
+    if link.starts_with("socket:") {
+        return "socket".into();
+    }
+    if link.starts_with("pipe:") {
+        return "pipe".into();
+    }
+    link.to_string()
+}
+
+/// The kinds of every fd of process `pid` past stdio, sorted.
+fn fd_kinds(pid: u32, own_image: Option<&str>, own_id: &str) -> Result<Vec<String>> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut kinds = Vec::new();
+    for e in std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
+        let e = e.map_err(|e| format!("{dir}: {e}"))?;
+        let n: u32 = e.file_name().to_string_lossy().parse().unwrap_or(0);
+        if n <= 2 {
+            continue;
+        }
+        let link = std::fs::read_link(e.path())
+            .map(|l| l.display().to_string())
+            .unwrap_or_else(|e| format!("unreadable ({e})"));
+        kinds.push(fd_kind(&link, own_image, own_id));
+    }
+    kinds.sort();
+    Ok(kinds)
+}
+
+/// Each device process, in a VM with two drives and two network interfaces, holds exactly
+/// the fds meant for it (/proc/PID/fd): no other drive's image, no /dev/kvm or KVM fd, no
+/// TAP in skiff-blk, one TAP in skiff-net, no other device's metrics page, a bounded number of
+/// eventfds (its rings' kick, call and error fds and the backend's own); and after every
+/// device was upgraded the new processes hold the same kinds of fds as those started at
+/// boot (before the fix a new process inherited every device's kick and irq eventfds).
+pub fn device_processes_hold_only_their_fds() -> Result {
+    let n = std::process::id() % 100_000;
+    let x = 40 + std::process::id() % 100;
+    let taps = [
+        host::Tap::create(&format!("skf{n}a"), &format!("172.31.{x}.1/24"))?,
+        host::Tap::create(&format!("skf{n}b"), &format!("172.31.{}.1/24", x + 100))?,
+    ];
+    let dir = TestDir::new("fds")?;
+    let data = dir.sparse_image("data.img", 16 * MIB)?;
+    let mut a = ApiVm::start(&dir, &[])?;
+    a.configure(&dir, 1, 256, "")?;
+    put_data_drive(&mut a, &data)?;
+    for (i, tap) in taps.iter().enumerate() {
+        a.api
+            .put_network_interface(&NetworkInterface {
+                iface_id: format!("eth{i}"),
+                host_dev_name: tap.name.clone(),
+                ..Default::default()
+            })
+            .map_err(|e| format!("PUT /network-interfaces/eth{i}: {e}"))?;
+    }
+    a.start_guest()?;
+    let images: Vec<(String, String)> = [("rootfs", dir.join("rootfs.ext4")), ("data", data)]
+        .into_iter()
+        .map(|(id, p)| {
+            let p = std::fs::canonicalize(&p).unwrap_or(p);
+            (id.to_string(), p.display().to_string())
+        })
+        .collect();
+    let snapshot = |a: &mut ApiVm| -> Result<Vec<(String, Vec<String>)>> {
+        let mut out = Vec::new();
+        for d in a.api.skiff_devices().map_err(|e| e.to_string())?.devices {
+            let pid = d.pid.ok_or(format!("device '{}' has no process", d.id))?;
+            let image = images
+                .iter()
+                .find(|(id, _)| *id == d.id)
+                .map(|(_, p)| p.as_str());
+            let kinds = fd_kinds(pid, image, &d.id)?;
+            let is_net = d.id.starts_with("eth");
+            let count = |k: &str| kinds.iter().filter(|x| x.as_str() == k).count();
+            let allowed = |k: &str| {
+                matches!(
+                    k,
+                    "own image"
+                        | "own metrics page"
+                        | "socket"
+                        | "/dev/net/tun"
+                        | "/memfd:skiff-guest-ram (deleted)"
+                        | "/memfd:skiff-blk-inflight (deleted)"
+                ) || (k.starts_with("anon_inode:") && !k.contains("kvm"))
+            };
+            let bad: Vec<&String> = kinds.iter().filter(|k| !allowed(k)).collect();
+            ensure!(
+                bad.is_empty(),
+                "device '{}' (pid {pid}) holds fds not meant for it: {bad:?}\nall: {kinds:?}",
+                d.id
+            );
+            ensure!(
+                count("/dev/net/tun") == usize::from(is_net),
+                "device '{}' (pid {pid}) holds {} TAP fds: {kinds:?}",
+                d.id,
+                count("/dev/net/tun")
+            );
+            ensure!(
+                is_net || count("own image") == 1,
+                "device '{}' (pid {pid}) does not hold its image once: {kinds:?}",
+                d.id
+            );
+            // Kick, call and error fd per ring (blk 1, net 2 here) and the backend's own
+            // (its workers' exit and vring events, the metrics timer): fewer than 16.
+            let eventfds = count("anon_inode:[eventfd]");
+            ensure!(
+                eventfds < 16,
+                "device '{}' (pid {pid}) holds {eventfds} eventfds: {kinds:?}",
+                d.id
+            );
+            println!(
+                "device '{}': {} fds past stdio, {eventfds} eventfds",
+                d.id,
+                kinds.len()
+            );
+            out.push((d.id, kinds));
+        }
+        Ok(out)
+    };
+    let boot = snapshot(&mut a)?;
+    let all = a
+        .api
+        .upgrade_all(&Default::default())
+        .map_err(|e| format!("PUT /skiff/upgrade: {e}"))?;
+    ensure!(all.devices.len() == 4, "PUT /skiff/upgrade: {all:?}");
+    // The new processes have taken their rings; what they received over vhost-user is the
+    // same as at boot.
+    let upgraded = snapshot(&mut a)?;
+    for ((id, before), (_, after)) in boot.iter().zip(&upgraded) {
+        ensure!(
+            before == after,
+            "device '{id}': the upgraded process holds other fds than the one started at \
+             boot:\nboot:     {before:?}\nupgraded: {after:?}"
+        );
+    }
+    let r = a.vm.reboot_and_wait(EXIT);
+    drop(taps);
+    r
+}
