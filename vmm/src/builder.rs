@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use crate::device_process::{DeviceProcess, DeviceProcessError};
 use crate::devices::bus::IoBus;
 use crate::devices::i8042::I8042;
 use crate::devices::metrics_page::{MetricsPage, MetricsPageError};
-use crate::devices::serial::{ConsoleOut, ConsoleSink, SerialDevice};
+use crate::devices::serial::{CappedFile, ConsoleOut, ConsoleSink, SerialDevice};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vhost_user::{
     connect_with_retry, DeviceKind, VhostUserDevice, VhostUserError,
@@ -169,6 +170,8 @@ impl DeviceSlot {
 pub struct BuildOptions {
     /// The directory device binaries (skiff-blk, skiff-net, upgrades) come from.
     pub device_bins: BinaryDir,
+    /// The most bytes a console file (`--console file:PATH`) holds.
+    pub console_file_limit: u64,
 }
 
 struct PendingDevice {
@@ -385,17 +388,23 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, BuildError> {
     Ok(vm)
 }
 
-fn console_sink(c: &ConsoleConfig) -> Result<ConsoleSink, BuildError> {
+fn console_sink(c: &ConsoleConfig, cap: u64) -> Result<ConsoleSink, BuildError> {
     Ok(match c {
         ConsoleConfig::Stdio => ConsoleSink::Stdout(std::io::stdout()),
         ConsoleConfig::None => ConsoleSink::Null,
-        ConsoleConfig::File(p) => ConsoleSink::File(
-            std::fs::OpenOptions::new()
+        ConsoleConfig::File(p) => {
+            let err = |e| BuildError::ConsoleFile(p.display().to_string(), e);
+            // Not O_APPEND: the cap rewrites the file from its start.
+            let file = std::fs::OpenOptions::new()
                 .create(true)
-                .append(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
                 .open(p)
-                .map_err(|e| BuildError::ConsoleFile(p.display().to_string(), e))?,
-        ),
+                .map_err(err)?;
+            ConsoleSink::File(CappedFile::new(file, cap).map_err(err)?)
+        }
     })
 }
 
@@ -440,7 +449,7 @@ pub fn build(
     let serial = SerialDevice::new(
         irq_line(&vm, SERIAL_IRQ)?,
         ConsoleOut::new(
-            console_sink(&cfg.console)?,
+            console_sink(&cfg.console, opts.console_file_limit)?,
             panic.clone(),
             Some(
                 console_flush

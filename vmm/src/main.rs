@@ -45,6 +45,10 @@ struct Common {
     /// Guest console: stdio, none, or file:PATH.
     #[arg(long, default_value = "stdio", global = true)]
     console: ConsoleConfig,
+    /// The most a console file (--console file:PATH) holds, in MiB: past it, the oldest
+    /// output is dropped (the newest half is kept) and skiff logs it once.
+    #[arg(long, value_name = "MIB", default_value_t = 64, global = true)]
+    console_file_limit_mib: u64,
     /// The only directory device processes are started from: skiff-blk, skiff-net and the
     /// binaries named by upgrade requests (default: the directory of skiff). It and the
     /// programs in it must be owned by root or skiff's user and writable by the owner only;
@@ -267,7 +271,10 @@ fn main() -> ExitCode {
     let mut vmm = match Vmm::new(VmmOptions {
         id: cli.common.id.clone(),
         console: console.clone(),
-        build: BuildOptions { device_bins },
+        build: BuildOptions {
+            device_bins,
+            console_file_limit: cli.common.console_file_limit_mib.saturating_mul(1 << 20),
+        },
         signals,
         api,
     }) {

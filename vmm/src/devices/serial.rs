@@ -17,10 +17,87 @@ use crate::metrics::SerialMetrics;
 pub enum ConsoleSink {
     /// skiff's stdout.
     Stdout(std::io::Stdout),
-    /// A file.
-    File(File),
+    /// A file, at most a given size.
+    File(CappedFile),
     /// Discarded.
     Null,
+}
+
+/// The note a capped console file starts with once older output was dropped.
+const DROPPED_NOTE: &[u8] =
+    b"[skiff: older console output was dropped: the console file is capped]\n";
+
+/// A console file that never grows past `cap` bytes: a guest printing without end would
+/// fill the host's disk. When a write would pass the cap, the newest half is kept (moved
+/// to the start, after a note saying older output was dropped) and the file is cut there;
+/// the first time is logged.
+pub struct CappedFile {
+    file: File,
+    len: u64,
+    cap: u64,
+    dropped: bool,
+}
+
+impl CappedFile {
+    /// Wraps `file` (opened for writing, not append) positioned at its end, capped at `cap`
+    /// bytes (at least 4 KiB).
+    pub fn new(file: File, cap: u64) -> std::io::Result<Self> {
+        use std::io::Seek;
+        let mut file = file;
+        let len = file.seek(std::io::SeekFrom::End(0))?;
+        let mut f = CappedFile {
+            file,
+            len,
+            cap: cap.max(4096),
+            dropped: false,
+        };
+        if f.len > f.cap {
+            f.drop_oldest(0)?;
+        }
+        Ok(f)
+    }
+
+    /// Keeps the newest bytes so that `incoming` more fit under the cap.
+    fn drop_oldest(&mut self, incoming: u64) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileExt;
+        let keep = (self.cap / 2)
+            .saturating_sub(incoming.min(self.cap / 2))
+            .min(self.len);
+        let mut tail = vec![0u8; keep as usize];
+        self.file.read_exact_at(&mut tail, self.len - keep)?;
+        self.file.write_all_at(DROPPED_NOTE, 0)?;
+        self.file.write_all_at(&tail, DROPPED_NOTE.len() as u64)?;
+        self.len = DROPPED_NOTE.len() as u64 + keep;
+        self.file.set_len(self.len)?;
+        self.file.seek(SeekFrom::Start(self.len))?;
+        if !self.dropped {
+            self.dropped = true;
+            log::warn!(
+                "the guest console reached the console file's cap of {} bytes; older output \
+                 is dropped from now on (logged once)",
+                self.cap
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Write for CappedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // What is larger than half the cap is cut to its newest half.
+        let buf = &buf[buf.len().saturating_sub((self.cap / 2) as usize)..];
+        if self.len + buf.len() as u64 > self.cap {
+            self.drop_oldest(buf.len() as u64)?;
+        }
+        self.file.write_all(buf)?;
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
@@ -138,6 +215,37 @@ pub type SerialDevice = Serial<IrqLine, NoEvents, ConsoleOut>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_console_file_stays_under_its_cap_and_keeps_the_newest_output() {
+        let path = std::env::temp_dir().join(format!("skiff-console-cap-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .read(true)
+            .open(&path)
+            .unwrap();
+        let cap = 8192u64;
+        let mut f = CappedFile::new(file, cap).unwrap();
+        for i in 0..10_000u32 {
+            f.write_all(format!("line {i:05}\n").as_bytes()).unwrap();
+            assert!(f.len <= cap);
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.len() as u64 <= cap);
+        assert!(text.starts_with("[skiff: older console output was dropped"));
+        assert!(
+            text.ends_with("line 09999\n"),
+            "{}",
+            &text[text.len() - 40..]
+        );
+        assert!(!text.contains("line 00000"));
+        // A write larger than the cap keeps its newest half.
+        f.write_all(&vec![b'x'; 3 * cap as usize]).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() <= cap);
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn partial_lines_wait_for_the_event_loop() {
