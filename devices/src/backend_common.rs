@@ -1,24 +1,22 @@
 //! What both vhost-user backends share: the guest memory the frontend mapped, the
 //! negotiated EVENT_IDX flag, the config space, the per-queue busy flags that make
-//! GET_VRING_BASE wait for in-flight work, and the workers' exit events.
+//! GET_VRING_BASE wait for in-flight work, the workers' exit events, and what a worker does
+//! when a ring or the host fails.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use std::ops::Deref;
-
-use log::error;
+use log::{error, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::GuestMemory;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::block::config_slice;
+use crate::metrics::Counter;
+use crate::vring::{Breaking, Vring};
 
 /// Guest memory as vhost-user-backend hands it over.
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -30,21 +28,40 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
 }
 
-/// Pops the next available chain of `vring`, or `None` when there is none or the frontend
-/// has stopped the ring (GET_VRING_BASE during an upgrade resets the queue). The check and
-/// the pop hold one vring lock, so a ring stopped meanwhile is not read (virtio-queue would
-/// log an error for each such pop).
-pub fn pop_chain<M>(vring: &VringRwLock<Mem>, mem: M) -> Option<DescriptorChain<M>>
-where
-    M: Clone + Deref,
-    M::Target: GuestMemory,
-{
-    let mut state = vring.get_mut();
-    let queue = state.get_queue_mut();
-    if !queue.ready() {
-        return None;
+/// Marks queue `queue`'s ring broken after the guest fault `why` (see [`crate::vring`]):
+/// it is not touched again and its error eventfd is written, once, until the frontend
+/// resets it. Counts the break in `broken_rings`, which also throttles the log line.
+pub fn break_ring(vring: &Vring, queue: usize, why: &dyn std::error::Error, broken_rings: Counter) {
+    let outcome = vring.mark_broken();
+    if matches!(outcome, Breaking::Already) || !broken_rings.inc_logged() {
+        return;
     }
-    queue.pop_descriptor_chain(mem)
+    let why = crate::error_chain(why);
+    let n = broken_rings.get();
+    match outcome {
+        Breaking::Signalled => warn!(
+            "queue {queue}: ring broken ({why}); stopped until the frontend resets it, error eventfd signalled ({n} broken so far)"
+        ),
+        Breaking::NoErrorFd => warn!(
+            "queue {queue}: ring broken ({why}); stopped until the frontend resets it, no error eventfd to signal yet ({n} broken so far)"
+        ),
+        Breaking::SignalFailed(e) => error!(
+            "queue {queue}: ring broken ({why}); stopped until the frontend resets it, but its error eventfd cannot be signalled: {e}"
+        ),
+        Breaking::Already => {}
+    }
+}
+
+/// Ends the process after a host-side failure the worker cannot go on from (signalling the
+/// guest failed, an event the worker never registered). A worker returning an error from
+/// `handle_event` would end its thread only, leaving the device silently dead; exiting
+/// lets the VMM see the device process die and restart it.
+pub fn host_fatal(what: &dyn std::error::Error) -> ! {
+    error!(
+        "{}; the device process cannot go on and exits",
+        crate::error_chain(what)
+    );
+    std::process::exit(1)
 }
 
 /// An exit event per worker thread, so the daemon can join every worker on disconnect
@@ -115,7 +132,7 @@ impl BackendCommon {
     }
 
     /// Marks queue `queue` busy until the guard drops. A worker takes it *before* popping
-    /// from the queue ([`pop_chain`] checks that the ring still runs under the vring lock),
+    /// from the queue ([`Vring::pop`] checks that the ring still runs under the vring lock),
     /// so a GET_VRING_BASE that marked the ring stopped and then sees the flag clear knows
     /// that no request of the queue is being processed, nor will be.
     ///

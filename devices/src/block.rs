@@ -14,7 +14,8 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::disk::{DiskError, DiskImage, SECTOR_SIZE, SERIAL_LEN};
+use crate::chain::{self, ChainError};
+use crate::disk::{DiskError, DiskImage, MAX_TRANSFER, SECTOR_SIZE, SERIAL_LEN};
 use crate::iov::GuestSegment;
 
 crate::metric_set! {
@@ -45,6 +46,8 @@ crate::metric_set! {
         invalid_requests,
         /// Queue notifications (kicks) handled.
         kicks,
+        /// Rings marked broken by a guest fault they cannot go on from (see `vring`).
+        broken_rings,
     }
 }
 
@@ -52,12 +55,21 @@ crate::metric_set! {
 const HEADER_LEN: usize = 16;
 /// Length of `struct virtio_blk_discard_write_zeroes`.
 const RANGE_LEN: usize = 16;
-/// Limit on sectors per discard / write-zeroes range advertised to the guest.
+/// Sectors per discard range advertised to the guest (and enforced). A discard writes
+/// nothing: it punches a hole, or is skipped where the filesystem cannot.
 pub const MAX_DISCARD_SECTORS: u32 = 0x3f_ffff;
-/// Ranges per discard / write-zeroes request advertised to the guest.
+/// Sectors per write-zeroes range advertised to the guest (and enforced). Where the
+/// filesystem lacks FALLOC_FL_ZERO_RANGE (or PUNCH_HOLE with UNMAP) the zeroes are written
+/// out, so a request is bounded as one carrying data is: [`MAX_TRANSFER`] bytes.
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = (MAX_TRANSFER as u64 / SECTOR_SIZE) as u32;
+/// Ranges per discard / write-zeroes request advertised to the guest (and enforced: a
+/// request with more, overlapping or not, fails with VIRTIO_BLK_S_IOERR).
 pub const MAX_DISCARD_SEG: u32 = 1;
-/// Ranges accepted per request (more than advertised, to be lenient).
-const MAX_RANGES: usize = 32;
+/// Most data segments per request advertised (`seg_max`, lower with smaller queues).
+pub const MAX_SEGMENTS: u32 = 256;
+/// Largest data segment advertised (`size_max`): with [`MAX_SEGMENTS`] a driver that
+/// follows the config space never sends more than [`MAX_TRANSFER`] bytes in one request.
+pub const SIZE_MAX: u32 = (MAX_TRANSFER / MAX_SEGMENTS as usize) as u32;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,9 +96,20 @@ pub enum BlockError {
         /// Disk capacity in sectors.
         capacity: u64,
     },
-    /// A discard / write-zeroes payload is malformed.
+    /// A discard / write-zeroes payload is malformed, or has more ranges than advertised.
     #[error("malformed discard/write-zeroes payload")]
     BadRanges,
+    /// A discard / write-zeroes range is larger than advertised.
+    #[error("range of {count} sectors, more than the {max} advertised")]
+    RangeTooLarge {
+        /// Sectors asked for.
+        count: u32,
+        /// The advertised limit.
+        max: u32,
+    },
+    /// The request moves more data than one request may.
+    #[error("{0} bytes of data, more than the {MAX_TRANSFER} a request may move")]
+    TooLarge(usize),
     /// A write-type request on a read-only disk.
     #[error("write request on a read-only disk")]
     ReadOnly,
@@ -111,7 +134,7 @@ impl BlockError {
 
     /// Whether the host failed the request (as opposed to the guest sending a bad one).
     fn is_host_io(&self) -> bool {
-        matches!(self, BlockError::Disk(d) if !matches!(d, DiskError::Guest(_)))
+        matches!(self, BlockError::Disk(d) if !matches!(d, DiskError::Guest(_) | DiskError::TooLarge(_)))
     }
 }
 
@@ -207,6 +230,21 @@ fn data_segments(req: &Request, device_writes: bool) -> Result<Vec<GuestSegment>
         .collect()
 }
 
+/// Bytes of data of a read or write: whole sectors, at most [`MAX_TRANSFER`].
+fn data_len(segs: &[GuestSegment]) -> Result<usize, BlockError> {
+    let len = segs
+        .iter()
+        .try_fold(0usize, |sum, s| sum.checked_add(s.len))
+        .ok_or(BlockError::TooLarge(usize::MAX))?;
+    if len > MAX_TRANSFER {
+        return Err(BlockError::TooLarge(len));
+    }
+    if len % SECTOR_SIZE as usize != 0 {
+        return Err(BlockError::Unaligned(len));
+    }
+    Ok(len)
+}
+
 fn check_range(disk: &DiskImage, sector: u64, count: u64) -> Result<u64, BlockError> {
     let capacity = disk.sectors();
     match sector.checked_add(count) {
@@ -230,10 +268,7 @@ fn execute(
     match req.kind {
         VIRTIO_BLK_T_IN => {
             let segs = data_segments(req, true)?;
-            let len: usize = segs.iter().map(|s| s.len).sum();
-            if len % SECTOR_SIZE as usize != 0 {
-                return Err(BlockError::Unaligned(len));
-            }
+            let len = data_len(&segs)?;
             let offset = check_range(disk, req.sector, (len as u64) / SECTOR_SIZE)?;
             let n = disk.read_into(mem, &segs, offset)?;
             let used = u32::try_from(n).map_err(|_| BlockError::Unaligned(n))?;
@@ -246,10 +281,7 @@ fn execute(
                 return Err(BlockError::ReadOnly);
             }
             let segs = data_segments(req, false)?;
-            let len: usize = segs.iter().map(|s| s.len).sum();
-            if len % SECTOR_SIZE as usize != 0 {
-                return Err(BlockError::Unaligned(len));
-            }
+            let len = data_len(&segs)?;
             let offset = check_range(disk, req.sector, (len as u64) / SECTOR_SIZE)?;
             disk.write_from(mem, &segs, offset)?;
             metrics.write_requests.inc(1);
@@ -285,10 +317,10 @@ fn execute(
             }
             let segs = data_segments(req, false)?;
             let len: usize = segs.iter().map(|s| s.len).sum();
-            if len == 0 || len % RANGE_LEN != 0 || len / RANGE_LEN > MAX_RANGES {
+            if len == 0 || len % RANGE_LEN != 0 || len / RANGE_LEN > MAX_DISCARD_SEG as usize {
                 return Err(BlockError::BadRanges);
             }
-            let mut payload = [0u8; RANGE_LEN * MAX_RANGES];
+            let mut payload = [0u8; RANGE_LEN * MAX_DISCARD_SEG as usize];
             let mut pos = 0;
             for seg in &segs {
                 mem.read_slice(&mut payload[pos..pos + seg.len], seg.addr)
@@ -307,8 +339,13 @@ fn execute(
                 {
                     return Err(BlockError::Unsupported(req.kind));
                 }
-                if count > MAX_DISCARD_SECTORS {
-                    return Err(BlockError::BadRanges);
+                let max = if req.kind == VIRTIO_BLK_T_DISCARD {
+                    MAX_DISCARD_SECTORS
+                } else {
+                    MAX_WRITE_ZEROES_SECTORS
+                };
+                if count > max {
+                    return Err(BlockError::RangeTooLarge { count, max });
                 }
                 let offset = check_range(disk, sector, u64::from(count))?;
                 let bytes = u64::from(count) * SECTOR_SIZE;
@@ -334,7 +371,8 @@ fn execute(
 ///
 /// Never panics on guest-controlled input: a malformed chain gets
 /// `VIRTIO_BLK_S_IOERR` when a status byte can be written, otherwise a used
-/// length of 0.
+/// length of 0 (so does a chain longer than [`chain::MAX_DESCRIPTORS`], whose status
+/// byte is not looked for).
 pub fn process_chain<M>(
     disk: &DiskImage,
     metrics: &BlockMetrics,
@@ -343,8 +381,23 @@ pub fn process_chain<M>(
 where
     M: Deref<Target = GuestMemoryMmap<()>>,
 {
-    let descs: Vec<Descriptor> = chain.by_ref().collect();
-    process_request(disk, metrics, chain.memory(), chain.head_index(), &descs)
+    let head = chain.head_index();
+    match chain::collect(chain.by_ref()) {
+        Ok(descs) => process_request(disk, metrics, chain.memory(), head, &descs),
+        Err(e) => reject_chain(metrics, head, &e),
+    }
+}
+
+/// Counts a chain that cannot be walked and returns the used length to report for it (0:
+/// its status byte is not known).
+pub fn reject_chain(metrics: &BlockMetrics, head: u16, e: &ChainError) -> u32 {
+    if metrics.invalid_requests.inc_logged() {
+        warn!(
+            "dropping request {head}: {e} ({} invalid requests so far)",
+            metrics.invalid_requests.get()
+        );
+    }
+    0
 }
 
 /// Executes the request whose chain (headed by `head`) is `descs`, writes its status and
@@ -431,7 +484,7 @@ fn write_status(
 pub struct BlockConfigSpace {
     /// Capacity in 512-byte sectors.
     pub capacity: u64,
-    /// Maximum data segments per request.
+    /// Maximum data segments per request (advertised as at most [`MAX_SEGMENTS`]).
     pub seg_max: u32,
     /// Number of request queues.
     pub num_queues: u16,
@@ -447,8 +500,12 @@ impl BlockConfigSpace {
             &self.capacity.to_le_bytes(),
         );
         put(
+            offset_of!(virtio_blk_config, size_max),
+            &SIZE_MAX.to_le_bytes(),
+        );
+        put(
             offset_of!(virtio_blk_config, seg_max),
-            &self.seg_max.to_le_bytes(),
+            &self.seg_max.clamp(1, MAX_SEGMENTS).to_le_bytes(),
         );
         put(
             offset_of!(virtio_blk_config, blk_size),
@@ -472,7 +529,7 @@ impl BlockConfigSpace {
         );
         put(
             offset_of!(virtio_blk_config, max_write_zeroes_sectors),
-            &MAX_DISCARD_SECTORS.to_le_bytes(),
+            &MAX_WRITE_ZEROES_SECTORS.to_le_bytes(),
         );
         put(
             offset_of!(virtio_blk_config, max_write_zeroes_seg),

@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use clap::Parser;
-use log::{error, info, warn};
+use log::{info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -22,15 +22,18 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::backend_common::{pop_chain, protocol_features, worker_exit_event, BackendCommon, Mem};
-use crate::block::{process_chain, process_request, BlockConfigSpace, BlockMetrics};
+use crate::backend_common::{
+    break_ring, host_fatal, protocol_features, worker_exit_event, BackendCommon, Mem,
+};
+use crate::block::{process_chain, process_request, reject_chain, BlockConfigSpace, BlockMetrics};
 use crate::disk::{DiskError, DiskImage, DiskOptions};
 use crate::inflight::{chain_descriptors, InflightArea, QueueInflight};
 use crate::metrics::{self, MetricsError};
+use crate::vring::{Vring, VringError};
 use crate::vu_proxy::{self, InflightHost, ProxyError};
 
 /// Vring type used by the block backend.
-pub type BlockVring = VringRwLock<Mem>;
+pub type BlockVring = Vring;
 
 /// Most queues skiff-blk serves (one worker thread each).
 pub const MAX_QUEUES: u16 = 64;
@@ -56,9 +59,9 @@ pub enum BlockBackendError {
     /// The vhost-user relay failed.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
-    /// A vring operation failed.
-    #[error("vring operation failed")]
-    Vring(#[source] virtio_queue::Error),
+    /// The guest left a ring in a state it cannot be served from: it is marked broken.
+    #[error(transparent)]
+    Ring(#[from] VringError),
     /// Signalling the guest failed.
     #[error("cannot signal the guest")]
     Signal(#[source] io::Error),
@@ -202,7 +205,8 @@ impl BlockBackend {
     ) -> Self {
         let config = BlockConfigSpace {
             capacity: disk.sectors(),
-            seg_max: u32::from(queue_size.saturating_sub(2).max(1)),
+            // Room for the header and the status descriptors; at most MAX_SEGMENTS.
+            seg_max: u32::from(queue_size.saturating_sub(2)),
             num_queues,
         }
         .to_bytes();
@@ -250,9 +254,7 @@ impl BlockBackend {
 
     /// Puts request `head` in the used ring; returns the used index after it.
     fn publish(vring: &BlockVring, head: u16, len: u32) -> Result<u16, BlockBackendError> {
-        vring
-            .add_used(head, len)
-            .map_err(BlockBackendError::Vring)?;
+        vring.add_used(head, len).map_err(VringError::Queue)?;
         Ok(vring.get_ref().get_queue().next_used())
     }
 
@@ -291,7 +293,7 @@ impl BlockBackend {
                 q.used_idx(&*mem, std::sync::atomic::Ordering::Acquire),
             )
         };
-        let used = used.map_err(BlockBackendError::Vring)?.0;
+        let used = used.map_err(VringError::Queue)?.0;
         let mut heads = track.recover(used);
         // A recorded head this ring cannot hold is not a request of it (a stale area).
         heads.retain(|&h| {
@@ -310,8 +312,11 @@ impl BlockBackend {
             heads.len()
         );
         for head in heads {
-            let descs = chain_descriptors(&*mem, vm_memory::GuestAddress(desc_table), size, head);
-            let len = process_request(&self.disk, &self.metrics, &mem, head, &descs);
+            let table = vm_memory::GuestAddress(desc_table);
+            let len = match chain_descriptors(&*mem, table, size, head) {
+                Ok(descs) => process_request(&self.disk, &self.metrics, &mem, head, &descs),
+                Err(e) => reject_chain(&self.metrics, head, &e),
+            };
             Self::complete(vring, Some(&track), head, len)?;
         }
         vring.signal_used_queue().map_err(BlockBackendError::Signal)
@@ -329,8 +334,9 @@ impl BlockBackend {
         let mut used = false;
         loop {
             // Keep the vring lock only for the pop; add_used takes it again.
-            let chain = pop_chain(vring, mem.clone());
-            let Some(chain) = chain else { break };
+            let Some(chain) = vring.pop(mem.clone())? else {
+                break;
+            };
             let head = chain.head_index();
             if let Some(t) = &track {
                 t.begin(head);
@@ -343,18 +349,18 @@ impl BlockBackend {
     }
 
     /// Processes queue `queue` until it is empty with notifications re-enabled.
+    ///
+    /// Every error but [`BlockBackendError::Signal`] is the guest's: the caller marks the
+    /// ring broken. Each turn of the loop takes at least one request or ends it: a pop
+    /// that finds nothing while notifications report more is an error, not a retry.
     pub fn process_queue(&self, vring: &BlockVring, queue: usize) -> Result<(), BlockBackendError> {
         let event_idx = self.common.event_idx();
         loop {
             if event_idx {
-                vring
-                    .disable_notification()
-                    .map_err(BlockBackendError::Vring)?;
+                vring.disable_notification().map_err(VringError::Queue)?;
             }
             if self.drain_queue(vring, queue)?
-                && vring
-                    .needs_notification()
-                    .map_err(BlockBackendError::Vring)?
+                && vring.needs_notification().map_err(VringError::Queue)?
             {
                 vring
                     .signal_used_queue()
@@ -365,10 +371,7 @@ impl BlockBackend {
             if !event_idx || !vring.get_ref().get_queue().ready() {
                 break;
             }
-            if !vring
-                .enable_notification()
-                .map_err(BlockBackendError::Vring)?
-            {
+            if !vring.enable_notification().map_err(VringError::Queue)? {
                 break;
             }
         }
@@ -391,6 +394,7 @@ impl VhostUserBackend for BlockBackend {
     fn features(&self) -> u64 {
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_DISCARD)
@@ -445,37 +449,34 @@ impl VhostUserBackend for BlockBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         let _ = evset;
-        // One queue per thread: the thread's only vring is event 0.
-        let vring = vrings
-            .get(usize::from(device_event))
-            .ok_or_else(|| io::Error::other(BlockBackendError::UnknownEvent(device_event)))?;
+        // One queue per thread: the thread's only vring is event 0; the crate registers no
+        // other fd for this backend.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            host_fatal(&BlockBackendError::UnknownEvent(device_event))
+        };
         let _busy = self.common.busy(thread_id);
         self.metrics.kicks.inc(1);
-        let running = {
-            let state = vring.get_ref();
-            state.get_queue().ready() && state.is_enabled()
-        };
-        if !running {
-            // A kick for a ring that was stopped (an upgrade) or is not set up yet: the
-            // ring's next backend, or its first kick once running, does the work.
+        if !vring.running() {
+            // A kick for a ring that was stopped (an upgrade), is not set up yet or is
+            // broken: the ring's next backend, or its first kick once running, does the work.
             return Ok(());
         }
         let pending = self
             .resubmit_pending
             .get(thread_id)
             .is_some_and(|p| p.swap(false, Ordering::AcqRel));
-        if pending {
-            if let Err(e) = self.resubmit(vring, thread_id) {
-                error!(
-                    "queue {thread_id}: resubmitting from the inflight area: {}",
-                    crate::error_chain(&e)
-                );
-                return Err(io::Error::other(e));
+        let result = if pending {
+            self.resubmit(vring, thread_id)
+        } else {
+            Ok(())
+        };
+        // Nothing the guest does ends the worker thread: a guest fault breaks the ring.
+        match result.and_then(|()| self.process_queue(vring, thread_id)) {
+            Ok(()) => {}
+            Err(BlockBackendError::Ring(e)) => {
+                break_ring(vring, thread_id, &e, self.metrics.broken_rings)
             }
-        }
-        if let Err(e) = self.process_queue(vring, thread_id) {
-            error!("queue {thread_id}: {}", crate::error_chain(&e));
-            return Err(io::Error::other(e));
+            Err(e) => host_fatal(&e),
         }
         Ok(())
     }
@@ -551,56 +552,5 @@ pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::error::ErrorKind;
-    use clap::CommandFactory;
-
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<BlockOptions, clap::Error> {
-        let argv = ["skiff-blk", "--socket", "/s.sock"].iter().chain(args);
-        BlkArgs::try_parse_from(argv).map(BlockOptions::from)
-    }
-
-    #[test]
-    fn image_by_path_or_by_fd() {
-        BlkArgs::command().debug_assert();
-        let o = parse(&["--image", "/a.img", "--read-only"]).unwrap();
-        assert_eq!(o.image, ImageSource::Path("/a.img".into()));
-        assert!(o.disk.read_only);
-        let o = parse(&["--image-fd", "7", "--direct", "--metrics-fd", "9"]).unwrap();
-        assert_eq!(o.image, ImageSource::Fd(7));
-        assert!(o.disk.direct);
-        check_options(&o).unwrap();
-    }
-
-    #[test]
-    fn image_options_are_exclusive_and_required() {
-        let e = parse(&["--image", "/a.img", "--image-fd", "5"]).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::ArgumentConflict);
-        assert!(
-            e.to_string()
-                .contains("'--image <PATH>' cannot be used with '--image-fd <N>'"),
-            "{e}"
-        );
-        let e = parse(&[]).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
-        assert!(
-            e.to_string().contains("<--image <PATH>|--image-fd <N>>"),
-            "{e}"
-        );
-        for bad in ["x", "-1"] {
-            let e = parse(&["--image-fd", bad]).unwrap_err();
-            assert!(e.to_string().contains("--image-fd <N>"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn image_fd_is_not_the_metrics_fd() {
-        let o = parse(&["--image-fd", "5", "--metrics-fd", "5"]).unwrap();
-        assert_eq!(
-            check_options(&o).unwrap_err().to_string(),
-            "invalid --image-fd 5: it is also the --metrics-fd"
-        );
-    }
-}
+#[path = "block_backend_tests.rs"]
+mod tests;

@@ -1,4 +1,5 @@
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -503,12 +504,14 @@ fn config_space_layout() {
     .to_bytes();
     assert_eq!(cfg.len(), std::mem::size_of::<virtio_blk_config>());
     assert_eq!(&cfg[0..8], &0x1122_3344_5566u64.to_le_bytes());
+    assert_eq!(&cfg[8..12], &(128u32 << 10).to_le_bytes());
     assert_eq!(&cfg[12..16], &254u32.to_le_bytes());
     assert_eq!(&cfg[20..24], &512u32.to_le_bytes());
     assert_eq!(&cfg[34..36], &4u16.to_le_bytes());
     assert_eq!(&cfg[36..40], &MAX_DISCARD_SECTORS.to_le_bytes());
     assert_eq!(&cfg[40..44], &MAX_DISCARD_SEG.to_le_bytes());
-    assert_eq!(&cfg[48..52], &MAX_DISCARD_SECTORS.to_le_bytes());
+    assert_eq!(&cfg[48..52], &65536u32.to_le_bytes());
+    assert_eq!(&cfg[52..56], &MAX_DISCARD_SEG.to_le_bytes());
     assert_eq!(cfg[56], 1);
     assert_eq!(config_slice(&cfg, 34, 2), vec![4, 0]);
     assert_eq!(config_slice(&cfg, cfg.len() as u32 - 1, 4).len(), 4);
@@ -525,4 +528,169 @@ fn lock_conflict_and_missing_image() {
     )
     .expect_err("missing");
     assert!(err.to_string().contains("/nonexistent/skiff.img"), "{err}");
+}
+
+/// u32 at `offset` of a config space.
+fn config_u32(cfg: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(cfg[offset..offset + 4].try_into().expect("4 bytes"))
+}
+
+/// A sparse `bytes`-long image in `dir`, opened with O_DIRECT when `direct` and the
+/// filesystem has it.
+fn sparse_image(dir: &std::path::Path, bytes: u64, direct: bool) -> (TempFile, Dev) {
+    let tmp = TempFile::new_in(dir).expect("temp file");
+    tmp.as_file().set_len(bytes).expect("size image");
+    let opts = |direct| DiskOptions {
+        read_only: false,
+        direct,
+        serial: None,
+    };
+    let disk = DiskImage::open(tmp.as_path(), &opts(direct))
+        .or_else(|_| DiskImage::open(tmp.as_path(), &opts(false)))
+        .expect("open image");
+    let page = MetricsPage::in_memory();
+    let metrics = BlockMetrics::register(&page).expect("counters");
+    (
+        tmp,
+        Dev {
+            disk,
+            page,
+            metrics,
+        },
+    )
+}
+
+/// Most data bytes one request may move (and so the most a write-zeroes fallback writes).
+const REQUEST_BOUND: u64 = 32 << 20;
+
+#[test]
+fn discard_and_write_zeroes_beyond_the_advertised_limits_fail() {
+    use virtio_bindings::virtio_blk::virtio_blk_config;
+    let cfg = BlockConfigSpace {
+        capacity: 1 << 32,
+        seg_max: 254,
+        num_queues: 1,
+    }
+    .to_bytes();
+    let at = |off| config_u32(&cfg, off);
+    let wz_max = at(offset_of!(virtio_blk_config, max_write_zeroes_sectors));
+    let wz_seg = at(offset_of!(virtio_blk_config, max_write_zeroes_seg));
+    let d_max = at(offset_of!(virtio_blk_config, max_discard_sectors));
+    let d_seg = at(offset_of!(virtio_blk_config, max_discard_seg));
+    // Without FALLOC_FL_ZERO_RANGE a write-zeroes request is written out: no more than the
+    // data of one request.
+    assert!(
+        u64::from(wz_max) * SECTOR_SIZE <= REQUEST_BOUND,
+        "max_write_zeroes_sectors {wz_max} lets one request write more than 32 MiB"
+    );
+    assert_eq!((wz_seg, d_seg), (1, 1));
+
+    // tmpfs has no FALLOC_FL_ZERO_RANGE: write zeroes takes the fallback there.
+    let m = mem();
+    let capacity = (u64::from(d_max.max(wz_max)) + 64) * SECTOR_SIZE;
+    let shm = std::path::Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let (tmp, disk) = sparse_image(&dir, capacity, false);
+    let request = |kind: u32, ranges: &[(u64, u32)]| -> u8 {
+        header(&m, kind, 0);
+        for (i, (sector, count)) in ranges.iter().enumerate() {
+            let mut r = [0u8; 16];
+            r[0..8].copy_from_slice(&sector.to_le_bytes());
+            r[8..12].copy_from_slice(&count.to_le_bytes());
+            m.write_slice(&r, GuestAddress(DATA + 16 * i as u64))
+                .expect("range");
+        }
+        run(
+            &m,
+            &disk,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 16 * ranges.len() as u32, 0),
+                desc(STATUS, 1, F_WRITE),
+            ],
+        );
+        status(&m)
+    };
+    let ioerr = VIRTIO_BLK_S_IOERR as u8;
+    assert_eq!(
+        request(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, wz_max + 1)]),
+        ioerr
+    );
+    assert_eq!(
+        request(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8), (64, 8)]),
+        ioerr
+    );
+    assert_eq!(request(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8), (0, 8)]), ioerr);
+    assert_eq!(request(VIRTIO_BLK_T_DISCARD, &[(0, d_max + 1)]), ioerr);
+    assert_eq!(request(VIRTIO_BLK_T_DISCARD, &[(0, 8), (64, 8)]), ioerr);
+    let allocated = || tmp.as_file().metadata().expect("meta").blocks() * 512;
+    assert_eq!(allocated(), 0, "a refused request wrote nothing");
+    // Within the limits: done, and the fallback writes the range only.
+    assert_eq!(
+        request(VIRTIO_BLK_T_WRITE_ZEROES, &[(8, wz_max)]),
+        VIRTIO_BLK_S_OK as u8
+    );
+    assert!(allocated() <= u64::from(wz_max) * SECTOR_SIZE + 4096);
+    assert_eq!(
+        request(VIRTIO_BLK_T_DISCARD, &[(0, d_max)]),
+        VIRTIO_BLK_S_OK as u8
+    );
+    assert_eq!(
+        disk.counts(),
+        counts(&[
+            ("discard_requests", 1),
+            ("write_zeroes_requests", 1),
+            ("invalid_requests", 5),
+        ])
+    );
+}
+
+#[test]
+fn requests_beyond_the_data_bound_fail_without_a_bounce_buffer() {
+    use virtio_bindings::virtio_blk::virtio_blk_config;
+    let cfg = BlockConfigSpace {
+        capacity: 1 << 32,
+        seg_max: 254,
+        num_queues: 1,
+    }
+    .to_bytes();
+    let seg_max = config_u32(&cfg, offset_of!(virtio_blk_config, seg_max));
+    let size_max = config_u32(&cfg, offset_of!(virtio_blk_config, size_max));
+    assert!(
+        size_max >= 4096 && u64::from(seg_max) * u64::from(size_max) <= REQUEST_BOUND,
+        "seg_max {seg_max} x size_max {size_max} lets a driver send more than 32 MiB"
+    );
+
+    // An O_DIRECT image (where the filesystem has it) and an unaligned guest buffer: the
+    // data would go through a bounce buffer as large as the request.
+    let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("mem");
+    let (_tmp, disk) = sparse_image(std::env::temp_dir().as_path(), 48 << 20, true);
+    let data = 0x10_0001;
+    let read = |len: u64| -> u8 {
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        run(
+            &m,
+            &disk,
+            &[
+                desc(HDR, 16, 0),
+                desc(data, len as u32, F_WRITE),
+                desc(STATUS, 1, F_WRITE),
+            ],
+        );
+        status(&m)
+    };
+    assert_eq!(read(REQUEST_BOUND + 512), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(read(REQUEST_BOUND), VIRTIO_BLK_S_OK as u8);
+    assert_eq!(
+        disk.counts(),
+        counts(&[
+            ("read_requests", 1),
+            ("read_bytes", REQUEST_BOUND),
+            ("invalid_requests", 1)
+        ])
+    );
 }

@@ -19,6 +19,10 @@ pub const SERIAL_LEN: usize = 20;
 const DIRECT_ALIGN: usize = 4096;
 /// Maximum iovecs handed to one preadv/pwritev call.
 const IOV_MAX: usize = 1024;
+/// Most bytes one call moves: [`DiskImage::read_into`] and [`DiskImage::write_from`] (and
+/// so an O_DIRECT bounce buffer), and the zeroes [`DiskImage::write_zeroes`] writes out
+/// where the filesystem cannot zero a range itself.
+pub const MAX_TRANSFER: usize = 32 << 20;
 
 /// Errors raised while opening the image or moving data.
 ///
@@ -111,6 +115,9 @@ pub enum DiskError {
     /// The file ended before the requested range.
     #[error("unexpected end of image")]
     ShortIo,
+    /// One call would move more than [`MAX_TRANSFER`] bytes.
+    #[error("{0} bytes in one transfer, more than {MAX_TRANSFER}")]
+    TooLarge(u64),
 }
 
 /// How the image is opened.
@@ -383,6 +390,13 @@ impl DiskImage {
         offset: u64,
         write: bool,
     ) -> Result<usize, DiskError> {
+        let total = segs
+            .iter()
+            .try_fold(0usize, |sum, s| sum.checked_add(s.len))
+            .unwrap_or(usize::MAX);
+        if total > MAX_TRANSFER {
+            return Err(DiskError::TooLarge(total as u64));
+        }
         let mut iovs = Vec::with_capacity(segs.len());
         for seg in segs {
             iov::push_segment(mem, *seg, &mut iovs)?;
@@ -527,7 +541,9 @@ impl DiskImage {
         }
     }
 
-    /// Makes a byte range read back as zeroes.
+    /// Makes a byte range read back as zeroes. Where the filesystem has no way to do it
+    /// (FALLOC_FL_ZERO_RANGE, or PUNCH_HOLE with `unmap`), writes the zeroes out: then
+    /// `len` must be at most [`MAX_TRANSFER`].
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
         let mode = if unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
@@ -540,6 +556,9 @@ impl DiskImage {
                 if e.raw_os_error() == Some(libc::EOPNOTSUPP)
                     || e.raw_os_error() == Some(libc::ENOSYS) => {}
             Err(e) => return Err(DiskError::Io(e)),
+        }
+        if len > MAX_TRANSFER as u64 {
+            return Err(DiskError::TooLarge(len));
         }
         // Fallback: write zeroes from a static aligned page.
         let mut pos = offset;

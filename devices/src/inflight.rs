@@ -29,6 +29,8 @@ use vm_memory::{
     Address, Bytes, FileOffset, GuestAddress, GuestMemory, VolatileMemory, VolatileSlice,
 };
 
+use crate::chain::{ChainError, MAX_DESCRIPTORS};
+
 /// Bytes of a queue region's header.
 const HEADER: usize = 16;
 /// Bytes of one descriptor's state.
@@ -383,18 +385,23 @@ impl QueueInflight<'_> {
 /// length inside one). virtio-queue builds chains only from the available ring, and a
 /// resubmitted head may no longer be there, so recovery walks it here. Like the crate, an
 /// invalid descriptor ends the chain; the request parser then rejects what is left.
+///
+/// Everything here is guest memory: a chain of more than [`MAX_DESCRIPTORS`] descriptors
+/// (an indirect table may hold 65536) or of 4 GiB or more is refused, as the live path
+/// refuses it ([`crate::chain`]).
 pub fn chain_descriptors<M: GuestMemory>(
     mem: &M,
     desc_table: GuestAddress,
     queue_size: u16,
     head: u16,
-) -> Vec<Descriptor> {
+) -> Result<Vec<Descriptor>, ChainError> {
     let mut out = Vec::new();
     let mut table = desc_table;
     let mut size = u32::from(queue_size);
     let mut ttl = size;
     let mut index = u32::from(head);
     let mut indirect = false;
+    let mut bytes = 0u32;
     while ttl > 0 && index < size {
         let Some(addr) = table.checked_add(u64::from(index) * 16) else {
             break;
@@ -414,6 +421,10 @@ pub fn chain_descriptors<M: GuestMemory>(
             index = 0;
             continue;
         }
+        if out.len() == MAX_DESCRIPTORS {
+            return Err(ChainError::TooLong);
+        }
+        bytes = bytes.checked_add(desc.len()).ok_or(ChainError::TooLarge)?;
         out.push(desc);
         ttl -= 1;
         if !desc.has_next() {
@@ -421,11 +432,13 @@ pub fn chain_descriptors<M: GuestMemory>(
         }
         index = u32::from(desc.next());
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::GuestMemoryMmap;
+
     use super::*;
 
     #[test]
@@ -512,6 +525,53 @@ mod tests {
         let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         f.set_len(len).unwrap();
         f
+    }
+
+    /// Writes descriptor `i` of the table at `table`.
+    fn put_desc(mem: &GuestMemoryMmap<()>, table: u64, i: u64, d: (u64, u32, u16, u16)) {
+        let at = GuestAddress(table + 16 * i);
+        mem.write_obj(d.0, at).unwrap();
+        mem.write_obj(d.1, GuestAddress(at.0 + 8)).unwrap();
+        mem.write_obj(d.2, GuestAddress(at.0 + 12)).unwrap();
+        mem.write_obj(d.3, GuestAddress(at.0 + 14)).unwrap();
+    }
+
+    #[test]
+    fn the_recovery_walk_is_bounded() {
+        const NEXT: u16 = 1;
+        const INDIRECT: u16 = 4;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        // Head 0 of a queue of 16 refers to an indirect table of 4000 descriptors.
+        let n = 4000u64;
+        put_desc(&mem, 0, 0, (0x1000, 16 * n as u32, INDIRECT, 0));
+        for i in 0..n {
+            let flags = if i + 1 < n { NEXT } else { 0 };
+            put_desc(&mem, 0x1000, i, (0x8_0000, 16, flags, i as u16 + 1));
+        }
+        let walked = chain_descriptors(&mem, GuestAddress(0), 16, 0);
+        assert!(matches!(walked, Err(ChainError::TooLong)), "{walked:?}");
+        // One within the bound is walked.
+        put_desc(
+            &mem,
+            0,
+            0,
+            (0x1000, 16 * MAX_DESCRIPTORS as u32, INDIRECT, 0),
+        );
+        put_desc(
+            &mem,
+            0x1000,
+            MAX_DESCRIPTORS as u64 - 1,
+            (0x8_0000, 16, 0, 0),
+        );
+        let walked = chain_descriptors(&mem, GuestAddress(0), 16, 0).unwrap();
+        assert_eq!(walked.len(), MAX_DESCRIPTORS);
+        // Head 1: three descriptors of 2 GiB each, 6 GiB in all (a chain is under 4 GiB).
+        for i in 1..4u64 {
+            let flags = if i < 3 { NEXT } else { 0 };
+            put_desc(&mem, 0, i, (0x8_0000, 1 << 31, flags, i as u16 + 1));
+        }
+        let walked = chain_descriptors(&mem, GuestAddress(0), 16, 1);
+        assert!(matches!(walked, Err(ChainError::TooLarge)), "{walked:?}");
     }
 
     #[test]

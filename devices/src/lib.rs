@@ -7,6 +7,7 @@
 pub mod backend_common;
 pub mod block;
 pub mod block_backend;
+pub mod chain;
 pub mod disk;
 pub mod inflight;
 pub mod iov;
@@ -15,6 +16,9 @@ pub mod metrics;
 pub mod net;
 pub mod net_backend;
 pub mod tap;
+#[cfg(test)]
+mod test_ring;
+pub mod vring;
 pub mod vu_proxy;
 
 /// Formats an error and its `source()` chain as `a: b: c`.

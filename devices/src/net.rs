@@ -11,10 +11,10 @@ use virtio_bindings::virtio_net::{
     virtio_net_config, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR,
     VIRTIO_NET_OK, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::chain::{self, ChainError, MAX_DESCRIPTORS};
 use crate::iov::{self, GuestSegment};
 use crate::tap::VNET_HDR_LEN;
 
@@ -44,6 +44,8 @@ crate::metric_set! {
         invalid_requests,
         /// Queue notifications (kicks) handled, control queue included.
         kicks,
+        /// Rings marked broken by a guest fault they cannot go on from (see `vring`).
+        broken_rings,
     }
 }
 
@@ -56,6 +58,9 @@ pub enum NetError {
     /// The descriptor chain cannot carry a frame.
     #[error("bad descriptor chain: {0}")]
     BadChain(&'static str),
+    /// The descriptor chain is too long to walk.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     /// A buffer is outside guest memory.
     #[error("guest buffer is not in guest memory")]
     Guest(#[from] iov::IovError),
@@ -80,7 +85,7 @@ fn segments<M>(
 where
     M: Deref<Target = GuestMemoryMmap<()>>,
 {
-    let descs: Vec<Descriptor> = chain.by_ref().collect();
+    let descs = chain::collect(chain.by_ref())?;
     if descs.is_empty() {
         return Err(NetError::BadChain("empty chain"));
     }
@@ -99,13 +104,21 @@ where
         .collect()
 }
 
+/// The iovecs of `segs` (a buffer across a memory-region boundary takes two), at most
+/// `max`: more than one readv/writev takes would fail every time, and the chain with them.
 fn to_iovecs(
     mem: &GuestMemoryMmap<()>,
     segs: &[GuestSegment],
+    max: usize,
 ) -> Result<Vec<libc::iovec>, NetError> {
     let mut iovs = Vec::with_capacity(segs.len());
     for seg in segs {
         iov::push_segment(mem, *seg, &mut iovs)?;
+    }
+    if iovs.len() > max {
+        return Err(NetError::BadChain(
+            "more buffers than one readv/writev takes",
+        ));
     }
     if iov::iov_len(&iovs) < VNET_HDR_LEN {
         return Err(NetError::BadChain(
@@ -150,7 +163,9 @@ where
         Err(NetError::ShortFrame(_) | NetError::Truncated(_) | NetError::GuestWrite) => {
             metrics.rx_dropped.inc(1)
         }
-        Err(NetError::BadChain(_) | NetError::Guest(_)) => metrics.invalid_requests.inc(1),
+        Err(NetError::BadChain(_) | NetError::Chain(_) | NetError::Guest(_)) => {
+            metrics.invalid_requests.inc(1)
+        }
     }
     res
 }
@@ -161,7 +176,8 @@ where
 {
     let segs = segments(chain, true)?;
     let mem: &GuestMemoryMmap<()> = chain.memory();
-    let mut iovs = to_iovecs(mem, &segs)?;
+    // One iovec is left for the spill byte.
+    let mut iovs = to_iovecs(mem, &segs, MAX_DESCRIPTORS - 1)?;
     // A TAP read truncates a frame that does not fit, silently; one spare byte past the
     // guest's buffers tells a frame that did not fit from one that fits exactly.
     let buffer = iov::iov_len(&iovs);
@@ -217,7 +233,9 @@ where
                 .inc((*n as u64).saturating_sub(VNET_HDR_LEN as u64));
         }
         Err(NetError::WouldBlock) => {}
-        Err(NetError::BadChain(_) | NetError::Guest(_)) => metrics.invalid_requests.inc(1),
+        Err(NetError::BadChain(_) | NetError::Chain(_) | NetError::Guest(_)) => {
+            metrics.invalid_requests.inc(1)
+        }
         Err(_) => metrics.tx_errors.inc(1),
     }
     res
@@ -229,7 +247,7 @@ where
 {
     let segs = segments(chain, false)?;
     let mem: &GuestMemoryMmap<()> = chain.memory();
-    let iovs = to_iovecs(mem, &segs)?;
+    let iovs = to_iovecs(mem, &segs, MAX_DESCRIPTORS)?;
     loop {
         let cnt = libc::c_int::try_from(iovs.len())
             .map_err(|_| NetError::BadChain("too many buffers"))?;
@@ -260,7 +278,9 @@ fn ctrl_reply<M>(chain: &mut DescriptorChain<M>, max_pairs: u16) -> u32
 where
     M: Deref<Target = GuestMemoryMmap<()>>,
 {
-    let descs: Vec<Descriptor> = chain.by_ref().collect();
+    let Ok(descs) = chain::collect(chain.by_ref()) else {
+        return 0;
+    };
     let mem: &GuestMemoryMmap<()> = chain.memory();
     let Some(ack) = descs
         .iter()

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use clap::Parser;
 use log::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
@@ -20,18 +20,21 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_STATUS,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::backend_common::{pop_chain, protocol_features, worker_exit_event, BackendCommon, Mem};
+use crate::backend_common::{
+    break_ring, host_fatal, protocol_features, worker_exit_event, BackendCommon, Mem,
+};
 use crate::metrics::{self, MetricsError};
 use crate::net::{self, NetError, NetMetrics};
 use crate::tap::{offload_flags, Tap, TapError};
+use crate::vring::{Vring, VringError};
 
 /// Vring type used by the net backend.
-pub type NetVring = VringRwLock<Mem>;
+pub type NetVring = Vring;
 
 /// Most queue pairs (TAPs) skiff-net serves.
 pub const MAX_PAIRS: usize = 16;
@@ -57,9 +60,9 @@ pub enum NetBackendError {
     /// An event arrived for an unknown source.
     #[error("unexpected event {0} on thread {1}")]
     UnknownEvent(u16, usize),
-    /// A vring operation failed.
-    #[error("vring operation failed")]
-    Vring(#[source] virtio_queue::Error),
+    /// The guest left a ring in a state it cannot be served from: it is marked broken.
+    #[error(transparent)]
+    Ring(#[from] VringError),
     /// Signalling the guest failed.
     #[error("cannot signal the guest")]
     Signal(#[source] io::Error),
@@ -190,11 +193,6 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-fn ready(vring: &NetVring) -> bool {
-    let state = vring.get_ref();
-    state.get_queue().ready() && state.is_enabled()
-}
-
 /// virtio-net device state shared by all worker threads.
 pub struct NetBackend {
     taps: Vec<Tap>,
@@ -247,32 +245,33 @@ impl NetBackend {
     }
 
     fn signal(&self, vring: &NetVring) -> Result<(), NetBackendError> {
-        if vring.needs_notification().map_err(NetBackendError::Vring)? {
+        if vring.needs_notification().map_err(VringError::Queue)? {
             vring.signal_used_queue().map_err(NetBackendError::Signal)?;
         }
         Ok(())
     }
 
     /// Moves frames from the TAP into rx buffers until either runs dry.
+    ///
+    /// Every error but [`NetBackendError::Signal`] is the guest's: the caller marks the
+    /// ring broken. A chain that cannot take a frame is returned unused, so rx goes on.
     fn process_rx(&self, tap: &Tap, vring: &NetVring) -> Result<(), NetBackendError> {
-        if !ready(vring) {
+        if !vring.running() {
             return Ok(());
         }
         let mem = self.memory().memory();
         let mut used = false;
         loop {
-            let chain = pop_chain(vring, mem.clone());
-            let Some(mut chain) = chain else {
+            let Some(mut chain) = vring.pop(mem.clone())? else {
                 // The frontend stopped the ring (GET_VRING_BASE during an upgrade): stop
                 // here, or the loop below would spin on a reset queue.
-                if !ready(vring) {
+                if !vring.running() {
                     break;
                 }
-                // No rx buffers: stop reading; the guest's next kick resumes us.
-                if vring
-                    .enable_notification()
-                    .map_err(NetBackendError::Vring)?
-                {
+                // No rx buffers: stop reading; the guest's next kick resumes us. Buffers
+                // made available meanwhile are popped (a pop that finds nothing while the
+                // index says otherwise is an error, so this does not spin).
+                if vring.enable_notification().map_err(VringError::Queue)? {
                     continue;
                 }
                 break;
@@ -280,7 +279,7 @@ impl NetBackend {
             let head = chain.head_index();
             match net::rx_frame(tap.as_raw_fd(), &mut chain, &self.metrics) {
                 Ok(len) => {
-                    vring.add_used(head, len).map_err(NetBackendError::Vring)?;
+                    vring.add_used(head, len).map_err(VringError::Queue)?;
                     used = true;
                 }
                 Err(NetError::WouldBlock) => {
@@ -298,7 +297,7 @@ impl NetBackend {
                     if worth_logging(&self.metrics, &e, false) {
                         warn!("rx chain {head} dropped: {}", crate::error_chain(&e));
                     }
-                    vring.add_used(head, 0).map_err(NetBackendError::Vring)?;
+                    vring.add_used(head, 0).map_err(VringError::Queue)?;
                     used = true;
                 }
             }
@@ -312,22 +311,21 @@ impl NetBackend {
     /// Writes every available tx chain to the TAP; on EAGAIN leaves the chain
     /// queued and waits for EPOLLOUT.
     fn process_tx(&self, tap: &Tap, vring: &NetVring) -> Result<(), NetBackendError> {
-        if !ready(vring) {
+        if !vring.running() {
             return Ok(());
         }
         let event_idx = self.common.event_idx();
         let mem = self.memory().memory();
         loop {
             if event_idx {
-                vring
-                    .disable_notification()
-                    .map_err(NetBackendError::Vring)?;
+                vring.disable_notification().map_err(VringError::Queue)?;
             }
             let mut used = false;
             let mut blocked = false;
             loop {
-                let chain = pop_chain(vring, mem.clone());
-                let Some(mut chain) = chain else { break };
+                let Some(mut chain) = vring.pop(mem.clone())? else {
+                    break;
+                };
                 let head = chain.head_index();
                 match net::tx_frame(tap.as_raw_fd(), &mut chain, &self.metrics) {
                     Ok(_) => {}
@@ -342,19 +340,16 @@ impl NetBackend {
                         }
                     }
                 }
-                vring.add_used(head, 0).map_err(NetBackendError::Vring)?;
+                vring.add_used(head, 0).map_err(VringError::Queue)?;
                 used = true;
             }
             if used {
                 self.signal(vring)?;
             }
-            if blocked || !event_idx || !ready(vring) {
+            if blocked || !event_idx || !vring.running() {
                 break;
             }
-            if !vring
-                .enable_notification()
-                .map_err(NetBackendError::Vring)?
-            {
+            if !vring.enable_notification().map_err(VringError::Queue)? {
                 break;
             }
         }
@@ -365,11 +360,12 @@ impl NetBackend {
         let mem = self.memory().memory();
         let mut used = false;
         loop {
-            let chain = pop_chain(vring, mem.clone());
-            let Some(mut chain) = chain else { break };
+            let Some(mut chain) = vring.pop(mem.clone())? else {
+                break;
+            };
             let head = chain.head_index();
             let len = net::ctrl_command(&mut chain, self.pairs() as u16, &self.metrics);
-            vring.add_used(head, len).map_err(NetBackendError::Vring)?;
+            vring.add_used(head, len).map_err(VringError::Queue)?;
             used = true;
         }
         if used {
@@ -378,49 +374,58 @@ impl NetBackend {
         Ok(())
     }
 
-    fn dispatch(
+    /// Runs `work` on queue `queue` (marked busy meanwhile, see [`BackendCommon::busy`]).
+    /// Nothing the guest does ends the worker thread: a guest fault breaks the ring; only
+    /// a host failure ends the process.
+    fn serve(
         &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[NetVring],
-        thread_id: usize,
-    ) -> Result<(), NetBackendError> {
-        let unknown = || NetBackendError::UnknownEvent(device_event, thread_id);
+        queue: usize,
+        vring: &NetVring,
+        work: impl FnOnce() -> Result<(), NetBackendError>,
+    ) {
+        let _busy = self.common.busy(queue);
+        match work() {
+            Ok(()) => {}
+            Err(NetBackendError::Ring(e)) => {
+                break_ring(vring, queue, &e, self.metrics.broken_rings)
+            }
+            Err(e) => host_fatal(&e),
+        }
+    }
+
+    fn dispatch(&self, device_event: u16, evset: EventSet, vrings: &[NetVring], thread_id: usize) {
+        // The crate delivers the kicks of the thread's rings and the TAP registered in
+        // `run`, nothing else.
+        let unknown = || host_fatal(&NetBackendError::UnknownEvent(device_event, thread_id));
         if thread_id >= self.pairs() {
-            let ctrl = vrings.first().ok_or_else(unknown)?;
+            let Some(ctrl) = vrings.first() else {
+                unknown()
+            };
             self.metrics.kicks.inc(1);
-            let _busy = self.common.busy(2 * self.pairs());
-            return self.process_ctrl(ctrl);
+            return self.serve(2 * self.pairs(), ctrl, || self.process_ctrl(ctrl));
         }
         let (rx_q, tx_q) = (2 * thread_id, 2 * thread_id + 1);
-        let tap = &self.taps[thread_id];
-        let (rx, tx) = match vrings {
-            [rx, tx, ..] => (rx, tx),
-            _ => return Err(unknown()),
+        let (Some(tap), [rx, tx, ..]) = (self.taps.get(thread_id), vrings) else {
+            unknown()
         };
         match device_event {
             0 => {
                 self.metrics.kicks.inc(1);
-                let _busy = self.common.busy(rx_q);
-                self.process_rx(tap, rx)
+                self.serve(rx_q, rx, || self.process_rx(tap, rx));
             }
             1 => {
                 self.metrics.kicks.inc(1);
-                let _busy = self.common.busy(tx_q);
-                self.process_tx(tap, tx)
+                self.serve(tx_q, tx, || self.process_tx(tap, tx));
             }
             e if e == self.tap_event() => {
                 if evset.contains(EventSet::OUT) {
-                    let _busy = self.common.busy(tx_q);
-                    self.process_tx(tap, tx)?;
+                    self.serve(tx_q, tx, || self.process_tx(tap, tx));
                 }
                 if evset.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-                    let _busy = self.common.busy(rx_q);
-                    self.process_rx(tap, rx)?;
+                    self.serve(rx_q, rx, || self.process_rx(tap, rx));
                 }
-                Ok(())
             }
-            _ => Err(unknown()),
+            _ => unknown(),
         }
     }
 }
@@ -510,11 +515,8 @@ impl VhostUserBackend for NetBackend {
         vrings: &[NetVring],
         thread_id: usize,
     ) -> io::Result<()> {
-        self.dispatch(device_event, evset, vrings, thread_id)
-            .map_err(|e| {
-                error!("{}", crate::error_chain(&e));
-                io::Error::other(e)
-            })
+        self.dispatch(device_event, evset, vrings, thread_id);
+        Ok(())
     }
 }
 
@@ -608,7 +610,7 @@ pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
 /// of its counter, so a guest sending bad frames in a loop cannot flood the log.
 fn worth_logging(m: &NetMetrics, e: &NetError, tx: bool) -> bool {
     let counter = match e {
-        NetError::BadChain(_) | NetError::Guest(_) => &m.invalid_requests,
+        NetError::BadChain(_) | NetError::Chain(_) | NetError::Guest(_) => &m.invalid_requests,
         _ if tx => &m.tx_errors,
         NetError::Io(_) => &m.rx_errors,
         _ => &m.rx_dropped,
@@ -617,118 +619,5 @@ fn worth_logging(m: &NetMetrics, e: &NetError, tx: bool) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mac_parsing() {
-        assert_eq!(
-            parse_mac("52:54:00:ab:CD:ef"),
-            Ok([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
-        );
-        assert!(parse_mac("52:54:00:ab:cd").is_err());
-        assert!(parse_mac("52:54:00:ab:cd:zz").is_err());
-        assert!(parse_mac("525:4:00:ab:cd:ef").is_err());
-    }
-
-    fn parse(args: &[&str]) -> Result<NetOptions, clap::Error> {
-        let argv = ["skiff-net", "--socket", "/s.sock"].iter().chain(args);
-        NetArgs::try_parse_from(argv).map(NetOptions::from)
-    }
-
-    #[test]
-    fn taps_by_name_or_by_fd() {
-        use clap::CommandFactory;
-        NetArgs::command().debug_assert();
-        let o = parse(&["--tap", "t0", "--tap", "t1", "--mac", "52:54:00:00:00:01"]).unwrap();
-        assert_eq!(
-            o.taps,
-            [TapSpec::Name("t0".into()), TapSpec::Name("t1".into())]
-        );
-        let o = parse(&["--tap-fd", "7", "--tap-fd", "5", "--metrics-fd", "9"]).unwrap();
-        assert_eq!(o.taps, [TapSpec::Fd(7), TapSpec::Fd(5)]);
-        assert_eq!(o.metrics_fd, Some(9));
-        check_taps(&o.taps, o.metrics_fd).unwrap();
-    }
-
-    #[test]
-    fn tap_options_are_exclusive_and_required() {
-        use clap::error::ErrorKind;
-        let e = parse(&["--tap", "t0", "--tap-fd", "5"]).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::ArgumentConflict);
-        let msg = e.to_string();
-        assert!(
-            msg.contains("'--tap <NAME>' cannot be used with '--tap-fd <N>'"),
-            "{msg}"
-        );
-
-        let e = parse(&[]).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
-        assert!(e.to_string().contains("<--tap <NAME>|--tap-fd <N>>"), "{e}");
-
-        for bad in ["x", "-1"] {
-            let e = parse(&["--tap-fd", bad]).unwrap_err();
-            assert!(e.to_string().contains("--tap-fd <N>"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn tap_list_is_checked_naming_the_option() {
-        let err = |taps: &[TapSpec], metrics: Option<RawFd>| {
-            check_taps(taps, metrics).unwrap_err().to_string()
-        };
-        let fds: Vec<TapSpec> = (3..3 + MAX_PAIRS as RawFd + 1).map(TapSpec::Fd).collect();
-        assert_eq!(
-            err(&fds, None),
-            "invalid number of --tap-fd (17, at most 16)"
-        );
-        check_taps(&fds[..MAX_PAIRS], None).unwrap();
-        let names: Vec<TapSpec> = (0..=MAX_PAIRS)
-            .map(|i| TapSpec::Name(format!("t{i}")))
-            .collect();
-        assert_eq!(
-            err(&names, None),
-            "invalid number of --tap (17, at most 16)"
-        );
-        assert!(err(&[], None).contains("--tap NAME or --tap-fd N"));
-        assert_eq!(
-            err(&[TapSpec::Fd(5), TapSpec::Fd(6), TapSpec::Fd(5)], None),
-            "invalid --tap-fd 5: given twice (one fd per TAP)"
-        );
-        assert_eq!(
-            err(&[TapSpec::Fd(5)], Some(5)),
-            "invalid --tap-fd 5: it is also the --metrics-fd"
-        );
-        assert_eq!(
-            err(&[TapSpec::Name("t0".into()), TapSpec::Fd(5)], None),
-            "invalid --tap-fd 5: the TAPs are given either by --tap NAME or by --tap-fd N, not both"
-        );
-    }
-
-    #[test]
-    fn run_refuses_a_bad_tap_fd_before_serving() {
-        let opts = parse(&["--tap-fd", "65000"]).unwrap();
-        let e = run(&opts).unwrap_err();
-        assert_eq!(
-            crate::error_chain(&e),
-            format!(
-                "--tap-fd 65000 is not an open file descriptor: {}",
-                io::Error::from_raw_os_error(libc::EBADF)
-            )
-        );
-    }
-
-    #[test]
-    fn help_documents_tap_fd() {
-        use clap::CommandFactory;
-        let help = NetArgs::command().render_long_help().to_string();
-        for s in [
-            "--tap-fd <N>",
-            "IFF_TAP|IFF_NO_PI|IFF_VNET_HDR",
-            "TUNGETIFF",
-            "--tap <NAME>",
-        ] {
-            assert!(help.contains(s), "{s} missing from --help:\n{help}");
-        }
-    }
-}
+#[path = "net_backend_tests.rs"]
+mod tests;

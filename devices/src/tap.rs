@@ -248,6 +248,19 @@ impl Tap {
     }
 }
 
+#[cfg(test)]
+impl Tap {
+    /// A "TAP" over any fd that reads and writes whole frames (a datagram socket), for
+    /// backend tests that need no TAP device.
+    pub(crate) fn for_tests(file: File, name: &str) -> Self {
+        Tap {
+            file,
+            name: name.to_string(),
+            inherited: None,
+        }
+    }
+}
+
 impl std::fmt::Display for Tap {
     /// `NAME`, or `NAME (--tap-fd N)` for an inherited fd.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -7,151 +7,34 @@
 //! executed, in the order they were taken, and that the ring restarts after them.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vhost::VhostBackend;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempdir::TempDir;
 
 mod common;
+use common::frontend::{
+    connect, guest_memory, start_blk, start_ring, status, write_request, AVAIL, QSIZE, USED,
+};
 
-const BIN: &str = env!("CARGO_BIN_EXE_skiff-blk");
-const MEM: usize = 1 << 20;
-const QSIZE: u16 = 16;
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
-const VERSION_1: u64 = 1 << 32;
-const PROTOCOL_FEATURES: u64 = 1 << 30;
-const VIRTQ_DESC_F_NEXT: u16 = 1;
-const VIRTQ_DESC_F_WRITE: u16 = 2;
-
-fn memfd(name: &std::ffi::CStr, size: usize) -> File {
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-    // SAFETY: `fd` was just created and is owned by nothing else.
-    let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    f.set_len(size as u64).expect("size memfd");
-    f
-}
-
-fn start_blk(socket: &Path, image: &Path) -> Child {
-    let image = image.to_str().expect("utf-8 path");
-    let mut child = common::command(
-        BIN,
+/// What skiff does: the inflight area, config space and replies.
+fn connect_inflight(socket: &Path, mem: &GuestMemoryMmap) -> Frontend {
+    connect(
         socket,
-        &["--image", image, "--queue-size", &QSIZE.to_string()],
-        None,
-    )
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn skiff-blk");
-    common::wait_listening(&mut child, socket);
-    child
-}
-
-/// Connects and negotiates up to the memory table; returns the frontend.
-fn connect(socket: &Path, mem: &GuestMemoryMmap) -> Frontend {
-    let mut f = Frontend::connect(socket, 1).expect("connect");
-    f.set_owner().expect("SET_OWNER");
-    let offered = f.get_features().expect("GET_FEATURES");
-    assert_ne!(offered & PROTOCOL_FEATURES, 0);
-    let proto = f.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-    assert!(
-        proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
-        "skiff-blk does not offer INFLIGHT_SHMFD: {proto:?}"
-    );
-    f.set_protocol_features(
+        mem,
+        0,
         VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK,
     )
-    .expect("SET_PROTOCOL_FEATURES");
-    f.set_features(VERSION_1 | PROTOCOL_FEATURES)
-        .expect("SET_FEATURES");
-    let regions: Vec<_> = mem
-        .iter()
-        .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).expect("region info"))
-        .collect();
-    f.set_mem_table(&regions).expect("SET_MEM_TABLE");
-    f
-}
-
-fn host(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
-    mem.get_host_address(GuestAddress(gpa))
-        .expect("host address") as u64
-}
-
-/// Sets up queue 0 at `base` and enables it.
-fn start_ring(f: &mut Frontend, mem: &GuestMemoryMmap, base: u16, call: &EventFd, kick: &EventFd) {
-    f.set_vring_num(0, QSIZE)
-        .expect("vhost-user request or guest memory access");
-    f.set_vring_base(0, base)
-        .expect("vhost-user request or guest memory access");
-    f.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: host(mem, DESC),
-            used_ring_addr: host(mem, USED),
-            avail_ring_addr: host(mem, AVAIL),
-            log_addr: None,
-        },
-    )
-    .expect("vhost-user request or guest memory access");
-    f.set_vring_call(0, call)
-        .expect("vhost-user request or guest memory access");
-    f.set_vring_kick(0, kick)
-        .expect("vhost-user request or guest memory access");
-    f.set_vring_enable(0, true)
-        .expect("vhost-user request or guest memory access");
-}
-
-/// Writes a 3-descriptor write request at descriptors head..head+2: sector `sector` gets
-/// 512 bytes of `fill`.
-fn write_request(mem: &GuestMemoryMmap, head: u16, sector: u64, fill: u8) {
-    let buf = 0x10000 + u64::from(head) * 0x1000;
-    let mut hdr = [0u8; 16];
-    hdr[0..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
-    hdr[8..16].copy_from_slice(&sector.to_le_bytes());
-    mem.write_slice(&hdr, GuestAddress(buf))
-        .expect("vhost-user request or guest memory access");
-    mem.write_slice(&[fill; 512], GuestAddress(buf + 0x100))
-        .expect("vhost-user request or guest memory access");
-    mem.write_obj(0xffu8, GuestAddress(buf + 0x400))
-        .expect("vhost-user request or guest memory access");
-    let descs = [
-        (buf, 16u32, VIRTQ_DESC_F_NEXT, head + 1),
-        (buf + 0x100, 512, VIRTQ_DESC_F_NEXT, head + 2),
-        (buf + 0x400, 1, VIRTQ_DESC_F_WRITE, 0),
-    ];
-    for (i, (addr, len, flags, next)) in descs.into_iter().enumerate() {
-        let at = DESC + 16 * (u64::from(head) + i as u64);
-        mem.write_obj(addr, GuestAddress(at))
-            .expect("vhost-user request or guest memory access");
-        mem.write_obj(len, GuestAddress(at + 8))
-            .expect("vhost-user request or guest memory access");
-        mem.write_obj(flags, GuestAddress(at + 12))
-            .expect("vhost-user request or guest memory access");
-        mem.write_obj(next, GuestAddress(at + 14))
-            .expect("vhost-user request or guest memory access");
-    }
-}
-
-fn status(mem: &GuestMemoryMmap, head: u16) -> u8 {
-    mem.read_obj(GuestAddress(0x10000 + u64::from(head) * 0x1000 + 0x400))
-        .expect("vhost-user request or guest memory access")
 }
 
 /// Records head `head` in queue 0 of the area as taken (counter) and maybe completed.
@@ -170,13 +53,7 @@ fn a_new_backend_resubmits_what_the_area_holds_in_taken_order() {
     File::create(&image)
         .and_then(|f| f.set_len(64 * 512))
         .expect("image");
-    let ram = memfd(c"guest", MEM);
-    let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(ram.try_clone().unwrap(), 0)),
-    )])
-    .expect("guest memory");
+    let mem = guest_memory();
 
     // Three write requests: heads 0, 3 and 6, made available in that order.
     write_request(&mem, 0, 1, 0xa0);
@@ -191,7 +68,7 @@ fn a_new_backend_resubmits_what_the_area_holds_in_taken_order() {
     // The first backend hands out the area.
     let socket = dir.as_path().join("blk.sock");
     let mut first = start_blk(&socket, &image);
-    let mut f = connect(&socket, &mem);
+    let mut f = connect_inflight(&socket, &mem);
     let ask = VhostUserInflight {
         mmap_size: 0,
         mmap_offset: 0,
@@ -222,7 +99,7 @@ fn a_new_backend_resubmits_what_the_area_holds_in_taken_order() {
 
     // A new backend gets the area and the ring at the used index, as the VMM does.
     let mut second = start_blk(&socket, &image);
-    let mut f = connect(&socket, &mem);
+    let mut f = connect_inflight(&socket, &mem);
     f.set_inflight_fd(&info, area.as_raw_fd())
         .expect("SET_INFLIGHT_FD");
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();

@@ -2,6 +2,8 @@
 //! part of it).
 #![allow(dead_code)]
 
+pub mod frontend;
+
 use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
@@ -64,6 +66,17 @@ pub fn wait_listening(child: &mut Child, socket: &Path) {
             "the device process did not listen"
         );
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A child process that is killed and reaped when this is dropped, so that a failing test
+/// leaves nothing running.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
