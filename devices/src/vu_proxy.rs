@@ -83,7 +83,8 @@ pub trait InflightHost: Send + Sync {
     fn set_inflight(&self, area: Arc<InflightArea>);
 }
 
-struct Message {
+/// One vhost-user message as the relay reads it: header fields, body, fds.
+pub struct Message {
     request: u32,
     flags: u32,
     body: Vec<u8>,
@@ -117,8 +118,10 @@ impl Message {
     }
 }
 
-/// Reads one message; `None` at a clean end of stream.
-fn read_message(s: &UnixStream) -> Result<Option<Message>, ProxyError> {
+/// Reads one message, with its fds, from the frontend or the crate; `None` at a clean end
+/// of stream. A body over 4 KiB is refused before anything is allocated for it. (Public for
+/// the fuzz target `vhost_user_relay`.)
+pub fn read_message(s: &UnixStream) -> Result<Option<Message>, ProxyError> {
     let mut hdr = [0u8; HEADER];
     let mut fds = [-1 as RawFd; MAX_FDS];
     let mut iov = [libc::iovec {
