@@ -1,53 +1,138 @@
-//! The API thread: HTTP/1.1 on a Unix socket (tiny_http), routing, and a hand-off of
-//! every routed request to the VMM's event loop over a channel plus an eventfd. The thread
-//! never touches VM state; it waits for the VMM's [`ApiResult`] and writes it back.
+//! The API server: HTTP/1.1 on a Unix socket, routing, and a hand-off of every routed
+//! request to the VMM's event loop over a channel plus an eventfd. No thread here touches
+//! VM state; each waits for the VMM's [`ApiResult`] and writes it back.
 //!
-//! tiny_http accepts connections and parses requests on threads of its own (one accept
-//! thread and one per open connection). A request whose body tiny_http has already
-//! buffered (every body Firecracker's API defines) is answered on the `skiff-api` thread in
-//! arrival order; one with a larger, chunked or 100-continue body is read and answered on a
-//! thread of its own, so a client that stalls in its body holds up nobody else. The VMM
-//! still sees one request at a time.
+//! The client is only semi-trusted, so every resource a client can make the server hold is
+//! bounded, whatever it sends or fails to read:
 //!
-//! Known limits of tiny_http 0.12: no header-size limit, no idle timeout, no write timeout
-//! (a client that does not read its answers blocks the thread writing them; shutdown waits
-//! at most a second for it).
+//! - One accept thread (`skiff-api`), and at most [`MAX_CONNECTIONS`] connections being
+//!   served, each by a thread of its own (`skiff-api-conn`) that gives the connection
+//!   back after [`THREAD_KEEP`] without a request. At most [`MAX_WAITING`] more are held
+//!   open without a thread: clients that have not written yet and idle keep-alive
+//!   connections, which the accept thread polls and hands to a thread when their client
+//!   writes (`server/accept.rs`). So the server holds at most 1 + [`MAX_CONNECTIONS`] threads
+//!   and [`MAX_CONNECTIONS`] + [`MAX_WAITING`] connection fds besides the listener and its
+//!   eventfd. When the waiting room is full a new client closes the oldest connection
+//!   silent for at least [`WAIT_GRACE`], so that a crowd of idle connections cannot lock a client out; when every
+//!   thread is busy, a stuck client's (stalled mid-request or mid-answer, or lingering
+//!   after a refusal) is freed (`server/registry.rs`), never one whose request is with the VMM;
+//!   and when the room is full of clients waiting for a thread, new ones wait in the
+//!   listen backlog. Waiting rather than a 503 keeps bursts of well-behaved clients (50
+//!   at once in the tests) working.
+//! - A request head of at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields (else 431), a
+//!   body of at most [`MAX_BODY`] (else 413 before any of it is read; chunked bodies are
+//!   read up to the same limit), all of it within [`REQUEST_TIMEOUT`] of its first byte
+//!   (else 408); at most [`IDLE_TIMEOUT`] between requests and [`WRITE_TIMEOUT`] for an
+//!   answer to be taken. A refused request closes its connection (`server/conn.rs`).
+//! - Keep-alive and pipelining as HTTP/1.1 clients expect (answers in request order),
+//!   `Expect: 100-continue` answered before the body is read, HTTP/1.0 closing unless it
+//!   asks for keep-alive. Every fd is close-on-exec (std's `accept4(SOCK_CLOEXEC)`).
+//!
+//! Why a small server of our own on `httparse` rather than tokio and hyper: the API serves
+//! one local client a few small JSON requests at a time, the host has few cores, and an
+//! async runtime would add dozens of crates and much build time to the VMM for nothing it
+//! needs; this server is a few hundred lines whose every limit is visible. Firecracker and
+//! Cloud Hypervisor do the same: both serve their API with a small dedicated HTTP server,
+//! `micro_http`. tiny_http, which served before, could not be given any of these limits
+//! (no header or connection limit, no timeouts on Unix sockets, a thread per connection
+//! and per unbuffered request, and an unread body discarded by allocating its declared
+//! length).
+
+mod accept;
+mod conn;
+mod http;
+mod registry;
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, RecvTimeoutError, Sender, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::mpsc::{channel, Sender, SyncSender};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
-use tiny_http::{Header, Request, Response, Server, StatusCode};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::metrics::ApiMetrics;
-use crate::request::{ApiFault, ApiReply, ApiRequest, ApiResult};
-use crate::router;
+use crate::request::{ApiFault, ApiRequest, ApiResult};
+use accept::Waiting;
+pub use conn::LINGER_BYTES;
+pub use http::{MAX_HEAD, MAX_HEADERS};
+use registry::{Phase, Registry};
 
 /// Largest request body accepted (Firecracker's default `--http-api-max-payload-size`).
 pub const MAX_BODY: usize = 51200;
 
-/// Largest declared body of a refused (413) request that is still read and discarded to
-/// keep the connection usable. tiny_http discards an unread body by allocating a buffer of
-/// the whole remaining length, so past this the request is abandoned unanswered instead.
-const MAX_DISCARD: usize = 64 << 20;
+/// Most connections served at once, each by a thread of its own.
+pub const MAX_CONNECTIONS: usize = 16;
 
-/// How often a wait for the VMM's answer checks for shutdown.
-const REPLY_POLL: Duration = Duration::from_millis(100);
+/// Most connections held open without a thread: clients that have not written yet, and
+/// idle keep-alive connections.
+pub const MAX_WAITING: usize = 32;
 
-/// Pause before re-creating tiny_http's accept loop after an accept error.
+/// How long a connection's thread waits for the next request before it gives the
+/// connection back to the accept thread (a request after that gets a new thread).
+pub const THREAD_KEEP: Duration = Duration::from_millis(250);
+
+/// How long a connection may wait for its next request before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a request may take to arrive, head and body, from its first byte.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client may take to read an answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connection must have waited silent before it may be closed to make room in
+/// the waiting room (a client that has just connected gets this long to write).
+pub const WAIT_GRACE: Duration = Duration::from_millis(100);
+
+/// How long a client must have stalled mid-request or mid-answer before its connection
+/// may be closed to free its thread for another client.
+pub const EVICT_GRACE: Duration = Duration::from_secs(1);
+
+/// Longest linger after a refused request.
+pub const LINGER: Duration = Duration::from_secs(1);
+
+/// Pause after an accept error (EMFILE, for example) before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-const JSON: &str = "application/json";
-const PROMETHEUS: &str = "text/plain; version=0.0.4";
+/// How long shutdown waits for the connections to finish.
+const JOIN_LIMIT: Duration = Duration::from_secs(1);
+
+/// The server's limits; the constants above, shorter in tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub max_connections: usize,
+    pub max_waiting: usize,
+    pub thread_keep: Duration,
+    pub wait_grace: Duration,
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+    pub write_timeout: Duration,
+    pub evict_grace: Duration,
+    pub linger: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            max_waiting: MAX_WAITING,
+            thread_keep: THREAD_KEEP,
+            wait_grace: WAIT_GRACE,
+            idle_timeout: IDLE_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+            evict_grace: EVICT_GRACE,
+            linger: LINGER,
+        }
+    }
+}
 
 /// Errors setting up the API server.
 #[derive(Debug, thiserror::Error)]
@@ -76,12 +161,9 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
-    /// The listening socket could not be duplicated for the HTTP server.
-    #[error("cannot duplicate the API listener")]
-    Listener(#[source] io::Error),
-    /// tiny_http refused the listener.
-    #[error("cannot start the HTTP server")]
-    Http(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The eventfd that wakes the accept thread could not be created.
+    #[error("cannot create the API server's eventfd")]
+    WakeEvent(#[source] io::Error),
     /// The `skiff-api` thread could not be started.
     #[error("cannot start the skiff-api thread")]
     Spawn(#[source] io::Error),
@@ -92,7 +174,7 @@ pub enum ServerError {
 pub struct ApiCall {
     /// What was asked.
     pub request: ApiRequest,
-    /// Where the answer goes; the API thread waits on the other end.
+    /// Where the answer goes; the connection's thread waits on the other end.
     pub reply: SyncSender<ApiResult>,
 }
 
@@ -103,11 +185,12 @@ impl ApiCall {
     }
 }
 
-/// A bound API socket whose thread has not started yet.
+/// A bound API socket whose threads have not started yet.
 #[derive(Debug)]
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
+    limits: Limits,
 }
 
 impl ApiServer {
@@ -132,16 +215,24 @@ impl ApiServer {
             path: path.to_owned(),
             source,
         })?;
-        Ok(ApiServer {
-            listener,
-            path: path.to_owned(),
-        })
+        Ok(Self::from_listener(listener, path.to_owned()))
     }
 
     /// Wraps a listener bound elsewhere (for example inherited across an exec); `path` is
     /// the file removed at shutdown.
     pub fn from_listener(listener: UnixListener, path: PathBuf) -> ApiServer {
-        ApiServer { listener, path }
+        ApiServer {
+            listener,
+            path,
+            limits: Limits::default(),
+        }
+    }
+
+    /// The same server with other limits (tests).
+    #[cfg(test)]
+    pub(crate) fn with_limits(mut self, limits: Limits) -> ApiServer {
+        self.limits = limits;
+        self
     }
 
     /// The socket's path.
@@ -154,9 +245,10 @@ impl ApiServer {
         &self.listener
     }
 
-    /// Starts the `skiff-api` thread. Each routed request is sent on `to_vmm`, followed by
-    /// a write of 1 to `wake`; the thread then waits for the answer on the call's reply
-    /// channel. If the VMM has dropped its receiver the client gets 503.
+    /// Starts the `skiff-api` accept thread. Each routed request is sent on `to_vmm`,
+    /// followed by a write of 1 to `wake`; the connection's thread then waits for the
+    /// answer on the call's reply channel. If the VMM has dropped its receiver the client
+    /// gets 503.
     pub fn spawn(
         self,
         to_vmm: Sender<ApiCall>,
@@ -164,19 +256,22 @@ impl ApiServer {
         metrics: Arc<ApiMetrics>,
     ) -> Result<ApiServerHandle, ServerError> {
         let identity = fs::metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
-        let spare = self.listener.try_clone().map_err(ServerError::Listener)?;
-        let server = Server::from_listener(self.listener, None).map_err(ServerError::Http)?;
+        let accept_wake =
+            EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(ServerError::WakeEvent)?;
         let shared = Arc::new(Shared {
-            server: Mutex::new(Some(Arc::new(server))),
             stopping: AtomicBool::new(false),
+            registry: Arc::new(Registry::new(self.limits, accept_wake)),
+            limits: self.limits,
         });
-        let worker = Worker {
-            shared: shared.clone(),
-            spare,
+        let (handback, handbacks) = channel();
+        let ctx = Arc::new(Context {
+            shared: Arc::clone(&shared),
             to_vmm,
             wake,
             metrics,
-        };
+            handback,
+        });
+        let listener = self.listener;
         let mut handle = ApiServerHandle {
             shared,
             thread: None,
@@ -185,7 +280,7 @@ impl ApiServer {
         };
         match thread::Builder::new()
             .name("skiff-api".into())
-            .spawn(move || worker.run())
+            .spawn(move || accept::accept_loop(listener, ctx, handbacks))
         {
             Ok(t) => {
                 handle.thread = Some(t);
@@ -223,24 +318,26 @@ fn remove_stale(path: &Path) -> Result<(), ServerError> {
     }
 }
 
-/// State shared by the handle and the thread.
+/// State shared by the handle and the threads.
+#[derive(Debug)]
 struct Shared {
-    /// The current tiny_http server; `None` once shut down.
-    server: Mutex<Option<Arc<Server>>>,
     stopping: AtomicBool,
+    registry: Arc<Registry>,
+    limits: Limits,
 }
 
-impl Shared {
-    fn server(&self) -> MutexGuard<'_, Option<Arc<Server>>> {
-        self.server.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
+/// What every connection's thread needs.
+#[derive(Debug)]
+struct Context {
+    shared: Arc<Shared>,
+    to_vmm: Sender<ApiCall>,
+    wake: EventFd,
+    metrics: Arc<ApiMetrics>,
+    /// Where a thread gives back a connection that went idle.
+    handback: Sender<Waiting>,
 }
 
-/// The running API thread. [`shutdown`](Self::shutdown) (or drop) stops it and removes
+/// The running API server. [`shutdown`](Self::shutdown) (or drop) stops it and removes
 /// the socket file.
 #[derive(Debug)]
 pub struct ApiServerHandle {
@@ -251,49 +348,40 @@ pub struct ApiServerHandle {
     identity: Option<(u64, u64)>,
 }
 
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("stopping", &self.stopping())
-            .finish_non_exhaustive()
-    }
-}
-
 impl ApiServerHandle {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Stops accepting, waits for the thread, and removes the socket file. A request
-    /// still waiting for the VMM is answered 503 within 100 ms, so this does not
-    /// deadlock when called from the thread that answers [`ApiCall`]s.
+    /// Stops accepting, closes every connection, and removes the socket file, within
+    /// about a second. A request still waiting for the VMM is answered 503 within 100 ms,
+    /// so this does not deadlock when called from the thread that answers [`ApiCall`]s.
     pub fn shutdown(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
+        let deadline = Instant::now() + JOIN_LIMIT;
         self.shared.stopping.store(true, Ordering::Release);
-        if let Some(server) = self.shared.server().as_ref() {
-            server.unblock();
-        }
+        self.shared.registry.wake();
         if let Some(thread) = self.thread.take() {
-            // The thread can be stuck writing an answer to a client that does not read;
-            // do not let that hold up the VMM's exit.
-            let deadline = std::time::Instant::now() + JOIN_LIMIT;
-            while !thread.is_finished() && std::time::Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(5));
+            while !thread.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(2));
             }
             if !thread.is_finished() {
-                warn!("the skiff-api thread is stuck answering a client; not waiting for it");
+                warn!("the skiff-api thread did not stop; not waiting for it");
             } else if thread.join().is_err() {
                 error!("the skiff-api thread panicked");
             }
         }
-        // Dropping the last tiny_http server ends its accept thread: it connects to the
-        // socket to wake it, so the file must still be there.
-        let server = self.shared.server().take();
-        drop(server);
+        // A request with the VMM gets its 503 and then closes; everything else ends now.
+        let registry = &self.shared.registry;
+        registry.shutdown(|phase| phase != Phase::Vmm);
+        if !registry.wait_empty(deadline) {
+            warn!("API connections still open at shutdown; closing them");
+            registry.shutdown(|_| true);
+        }
         let ours = fs::metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
         if ours.is_some() && ours == self.identity {
             if let Err(e) = fs::remove_file(&self.path) {
@@ -309,182 +397,7 @@ impl Drop for ApiServerHandle {
     }
 }
 
-/// How long shutdown waits for the `skiff-api` thread.
-const JOIN_LIMIT: Duration = Duration::from_secs(1);
-
-/// What the `skiff-api` thread owns.
-struct Worker {
-    shared: Arc<Shared>,
-    /// A duplicate of the listener, to restart tiny_http after an accept error ends its
-    /// accept thread (EMFILE, for example).
-    spare: UnixListener,
-    to_vmm: Sender<ApiCall>,
-    wake: EventFd,
-    metrics: Arc<ApiMetrics>,
-}
-
-impl Worker {
-    fn run(self) {
-        let me = Arc::new(self);
-        loop {
-            let Some(server) = me.shared.server().clone() else {
-                return;
-            };
-            match server.recv() {
-                Ok(rq) => me.dispatch(rq),
-                Err(e) => {
-                    if me.shared.stopping() {
-                        return;
-                    }
-                    warn!("API socket accept failed: {e}; restarting the HTTP server");
-                    drop(server);
-                    if !me.restart() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Replaces the tiny_http server (whose accept thread has exited) with a new one on
-    /// the same socket. False when shutting down.
-    fn restart(&self) -> bool {
-        loop {
-            thread::sleep(ACCEPT_RETRY);
-            let mut slot = self.shared.server();
-            if self.shared.stopping() {
-                return false;
-            }
-            let fresh = self
-                .spare
-                .try_clone()
-                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
-                .and_then(|l| Server::from_listener(l, None));
-            match fresh {
-                Ok(s) => {
-                    *slot = Some(Arc::new(s));
-                    return true;
-                }
-                Err(e) => warn!("cannot restart the HTTP server: {e}"),
-            }
-        }
-    }
-
-    /// Handles `rq` on this thread when its body (if any) is already buffered, which
-    /// tiny_http does for bodies up to 1 KiB: every request Firecracker's API defines fits.
-    /// A larger or chunked body is read on a thread of its own, so a client that declares a
-    /// body and then stalls cannot hold up the API for everyone else.
-    fn dispatch(self: &Arc<Self>, rq: Request) {
-        let expects_continue = rq.headers().iter().any(|h| h.field.equiv("Expect"));
-        let buffered = !expects_continue
-            && matches!(rq.body_length(), Some(n) if n <= BUFFERED_BODY || n > MAX_BODY);
-        if buffered {
-            return self.handle(rq);
-        }
-        let me = Arc::clone(self);
-        if let Err(e) = thread::Builder::new()
-            .name("skiff-api-body".into())
-            .spawn(move || me.handle(rq))
-        {
-            warn!("cannot start a thread to read a request body: {e}");
-        }
-    }
-
-    fn handle(&self, mut rq: Request) {
-        let method = rq.method().as_str().to_owned();
-        let url = rq.url().to_owned();
-        let route = router::resolve(&method, &url).ok();
-        let declared = rq.body_length().unwrap_or(0);
-        let (result, discard) = if declared > MAX_BODY {
-            (Err(too_large()), Some(declared))
-        } else if self.shared.stopping() {
-            (Err(shutting_down()), None)
-        } else {
-            (self.answer(&mut rq, &method, &url), None)
-        };
-        let response = build_response(&result);
-        let status = response.status_code().0;
-        self.metrics.record(route, status);
-        debug!("{method} {url} {status}");
-        match discard {
-            None => send(rq, response),
-            // Responding drops the request, and with it tiny_http discards the unread
-            // body: do that off this thread so a client that never sends it cannot stall
-            // the API.
-            Some(len) if len <= MAX_DISCARD => {
-                let spawned = thread::Builder::new()
-                    .name("skiff-api-drain".into())
-                    .spawn(move || send(rq, response));
-                if let Err(e) = spawned {
-                    warn!("cannot start a thread to refuse an oversized request: {e}");
-                }
-            }
-            Some(len) => {
-                warn!("{method} {url}: abandoning a request declaring a {len}-byte body");
-                std::mem::forget(rq);
-            }
-        }
-    }
-
-    /// Reads the body, routes, and asks the VMM.
-    fn answer(&self, rq: &mut Request, method: &str, url: &str) -> ApiResult {
-        let body = read_body(rq)?;
-        let request = router::route(method, url, &body)?;
-        self.call_vmm(request)
-    }
-
-    fn call_vmm(&self, request: ApiRequest) -> ApiResult {
-        let (reply, answer) = sync_channel(1);
-        if self.to_vmm.send(ApiCall { request, reply }).is_err() {
-            return Err(shutting_down());
-        }
-        if let Err(e) = self.wake.write(1) {
-            warn!("cannot wake the VMM for an API request: {e}");
-        }
-        loop {
-            match answer.recv_timeout(REPLY_POLL) {
-                Ok(result) => return result,
-                Err(RecvTimeoutError::Disconnected) => return Err(shutting_down()),
-                Err(RecvTimeoutError::Timeout) if self.shared.stopping() => {
-                    return Err(shutting_down())
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-        }
-    }
-}
-
-/// Bodies up to this size are read by tiny_http's connection thread before `recv()`
-/// returns the request.
-const BUFFERED_BODY: usize = 1024;
-
-/// The body, at most [`MAX_BODY`] bytes (chunked bodies are cut off there too).
-fn read_body(rq: &mut Request) -> Result<Vec<u8>, ApiFault> {
-    let declared = rq.body_length();
-    let mut body = Vec::new();
-    rq.as_reader()
-        .take(MAX_BODY as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| ApiFault::bad_request(format!("cannot read the request body: {e}")))?;
-    if body.len() > MAX_BODY {
-        return Err(too_large());
-    }
-    match declared {
-        Some(n) if n != body.len() => Err(ApiFault::bad_request(format!(
-            "the body ended after {} of {n} bytes",
-            body.len()
-        ))),
-        _ => Ok(body),
-    }
-}
-
-fn too_large() -> ApiFault {
-    ApiFault {
-        status: 413,
-        message: format!("request body larger than {MAX_BODY} bytes"),
-    }
-}
-
+/// The answer to a request that arrives while the server stops or after the VMM is gone.
 fn shutting_down() -> ApiFault {
     ApiFault {
         status: 503,
@@ -492,43 +405,5 @@ fn shutting_down() -> ApiFault {
     }
 }
 
-/// The HTTP response for an answer: 204 without a body, 200 with JSON or Prometheus
-/// text, or the fault's status with `{"fault_message": ...}`.
-fn build_response(result: &ApiResult) -> Response<io::Cursor<Vec<u8>>> {
-    let (status, content_type, body) = match result {
-        Ok(ApiReply::NoContent) => (204, None, Vec::new()),
-        Ok(ApiReply::Json(v)) => match serde_json::to_vec(v) {
-            Ok(b) => (200, Some(JSON), b),
-            Err(e) => fault_body(&ApiFault::internal(format!("cannot encode reply: {e}"))),
-        },
-        Ok(ApiReply::Prometheus(text)) => (200, Some(PROMETHEUS), text.clone().into_bytes()),
-        Err(fault) => fault_body(fault),
-    };
-    let mut response = Response::from_data(body)
-        .with_status_code(StatusCode(status))
-        .with_chunked_threshold(usize::MAX);
-    if let Some(ct) = content_type {
-        match Header::from_bytes("Content-Type", ct) {
-            Ok(h) => response.add_header(h),
-            Err(()) => error!("invalid Content-Type header {ct}"),
-        }
-    }
-    response
-}
-
-fn fault_body(fault: &ApiFault) -> (u16, Option<&'static str>, Vec<u8>) {
-    // A fault's status must be an error status; anything else is skiff's bug.
-    let status = if (400..=599).contains(&fault.status) {
-        fault.status
-    } else {
-        500
-    };
-    let body = serde_json::json!({ "fault_message": fault.message }).to_string();
-    (status, Some(JSON), body.into_bytes())
-}
-
-fn send(rq: Request, response: Response<io::Cursor<Vec<u8>>>) {
-    if let Err(e) = rq.respond(response) {
-        debug!("cannot write an API response: {e}");
-    }
-}
+#[cfg(test)]
+mod tests;
