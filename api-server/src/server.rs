@@ -41,6 +41,9 @@
 mod accept;
 mod conn;
 mod http;
+
+/// The HTTP framing on bytes in memory (for the fuzz target `http_framing`).
+pub use http::read_all as read_requests;
 mod registry;
 
 use std::fs;

@@ -96,6 +96,34 @@ impl Input for Arc<UnixStream> {
     }
 }
 
+/// Bytes already in memory (the unit tests and the fuzz target): the deadline never passes.
+impl Input for io::Cursor<Vec<u8>> {
+    fn read_by(&mut self, buf: &mut [u8], _deadline: Instant) -> io::Result<usize> {
+        io::Read::read(self, buf)
+    }
+}
+
+/// Reads requests from `bytes` as a connection does (head, framing, body) until the bytes
+/// end or one is refused; returns how many were read whole. For the fuzz target
+/// `http_framing`: the framing code on any byte stream, without sockets or threads.
+pub fn read_all(bytes: &[u8]) -> usize {
+    let mut r = Reader::new(io::Cursor::new(bytes.to_vec()));
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        let Ok(head) = r.read_head(deadline) else {
+            return n;
+        };
+        let Ok(framing) = head.framing() else {
+            return n;
+        };
+        if r.read_body(framing, deadline).is_err() {
+            return n;
+        }
+        n += 1;
+    }
+}
+
 /// How a request's body is framed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Framing {

@@ -11,12 +11,6 @@ use super::http::{Framing, Head, HttpError, Next, Reader, Response};
 use super::*;
 use crate::request::ApiReply;
 
-impl http::Input for Cursor<Vec<u8>> {
-    fn read_by(&mut self, buf: &mut [u8], _deadline: Instant) -> io::Result<usize> {
-        self.read(buf)
-    }
-}
-
 fn reader(bytes: &[u8]) -> Reader<Cursor<Vec<u8>>> {
     Reader::new(Cursor::new(bytes.to_vec()))
 }
