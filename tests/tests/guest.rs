@@ -9,11 +9,13 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 mod api;
+mod attack;
 mod interop;
 mod rig;
 mod upgrade;
 
 use api::*;
+use attack::*;
 use interop::*;
 use rig::*;
 use tests::runner::{self, Kind, Test};
@@ -69,6 +71,7 @@ fn main() {
         Soak true upgrade_net_100_under_tcp,
         Guest false upgrade_failures_keep_old_process,
         Guest true device_processes_hold_only_their_fds,
+        Guest true hostile_guest_gets_nowhere,
         Soak false crash_blk_20_kills_under_fio,
         Guest false crash_blk_3_kills_under_dd,
         Guest true crash_net_5_kills_under_tcp,
