@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 mod api;
 mod attack;
 mod interop;
+mod jail;
 mod rig;
 mod upgrade;
 
 use api::*;
 use attack::*;
 use interop::*;
+use jail::*;
 use rig::*;
 use tests::runner::{self, Kind, Test};
 use tests::{ensure, guest_artifacts, host, DriveSpec, NetSpec, Result, TestDir, TestVm, VmConfig};
@@ -90,6 +92,8 @@ fn main() {
         Host false cli_missing_kernel,
         Host false api_preboot_rules,
         Host false api_socket_handling,
+        Host false jailer_bad_input,
+        Host false jailer_confines_skiff,
         Rig false runner_ends_a_spinning_guest,
         Rig false runner_replaces_a_frozen_nested_host,
         Fault false guest_spins,

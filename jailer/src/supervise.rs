@@ -1,0 +1,245 @@
+//! The supervisor: starts the jailed skiff, passes signals on to it, waits for it, and
+//! removes the cell and the cgroup when it has ended.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::Instant;
+
+use crate::args::Plan;
+use crate::cell::Cell;
+use crate::cgroup::Cgroup;
+use crate::jail;
+
+/// Signals passed on to skiff.
+const FORWARDED: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// Errors of the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error("{step} failed")]
+    Sys {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting skiff in the cell failed: {0}")]
+    Child(String),
+}
+
+fn last(step: &'static str) -> SuperviseError {
+    SuperviseError::Sys {
+        step,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+/// A close-on-exec pipe: (read, write).
+fn pipe() -> Result<(std::fs::File, std::fs::File), SuperviseError> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(last("pipe2"));
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe {
+        (
+            std::fs::File::from(OwnedFd::from_raw_fd(fds[0])),
+            std::fs::File::from(OwnedFd::from_raw_fd(fds[1])),
+        )
+    })
+}
+
+fn signal_set(sigs: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set they are given.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in sigs {
+            libc::sigaddset(&mut set, *s);
+        }
+        set
+    }
+}
+
+/// How skiff ended, as an exit code: its own, or 128+N for signal N.
+fn exit_code(status: libc::c_int) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        1
+    }
+}
+
+/// Detaches (--daemonize): the foreground process waits for a line from the supervisor
+/// (the pids, or the error) and exits with it; the supervisor continues in a new session
+/// with stdio on /dev/null. Returns the pipe to write that line to, in the supervisor.
+fn daemonize() -> Result<std::fs::File, SuperviseError> {
+    let (mut r, w) = pipe()?;
+    // SAFETY: skiff-jailer is single-threaded; both sides continue with ordinary code.
+    match unsafe { libc::fork() } {
+        -1 => Err(last("fork (--daemonize)")),
+        0 => {
+            drop(r);
+            // SAFETY: setsid, open and dup2 on fds this process owns.
+            unsafe {
+                if libc::setsid() < 0 {
+                    return Err(last("setsid"));
+                }
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+                if null < 0 {
+                    return Err(last("open /dev/null"));
+                }
+                for fd in 0..3 {
+                    libc::dup2(null, fd);
+                }
+                libc::close(null);
+            }
+            Ok(w)
+        }
+        _ => {
+            drop(w);
+            let mut said = String::new();
+            let _ = r.read_to_string(&mut said);
+            let code = if let Some(err) = said.strip_prefix("error: ") {
+                eprint!("skiff-jailer: {err}");
+                1
+            } else if said.is_empty() {
+                eprintln!("skiff-jailer: the supervisor ended without starting skiff");
+                1
+            } else {
+                print!("{said}");
+                0
+            };
+            let _ = std::io::stdout().flush();
+            // SAFETY: _exit ends this process only; nothing of it needs unwinding.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+/// Starts skiff in `cell` and `cgroup`, waits for it, removes both (unless --keep-cell).
+/// Returns skiff's exit code.
+pub fn run(
+    plan: &Plan,
+    mut cell: Cell,
+    mut cgroup: Cgroup,
+    started: Instant,
+) -> Result<i32, SuperviseError> {
+    let result = supervise(plan, &cell, &cgroup, started);
+    if plan.keep_cell {
+        eprintln!(
+            "skiff-jailer: kept the cell {} and the cgroup {} (--keep-cell)",
+            cell.dir.display(),
+            cgroup.path.display()
+        );
+    } else {
+        if let Err(e) = cgroup.remove() {
+            eprintln!("skiff-jailer: {}", crate::chain(&e));
+        }
+        if let Err(e) = cell.remove() {
+            eprintln!("skiff-jailer: {}", crate::chain(&e));
+        }
+    }
+    result
+}
+
+fn supervise(
+    plan: &Plan,
+    cell: &Cell,
+    cgroup: &Cgroup,
+    started: Instant,
+) -> Result<i32, SuperviseError> {
+    let mut report = if plan.daemonize {
+        Some(daemonize()?)
+    } else {
+        None
+    };
+    let fail = |report: &mut Option<std::fs::File>, e: SuperviseError| {
+        if let Some(w) = report.as_mut() {
+            let _ = writeln!(w, "error: {}", crate::chain(&e));
+        }
+        e
+    };
+    // Blocked here, read with sigwaitinfo below; unblocked in the child before exec.
+    let waited = signal_set(&[FORWARDED, &[libc::SIGCHLD]].concat());
+    // SAFETY: `waited` is an initialised set.
+    if unsafe { libc::sigprocmask(libc::SIG_BLOCK, &waited, std::ptr::null_mut()) } != 0 {
+        return Err(fail(&mut report, last("sigprocmask")));
+    }
+    if plan.new_pid_ns {
+        // Children from now on start a new PID namespace; skiff is its PID 1.
+        // SAFETY: unshare has no memory-safety preconditions.
+        if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+            return Err(fail(&mut report, last("unshare(CLONE_NEWPID)")));
+        }
+    }
+    let (mut status_r, mut status_w) = pipe().map_err(|e| fail(&mut report, e))?;
+    let procs = cgroup.procs();
+    // SAFETY: skiff-jailer is single-threaded, so the child may run ordinary code until exec.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(fail(&mut report, last("fork")));
+    }
+    if pid == 0 {
+        drop(status_r);
+        let err = jail::enter(plan, &cell.root, &procs, plan.netns.as_ref());
+        let _ = write!(status_w, "{}", crate::chain(&err));
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(126) };
+    }
+    drop(status_w);
+    // EOF without a word: exec succeeded (the pipe was close-on-exec).
+    let mut why = String::new();
+    let _ = status_r.read_to_string(&mut why);
+    if !why.is_empty() {
+        let mut st = 0;
+        // SAFETY: reaps our own child.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+        return Err(fail(&mut report, SuperviseError::Child(why)));
+    }
+    let _ = std::fs::write(
+        cell.root.join(format!("{}.pid", plan.exec_name)),
+        format!("{pid}\n"),
+    );
+    let line = format!(
+        "skiff-jailer: VM {} runs: skiff pid {pid}, supervisor pid {}, cell {}, cgroup {}, set up in {} us\n",
+        plan.id,
+        std::process::id(),
+        cell.root.display(),
+        cgroup.path.display(),
+        started.elapsed().as_micros()
+    );
+    match report.as_mut() {
+        Some(w) => {
+            let _ = w.write_all(line.as_bytes());
+        }
+        None => eprint!("{line}"),
+    }
+    drop(report);
+    loop {
+        let mut info: libc::siginfo_t = unsafe_zeroed_siginfo();
+        // SAFETY: `waited` is initialised; `info` is a valid out-parameter.
+        let sig = unsafe { libc::sigwaitinfo(&waited, &mut info) };
+        if sig < 0 {
+            continue; // EINTR
+        }
+        if sig == libc::SIGCHLD {
+            let mut st = 0;
+            // SAFETY: reaps our own child without blocking.
+            let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+            if r == pid {
+                return Ok(exit_code(st));
+            }
+        } else {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+}
+
+fn unsafe_zeroed_siginfo() -> libc::siginfo_t {
+    // SAFETY: siginfo_t is plain data for which all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}
