@@ -13,6 +13,9 @@ use api_server::client::{ApiClient, ClientError};
 use api_server::models::BootSource;
 use tests::{ensure, Result, TestDir};
 
+mod guest;
+pub use guest::*;
+
 /// The unprivileged ids the tests jail skiff as.
 pub const UID: u32 = 10_000;
 pub const GID: u32 = 10_000;

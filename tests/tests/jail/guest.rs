@@ -1,0 +1,242 @@
+//! A guest booted through skiff-jailer: block and network I/O, both device processes
+//! upgraded and each killed once, every process confined throughout, nothing left after.
+
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use api_server::client::ApiClient;
+use api_server::models::{
+    ActionType, BootSource, Drive, MachineConfig, NetworkInterface, VmUpgrade,
+};
+use tests::{ensure, host, Result, TestDir, TestVm, DEFAULT_BOOT_ARGS};
+
+use super::super::{BOOT, CMD, EXIT, MIB};
+use super::{
+    check_confined, controller_file, nothing_left, some_controller, wait_socket, Jail, ParentCgroup,
+};
+
+/// Every device process: (id, pid).
+fn devices(api: &mut ApiClient) -> Result<Vec<(String, u32)>> {
+    api.skiff_devices()
+        .map_err(|e| e.to_string())?
+        .devices
+        .into_iter()
+        .map(|d| {
+            Ok((
+                d.id.clone(),
+                d.pid.ok_or(format!("device '{}' has no process", d.id))?,
+            ))
+        })
+        .collect()
+}
+
+/// The guest writes a pattern to the data drive and reads it back; pings the host's TAP end.
+fn guest_io(vm: &mut TestVm, round: u32) -> Result {
+    let out = vm.run_ok(
+        &format!(
+            "dd if=/dev/urandom of=/tmp/p bs=64k count=16 2>/dev/null && dd if=/tmp/p of=/dev/vdb bs=64k seek={round} count=16 conv=fsync 2>/dev/null && \
+             a=$(sha256sum < /tmp/p) && b=$(dd if=/dev/vdb bs=64k skip={round} count=16 2>/dev/null | sha256sum) && [ \"$a\" = \"$b\" ] && echo BLK-OK; \
+             ping -c 2 -W 5 172.31.7.1 >/dev/null && echo PING-OK"
+        ),
+        CMD,
+    )?;
+    ensure!(
+        out.contains("BLK-OK") && out.contains("PING-OK"),
+        "round {round}: the guest said {out:?}"
+    );
+    Ok(())
+}
+
+fn confined_all(
+    api: &mut ApiClient,
+    skiff: u32,
+    cell: &std::path::Path,
+    cgroup: &str,
+) -> Result<Vec<(String, u32)>> {
+    check_confined(skiff, "skiff", cell, cgroup)?;
+    let devs = devices(api)?;
+    for (id, pid) in &devs {
+        check_confined(*pid, &format!("device '{id}'"), cell, cgroup)?;
+    }
+    Ok(devs)
+}
+
+pub fn jailed_guest_boots_upgrades_and_recovers() -> Result {
+    let dir = TestDir::new("jailed")?;
+    let parent = ParentCgroup::new("guest");
+    let base = dir.join("base");
+    // Staged by hard link: on the same filesystem as the cells.
+    let rootfs = dir.copy_rootfs()?;
+    let kernel = dir.join("vmlinux");
+    std::fs::copy(tests::guest_artifacts()?.vmlinux(), &kernel).map_err(|e| e.to_string())?;
+    let data = dir.sparse_image("data.img", 16 * MIB)?;
+    let tap_name = format!("skj{}n", std::process::id() % 100_000);
+    let tap = host::Tap::create(&tap_name, "172.31.7.1/24")?;
+    // This test thread's private network namespace (the TAP is in it).
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    let netns = format!("/proc/{}/task/{tid}/ns/net", std::process::id());
+    let controller = some_controller()?;
+    let (file, value) = controller_file(&controller);
+    let id = "jailed-guest";
+    let mut jl = Jail::new(&base, id, &parent.0)?;
+    jl.extra = vec![
+        "--netns".into(),
+        netns,
+        "--cgroup".into(),
+        format!("{file}={value}"),
+        "--stage".into(),
+        format!("{}:/images/vmlinux", kernel.display()),
+        "--stage".into(),
+        format!("{}:/images/rootfs.ext4:rw", rootfs.display()),
+        "--stage".into(),
+        format!("{}:/images/data.img:rw", data.display()),
+    ];
+    jl.skiff = vec!["--api-sock".into(), "/run/api.sock".into()];
+    let mut vm = TestVm::spawn("skiff-jailer", jl.command()?)?;
+    let cell = base.join("skiff").join(id).join("root");
+    let mut api = wait_socket(&cell.join("run/api.sock"), "jailed skiff")
+        .map_err(|e| format!("{e}{}", vm.diagnostics()))?;
+    let skiff: u32 = std::fs::read_to_string(cell.join("skiff.pid"))
+        .map_err(|e| e.to_string())?
+        .trim()
+        .parse()
+        .map_err(|e| format!("skiff.pid: {e}"))?;
+    api.put_machine_config(&MachineConfig {
+        vcpu_count: 1,
+        mem_size_mib: 256,
+        ..Default::default()
+    })
+    .map_err(|e| format!("PUT /machine-config: {e}"))?;
+    api.put_boot_source(&BootSource {
+        kernel_image_path: "/images/vmlinux".into(),
+        boot_args: Some(format!(
+            "{DEFAULT_BOOT_ARGS} ip=172.31.7.2::172.31.7.1:255.255.255.0::eth0:off"
+        )),
+        initrd_path: None,
+    })
+    .map_err(|e| format!("PUT /boot-source: {e}"))?;
+    for (drive, path, root) in [
+        ("rootfs", "/images/rootfs.ext4", true),
+        ("data", "/images/data.img", false),
+    ] {
+        api.put_drive(&Drive {
+            drive_id: drive.into(),
+            path_on_host: Some(path.into()),
+            is_root_device: root,
+            is_read_only: Some(false),
+            ..Default::default()
+        })
+        .map_err(|e| format!("PUT /drives/{drive}: {e}"))?;
+    }
+    api.put_network_interface(&NetworkInterface {
+        iface_id: "eth0".into(),
+        host_dev_name: tap.name.clone(),
+        ..Default::default()
+    })
+    .map_err(|e| format!("PUT /network-interfaces/eth0: {e}"))?;
+    api.action(ActionType::InstanceStart)
+        .map_err(|e| format!("InstanceStart: {e}{}", vm.diagnostics()))?;
+    vm.wait_ready(BOOT)?;
+    let cgroup = format!("{}/{id}", parent.0);
+    let first = confined_all(&mut api, skiff, &cell, &cgroup)?;
+    ensure!(first.len() == 3, "want 3 device processes, got {first:?}");
+    guest_io(&mut vm, 0)?;
+
+    // Upgrades inside the cell: the new processes are as confined as the old.
+    let reports = api
+        .upgrade_all(&VmUpgrade::default())
+        .map_err(|e| format!("PUT /skiff/upgrade: {e}{}", vm.diagnostics()))?;
+    println!("upgrades in the cell: {reports:?}");
+    let upgraded = confined_all(&mut api, skiff, &cell, &cgroup)?;
+    for ((id, old), (_, new)) in first.iter().zip(&upgraded) {
+        ensure!(
+            old != new,
+            "device '{id}' kept pid {old} through its upgrade"
+        );
+    }
+    guest_io(&mut vm, 16)?;
+
+    // A crash of each: restarted in the cell.
+    for (i, (id, pid)) in upgraded.iter().enumerate() {
+        // SAFETY: kill(2) on a pid the VMM reported.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = devices(&mut api)?;
+            if now.get(i).is_some_and(|(_, p)| p != pid) {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "device '{id}' was not restarted after kill -9"
+            );
+        }
+    }
+    confined_all(&mut api, skiff, &cell, &cgroup)?;
+    guest_io(&mut vm, 32)?;
+
+    // The VM's cgroup holds exactly skiff and its device processes (old ones that were
+    // replaced or killed may take a moment to be reaped), besides the kernel threads KVM
+    // attaches to the VM's cgroup (kvm-nx-lpage-recovery).
+    let procs_file = super::cgroup_root()?.join(&cgroup).join("cgroup.procs");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut want: Vec<u32> = devices(&mut api)?.into_iter().map(|(_, p)| p).collect();
+        want.push(skiff);
+        want.sort_unstable();
+        let mut got: Vec<u32> = std::fs::read_to_string(&procs_file)
+            .map_err(|e| e.to_string())?
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .filter(|p| host::read_stat(&format!("/proc/{p}/stat")).is_none_or(|s| s.ppid != 2))
+            .collect();
+        got.sort_unstable();
+        if got == want {
+            break;
+        }
+        let named: Vec<String> = got
+            .iter()
+            .map(|p| {
+                let st = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+                let f = |k: &str| {
+                    st.lines()
+                        .find(|l| l.starts_with(k))
+                        .unwrap_or("")
+                        .to_string()
+                };
+                format!(
+                    "{p} {} [{} {} {}]",
+                    std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                        .unwrap_or_default()
+                        .replace('\0', " "),
+                    f("Name:"),
+                    f("State:"),
+                    f("PPid:")
+                )
+            })
+            .collect();
+        ensure!(
+            Instant::now() < deadline,
+            "the VM's cgroup holds {named:?}, want skiff and its device processes {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    vm.send("reboot -f\n")?;
+    let status = vm.wait_exit(EXIT)?;
+    ensure!(
+        status.code() == Some(0),
+        "skiff-jailer ended with {status}{}",
+        vm.diagnostics()
+    );
+    nothing_left(&base, id, &parent.0)?;
+    let meta = std::fs::metadata(&rootfs).map_err(|e| e.to_string())?;
+    ensure!(
+        meta.uid() == 0,
+        "the staged rootfs was not given back to root: uid {}",
+        meta.uid()
+    );
+    Ok(())
+}
