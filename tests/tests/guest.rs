@@ -74,6 +74,7 @@ fn main() {
         Guest false upgrade_failures_keep_old_process,
         Guest true device_processes_hold_only_their_fds,
         Guest true hostile_guest_gets_nowhere,
+        Guest true jailed_guest_boots_upgrades_and_recovers,
         Soak false crash_blk_20_kills_under_fio,
         Guest false crash_blk_3_kills_under_dd,
         Guest true crash_net_5_kills_under_tcp,
