@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 starts=${1:-20}
 requests=${2:-10000}
-cargo build --release -p vmm -p tools --bins
+cargo build --release -p vmm -p devices -p jailer -p tools --bins
 bin=${CARGO_TARGET_DIR:-target}/release
 out=${CARGO_TARGET_DIR:-target}
 "$bin/apibench" --skiff "$bin/skiff" --starts "$starts" --requests "$requests" --fresh 1000 \

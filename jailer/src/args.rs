@@ -97,7 +97,7 @@ pub struct Args {
     /// Keep the cell and the cgroup when the VM ends, for inspection.
     #[arg(long)]
     pub keep_cell: bool,
-    /// skiff's own arguments, after `--` (skiff-jailer adds --id).
+    /// skiff's own arguments, after `--` (skiff-jailer appends --id <id>).
     #[arg(last = true, value_name = "SKIFF ARGS")]
     pub skiff_args: Vec<OsString>,
 }

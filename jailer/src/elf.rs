@@ -16,9 +16,8 @@ const LIB_DIRS: &[&str] = &[
     "/lib",
     "/usr/lib",
 ];
-/// Bounds against a hostile or broken file: the most libraries followed, the largest file read.
+/// Bound against a hostile or broken file: the most libraries followed.
 const MAX_LIBS: usize = 64;
-const MAX_FILE: u64 = 512 << 20;
 
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
@@ -40,36 +39,78 @@ pub enum ElfError {
     TooMany(PathBuf),
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(
-        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
-    ))
+/// Reads at offsets of an ELF file (or of a byte slice, for tests): only the headers, the
+/// dynamic section and the names are read, never the whole file.
+trait At {
+    fn bytes(&self, at: u64, len: usize) -> Option<Vec<u8>>;
 }
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(
-        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
-    ))
+
+impl At for [u8] {
+    fn bytes(&self, at: u64, len: usize) -> Option<Vec<u8>> {
+        let at = usize::try_from(at).ok()?;
+        self.get(at..at.checked_add(len)?).map(<[u8]>::to_vec)
+    }
 }
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(
-        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
-    ))
+
+impl At for std::fs::File {
+    fn bytes(&self, at: u64, len: usize) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut v = vec![0u8; len];
+        self.read_exact_at(&mut v, at).ok()?;
+        Some(v)
+    }
 }
-fn cstr_at(b: &[u8], at: usize) -> Option<String> {
-    let s = b.get(at..)?;
-    let end = s.iter().position(|&c| c == 0)?;
-    String::from_utf8(s[..end].to_vec()).ok()
+
+fn u16_at(b: &(impl At + ?Sized), at: u64) -> Option<u16> {
+    Some(u16::from_le_bytes(b.bytes(at, 2)?.try_into().ok()?))
+}
+fn u32_at(b: &(impl At + ?Sized), at: u64) -> Option<u32> {
+    Some(u32::from_le_bytes(b.bytes(at, 4)?.try_into().ok()?))
+}
+fn u64_at(b: &(impl At + ?Sized), at: u64) -> Option<u64> {
+    Some(u64::from_le_bytes(b.bytes(at, 8)?.try_into().ok()?))
+}
+/// A NUL-terminated name of at most 255 bytes at `at`.
+fn cstr_at(b: &(impl At + ?Sized), at: u64) -> Option<String> {
+    let mut v = Vec::new();
+    for chunk in 0..4u64 {
+        let piece = b
+            .bytes(at.checked_add(chunk * 64)?, 64)
+            .or_else(|| b.bytes(at.checked_add(chunk * 64)?, 1))?;
+        if let Some(end) = piece.iter().position(|&c| c == 0) {
+            v.extend_from_slice(&piece[..end]);
+            return String::from_utf8(v).ok();
+        }
+        if piece.len() < 64 {
+            // Near the end of the file: byte by byte.
+            let mut at = at.checked_add(chunk * 64)?;
+            loop {
+                let c = *b.bytes(at, 1)?.first()?;
+                if c == 0 {
+                    return String::from_utf8(v).ok();
+                }
+                v.push(c);
+                if v.len() > 255 {
+                    return None;
+                }
+                at += 1;
+            }
+        }
+        v.extend_from_slice(&piece);
+    }
+    None
 }
 
 /// The interpreter and the DT_NEEDED names of one ELF64 little-endian file.
-fn needs_of(b: &[u8]) -> Result<(Option<String>, Vec<String>), &'static str> {
-    if b.get(0..4) != Some(b"\x7fELF") || b.get(4) != Some(&2) || b.get(5) != Some(&1) {
+fn needs_of(b: &(impl At + ?Sized)) -> Result<(Option<String>, Vec<String>), &'static str> {
+    let ident = b.bytes(0, 6).ok_or("not a 64-bit little-endian ELF file")?;
+    if ident[..4] != *b"\x7fELF" || ident[4] != 2 || ident[5] != 1 {
         return Err("not a 64-bit little-endian ELF file");
     }
     let bad = "truncated or inconsistent ELF headers";
-    let phoff = u64_at(b, 0x20).ok_or(bad)? as usize;
-    let phentsize = u16_at(b, 0x36).ok_or(bad)? as usize;
-    let phnum = u16_at(b, 0x38).ok_or(bad)? as usize;
+    let phoff = u64_at(b, 0x20).ok_or(bad)?;
+    let phentsize = u64::from(u16_at(b, 0x36).ok_or(bad)?);
+    let phnum = u64::from(u16_at(b, 0x38).ok_or(bad)?);
     if phentsize < 56 {
         return Err(bad);
     }
@@ -77,16 +118,13 @@ fn needs_of(b: &[u8]) -> Result<(Option<String>, Vec<String>), &'static str> {
     let mut dynamic = None;
     let mut loads = Vec::new();
     for i in 0..phnum {
-        let p = phoff
-            .checked_add(i.checked_mul(phentsize).ok_or(bad)?)
-            .ok_or(bad)?;
+        let p = phoff.checked_add(i * phentsize).ok_or(bad)?;
+        let field = |off: u64| p.checked_add(off).and_then(|at| u64_at(b, at)).ok_or(bad);
         let kind = u32_at(b, p).ok_or(bad)?;
-        let offset = u64_at(b, p.checked_add(8).ok_or(bad)?).ok_or(bad)?;
-        let vaddr = u64_at(b, p.checked_add(16).ok_or(bad)?).ok_or(bad)?;
-        let filesz = u64_at(b, p.checked_add(32).ok_or(bad)?).ok_or(bad)?;
+        let (offset, vaddr, filesz) = (field(8)?, field(16)?, field(32)?);
         match kind {
-            PT_INTERP => interp = Some(cstr_at(b, offset as usize).ok_or(bad)?),
-            PT_DYNAMIC => dynamic = Some((offset as usize, filesz as usize)),
+            PT_INTERP => interp = Some(cstr_at(b, offset).ok_or(bad)?),
+            PT_DYNAMIC => dynamic = Some((offset, filesz)),
             PT_LOAD => loads.push((vaddr, offset, filesz)),
             _ => {}
         }
@@ -97,7 +135,8 @@ fn needs_of(b: &[u8]) -> Result<(Option<String>, Vec<String>), &'static str> {
     let mut strtab = None;
     let mut needed = Vec::new();
     let mut at = dyn_off;
-    while at.saturating_add(16) <= dyn_off.saturating_add(dyn_len) {
+    // At most 4096 entries: a dynamic section is a few dozen.
+    while at.saturating_add(16) <= dyn_off.saturating_add(dyn_len.min(4096 * 16)) {
         let tag = u64_at(b, at).ok_or(bad)?;
         let val = u64_at(b, at.saturating_add(8)).ok_or(bad)?;
         match tag {
@@ -117,24 +156,17 @@ fn needs_of(b: &[u8]) -> Result<(Option<String>, Vec<String>), &'static str> {
         .iter()
         .find(|(v, _, sz)| strtab >= *v && strtab < v.saturating_add(*sz))
         .ok_or(bad)?;
-    let base = (strtab - vaddr).checked_add(*offset).ok_or(bad)? as usize;
+    let base = (strtab - vaddr).checked_add(*offset).ok_or(bad)?;
     let names = needed
         .iter()
-        .map(|n| cstr_at(b, base.checked_add(*n as usize)?))
+        .map(|n| cstr_at(b, base.checked_add(*n)?))
         .collect::<Option<Vec<_>>>()
         .ok_or(bad)?;
     Ok((interp, names))
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, ElfError> {
-    let meta = std::fs::metadata(path).map_err(|e| ElfError::Read(path.to_path_buf(), e))?;
-    if meta.len() > MAX_FILE {
-        return Err(ElfError::Malformed {
-            path: path.to_path_buf(),
-            why: "larger than 512 MiB",
-        });
-    }
-    std::fs::read(path).map_err(|e| ElfError::Read(path.to_path_buf(), e))
+fn open(path: &Path) -> Result<std::fs::File, ElfError> {
+    std::fs::File::open(path).map_err(|e| ElfError::Read(path.to_path_buf(), e))
 }
 
 /// Every file (absolute host paths, the same paths inside the cell) that `binaries` need to
@@ -150,8 +182,8 @@ pub fn runtime_files(binaries: &[PathBuf]) -> Result<BTreeSet<PathBuf>, ElfError
         if seen.len() > MAX_LIBS {
             return Err(ElfError::TooMany(path));
         }
-        let bytes = read(&path)?;
-        let (interp, needed) = needs_of(&bytes).map_err(|why| ElfError::Malformed {
+        let file = open(&path)?;
+        let (interp, needed) = needs_of(&file).map_err(|why| ElfError::Malformed {
             path: path.clone(),
             why,
         })?;
@@ -206,12 +238,12 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_not_followed() {
-        assert!(needs_of(b"not an elf").is_err());
-        let mut b = vec![0u8; 64];
+        assert!(needs_of(&b"not an elf"[..]).is_err());
+        let mut b = [0u8; 64];
         b[..6].copy_from_slice(b"\x7fELF\x02\x01");
         b[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
         b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
         b[0x38..0x3a].copy_from_slice(&3u16.to_le_bytes());
-        assert!(needs_of(&b).is_err());
+        assert!(needs_of(&b[..]).is_err());
     }
 }

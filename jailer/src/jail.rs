@@ -121,7 +121,12 @@ fn rlimit(
 }
 
 /// Everything but exec; then exec. Returns only on failure.
-pub fn enter(plan: &Plan, root: &Path, cgroup_procs: &Path, netns: Option<&OwnedFd>) -> JailError {
+pub fn enter(
+    plan: &Plan,
+    root: &Path,
+    cgroup_procs: Option<&Path>,
+    netns: Option<&OwnedFd>,
+) -> JailError {
     match steps(plan, root, cgroup_procs, netns) {
         Ok(never) => match never {},
         Err(e) => e,
@@ -131,13 +136,16 @@ pub fn enter(plan: &Plan, root: &Path, cgroup_procs: &Path, netns: Option<&Owned
 fn steps(
     plan: &Plan,
     root: &Path,
-    cgroup_procs: &Path,
+    cgroup_procs: Option<&Path>,
     netns: Option<&OwnedFd>,
 ) -> Result<std::convert::Infallible, JailError> {
-    std::fs::write(cgroup_procs, "0").map_err(|source| JailError::Cgroup {
-        path: cgroup_procs.display().to_string(),
-        source,
-    })?;
+    // (Only where clone3 could not start this process in the cgroup.)
+    if let Some(procs) = cgroup_procs {
+        std::fs::write(procs, "0").map_err(|source| JailError::Cgroup {
+            path: procs.display().to_string(),
+            source,
+        })?;
+    }
     if let Some(fd) = netns {
         // SAFETY: `fd` is an open network-namespace fd.
         let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -156,14 +164,13 @@ fn steps(
         rlimit("setrlimit(RLIMIT_FSIZE)", libc::RLIMIT_FSIZE, n)?;
     }
     let exe = cstr(format!("/bin/{}", plan.exec_name))?;
-    let mut argv = vec![
-        cstr(plan.exec_name.clone())?,
-        cstr("--id")?,
-        cstr(plan.id.clone())?,
-    ];
+    // `--id` last: skiff's global flags go after a subcommand (`skiff run ... --id ID`).
+    let mut argv = vec![cstr(plan.exec_name.clone())?];
     for a in &plan.skiff_args {
         argv.push(cstr(a.clone())?);
     }
+    argv.push(cstr("--id")?);
+    argv.push(cstr(plan.id.clone())?);
     let mut argp: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argp.push(std::ptr::null());
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];

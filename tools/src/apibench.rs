@@ -47,6 +47,10 @@ struct Args {
     /// Firecracker binary (default: `firecracker` on PATH, skipped when absent).
     #[arg(long, value_name = "PATH")]
     firecracker: Option<PathBuf>,
+    /// skiff-jailer binary: skiff is also measured started through it (default:
+    /// `skiff-jailer` beside skiff; needs root, skipped otherwise).
+    #[arg(long, value_name = "PATH")]
+    jailer: Option<PathBuf>,
     /// Process starts per monitor.
     #[arg(long, default_value_t = 20)]
     starts: usize,
@@ -150,6 +154,15 @@ impl Monitor {
     }
 }
 
+impl Monitor {
+    /// SIGTERM and wait: lets skiff-jailer remove the cell before the next start.
+    fn terminate(mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Monitor {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -159,6 +172,14 @@ impl Drop for Monitor {
 
 /// How to start one kind of monitor and talk to it.
 trait Protocol {
+    /// Where start `tag` serves its control API.
+    fn socket(&self, dir: &Path, tag: &str) -> PathBuf {
+        dir.join(format!("{tag}.sock"))
+    }
+    /// Ends with SIGTERM and a wait, not SIGKILL.
+    fn graceful(&self) -> bool {
+        false
+    }
     /// The command that serves the control API on `socket`.
     fn command(&self, socket: &Path) -> Command;
     /// Connected and ready for requests; the first answer came back.
@@ -241,12 +262,22 @@ impl Protocol for Http {
         c
     }
 
-    fn first_answer(&self, _stream: UnixStream, socket: &Path) -> Result<(), String> {
+    fn first_answer(&self, stream: UnixStream, socket: &Path) -> Result<(), String> {
+        Http::first_answer_of(stream, socket)
+    }
+
+    fn series(&self, socket: &Path, a: &Args, r: &mut Report) -> Result<(), String> {
+        Http::series_of(socket, a, r)
+    }
+}
+
+impl Http {
+    fn first_answer_of(_stream: UnixStream, socket: &Path) -> Result<(), String> {
         let mut c = ApiClient::new(socket).with_timeout(IO_LIMIT);
         http_get(&mut c, 0)
     }
 
-    fn series(&self, socket: &Path, a: &Args, r: &mut Report) -> Result<(), String> {
+    fn series_of(socket: &Path, a: &Args, r: &mut Report) -> Result<(), String> {
         let mut c = ApiClient::connect_timeout(socket, START_LIMIT)
             .map_err(|e| e.to_string())?
             .with_timeout(IO_LIMIT);
@@ -386,25 +417,78 @@ fn measure(
     let mut accept = Vec::new();
     let mut answer = Vec::new();
     for i in 0..a.starts {
-        let socket = dir.join(format!("{name}-{i}.sock"));
+        let socket = p.socket(dir, &format!("{name}-{i}"));
         let t = Instant::now();
         let mut m = Monitor::spawn(&mut p.command(&socket))?;
         let stream = m.wait_accept(&socket)?;
         accept.push(t.elapsed());
         p.first_answer(stream, &socket)?;
         answer.push(t.elapsed());
-        drop(m);
+        end(p, m);
         let _ = std::fs::remove_file(&socket);
     }
     r.start_accept = Stats::of(&accept);
     r.start_answer = Stats::of(&answer);
-    let socket = dir.join(format!("{name}-series.sock"));
+    let socket = p.socket(dir, &format!("{name}-series"));
     let mut m = Monitor::spawn(&mut p.command(&socket))?;
     drop(m.wait_accept(&socket)?);
     p.series(&socket, a, r)?;
-    drop(m);
+    end(p, m);
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+fn end(p: &dyn Protocol, m: Monitor) {
+    if p.graceful() {
+        m.terminate();
+    }
+}
+
+/// skiff started through skiff-jailer (a cell per start under `base`, uid/gid 10000).
+struct Jailed {
+    jailer: PathBuf,
+    skiff: PathBuf,
+    base: PathBuf,
+}
+
+impl Protocol for Jailed {
+    fn socket(&self, _dir: &Path, tag: &str) -> PathBuf {
+        self.base.join("skiff").join(tag).join("root/run/api.sock")
+    }
+    fn graceful(&self) -> bool {
+        true
+    }
+    fn command(&self, socket: &Path) -> Command {
+        // <base>/skiff/<id>/root/run/api.sock
+        let id = socket
+            .ancestors()
+            .nth(3)
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut c = Command::new(&self.jailer);
+        c.args([
+            "--id",
+            &id,
+            "--uid",
+            "10000",
+            "--gid",
+            "10000",
+            "--exec-file",
+        ])
+        .arg(&self.skiff)
+        .arg("--chroot-base-dir")
+        .arg(&self.base)
+        .args(["--parent-cgroup", "skiff-apibench", "--"])
+        .args(["--api-sock", "/run/api.sock", "--console", "none"]);
+        c
+    }
+    fn first_answer(&self, stream: UnixStream, socket: &Path) -> Result<(), String> {
+        Http::first_answer_of(stream, socket)
+    }
+    fn series(&self, socket: &Path, a: &Args, r: &mut Report) -> Result<(), String> {
+        Http::series_of(socket, a, r)
+    }
 }
 
 /// The host's floor: a 64-byte ping-pong over a Unix socket pair between two threads,
@@ -486,6 +570,12 @@ fn main() {
             .unwrap_or_else(|| PathBuf::from("target/release/skiff"))
     });
     let firecracker = a.firecracker.clone().or_else(|| on_path("firecracker"));
+    let jailer = a
+        .jailer
+        .clone()
+        .unwrap_or_else(|| skiff.with_file_name("skiff-jailer"));
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     let host = host_description();
     println!(
         "apibench: measured on this machine (outer host, native speed; {} CPUs, {}, kernel {}, /dev/kvm: {}).",
@@ -501,7 +591,7 @@ fn main() {
         (
             "skiff",
             Box::new(Http {
-                binary: skiff,
+                binary: skiff.clone(),
                 extra: &["--console", "none"],
             }),
             "GET /",
@@ -527,6 +617,23 @@ fn main() {
             "PUT /machine-config",
         )),
         None => println!("firecracker: not installed (no `firecracker` on PATH)"),
+    }
+    if root && jailer.is_file() {
+        monitors.push((
+            "skiff-jailed",
+            Box::new(Jailed {
+                jailer: jailer.clone(),
+                skiff: skiff.clone(),
+                base: dir.join("cells"),
+            }),
+            "GET /",
+            "PUT /machine-config",
+        ));
+    } else {
+        println!(
+            "skiff-jailed: skipped (needs root and {})",
+            jailer.display()
+        );
     }
 
     let floor = host_floor(&a).unwrap_or_else(|e| {
@@ -571,6 +678,21 @@ fn main() {
     for (name, r) in &results {
         println!("{name}: read = {}, write = {}", r.read, r.write);
     }
+    let jailed = results
+        .iter()
+        .find(|(n, _)| *n == "skiff-jailed")
+        .map(|(_, r)| r);
+    let plain = results.first().map(|(_, r)| r);
+    let mut jail_ratios = json!({});
+    if let (Some(j), Some(s)) = (jailed, plain) {
+        println!("skiff-jailer's cost (skiff-jailed/skiff, p50, p99):");
+        for (key, label, get) in ROWS {
+            if let Some((r50, r99)) = ratio(get(j), get(s)) {
+                println!("  {label:24}  {r50:.2}, {r99:.2}");
+                jail_ratios[*key] = json!({"p50": round2(r50), "p99": round2(r99)});
+            }
+        }
+    }
     println!(
         "host floor (64-byte ping-pong over a Unix socket pair, two threads): {}",
         cell(floor, true)
@@ -608,6 +730,7 @@ fn main() {
         "host_floor_unix_pingpong": floor.map_or(Value::Null, |s| s.json()),
         "monitors": json_monitors,
         "ratios_skiff_over_qemu": ratios,
+        "ratios_jailed_over_skiff": jail_ratios,
         "firecracker": firecracker.map_or(Value::from("not installed"), |p| Value::from(p.display().to_string())),
     });
     if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {

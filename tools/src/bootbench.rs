@@ -25,6 +25,8 @@ struct Args {
     vcpus: u32,
     memory: u64,
     skiff: PathBuf,
+    /// skiff-jailer: a third row, skiff started through it (needs root).
+    jailer: Option<PathBuf>,
     json: Option<PathBuf>,
 }
 
@@ -36,6 +38,7 @@ fn parse_args() -> Result<Args, String> {
         vcpus: 2,
         memory: 256,
         skiff: PathBuf::from("target/release/skiff"),
+        jailer: None,
         json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -48,9 +51,10 @@ fn parse_args() -> Result<Args, String> {
             "--vcpus" => a.vcpus = v()?.parse().map_err(|e| format!("--vcpus: {e}"))?,
             "--memory" => a.memory = v()?.parse().map_err(|e| format!("--memory: {e}"))?,
             "--skiff" => a.skiff = v()?.into(),
+            "--jailer" => a.jailer = Some(v()?.into()),
             "--json" => a.json = Some(v()?.into()),
             "-h" | "--help" => {
-                return Err("usage: bootbench --kernel PATH --rootfs PATH [--runs N] [--vcpus N] [--memory MiB] [--skiff PATH] [--json FILE]".into())
+                return Err("usage: bootbench --kernel PATH --rootfs PATH [--runs N] [--vcpus N] [--memory MiB] [--skiff PATH] [--jailer PATH] [--json FILE]".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -61,16 +65,22 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Sum of RssAnon + RssFile (KiB) of `pid` and its children.
+/// Sum of RssAnon + RssFile (KiB) of `pid` and all its descendants (skiff-jailer's run:
+/// the jailer, skiff and the device processes).
 fn private_rss_kib(pid: u32) -> u64 {
     let mut total = 0;
     let mut pids = vec![pid];
-    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-        pids.extend(
-            children
-                .split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok()),
-        );
+    let mut i = 0;
+    while i < pids.len() && pids.len() < 64 {
+        let p = pids[i];
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
     }
     for p in pids {
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
@@ -184,6 +194,53 @@ fn skiff_cmd(a: &Args, rootfs: &Path) -> Command {
     c
 }
 
+/// skiff through skiff-jailer: the kernel (a copy beside the rootfs, same filesystem) and the
+/// rootfs staged into a fresh cell under the rootfs's directory, uid/gid 10000.
+fn jailed_cmd(a: &Args, rootfs: &Path) -> Command {
+    let dir = rootfs.parent().unwrap_or(Path::new("/tmp"));
+    let id = rootfs
+        .file_stem()
+        .map(|s| {
+            s.to_string_lossy()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        })
+        .unwrap_or_default();
+    let mut c = Command::new(a.jailer.as_deref().unwrap_or(Path::new("skiff-jailer")));
+    c.args([
+        "--id",
+        &id,
+        "--uid",
+        "10000",
+        "--gid",
+        "10000",
+        "--exec-file",
+    ])
+    .arg(&a.skiff)
+    .arg("--chroot-base-dir")
+    .arg(dir.join("cells"))
+    .args(["--parent-cgroup", "skiff-bootbench", "--stage"])
+    .arg(format!("{}:/images/vmlinux", dir.join("vmlinux").display()))
+    .arg("--stage")
+    .arg(format!("{}:/images/rootfs.ext4:rw", rootfs.display()))
+    .arg("--");
+    c.args([
+        "run",
+        "--kernel",
+        "/images/vmlinux",
+        "--rootfs",
+        "/images/rootfs.ext4",
+    ]);
+    c.args([
+        "--vcpus",
+        &a.vcpus.to_string(),
+        "--memory",
+        &a.memory.to_string(),
+        "--cmdline",
+        "bench=boot",
+    ]);
+    c
+}
+
 fn qemu_cmd(a: &Args, rootfs: &Path) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     let mem = format!("{}M", a.memory);
@@ -250,10 +307,18 @@ fn main() {
         std::process::exit(1);
     }
     let mut results = Vec::new();
-    for (name, build) in [
+    let mut monitors = vec![
         ("skiff", skiff_cmd as fn(&Args, &Path) -> Command),
         ("qemu-microvm", qemu_cmd),
-    ] {
+    ];
+    if a.jailer.is_some() {
+        if let Err(e) = std::fs::copy(&a.kernel, dir.join("vmlinux")) {
+            eprintln!("bootbench: copying the kernel for the jailed runs: {e}");
+            std::process::exit(1);
+        }
+        monitors.push(("skiff-jailed", jailed_cmd));
+    }
+    for (name, build) in monitors {
         let mut runs = Vec::new();
         for i in 0..a.runs {
             // A fresh copy each boot: the guest mounts its root read-write.
@@ -275,13 +340,21 @@ fn main() {
         results.push((name, runs.len(), mb, mm, eb, em, rss));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    if let [s, q] = &results[..] {
+    if let [s, q, rest @ ..] = &results[..] {
         println!(
             "ratio skiff/qemu-microvm: marker median {:.2}, exit median {:.2}, RSS {:.2}",
             s.3 / q.3,
             s.5 / q.5,
             s.6 / q.6
         );
+        if let Some(j) = rest.first() {
+            println!(
+                "ratio skiff-jailed/skiff: marker median {:.2}, exit median {:.2}, RSS {:.2}",
+                j.3 / s.3,
+                j.5 / s.5,
+                j.6 / s.6
+            );
+        }
     }
     if let Some(path) = &a.json {
         let rows: Vec<String> = results
