@@ -418,6 +418,13 @@ pub struct SkiffDevice {
     pub backing: String,
     /// How many times the device process was replaced or restarted.
     pub restarts: u32,
+    /// How many times the device process died and was restarted.
+    #[serde(default)]
+    pub crashes: u32,
+    /// How the device process last died: `exited with status N`, `killed by signal N
+    /// (NAME)`, or `killed by seccomp (SIGSYS)` (a system call its filter forbids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
     /// Whether the guest driver has activated the device.
     pub activated: bool,
 }

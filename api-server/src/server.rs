@@ -170,7 +170,14 @@ pub enum ServerError {
     /// The `skiff-api` thread could not be started.
     #[error("cannot start the skiff-api thread")]
     Spawn(#[source] io::Error),
+    /// The `skiff-api` thread's set-up (its seccomp filter) failed.
+    #[error("cannot set up the skiff-api thread: {0}")]
+    ThreadInit(String),
 }
+
+/// What the `skiff-api` thread runs first, before it accepts a connection (the VMM
+/// installs its seccomp filter there; the connection threads it starts keep it).
+pub type ThreadInit = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 /// One routed request handed to the VMM. The VMM answers on `reply`, exactly once.
 #[derive(Debug)]
@@ -258,6 +265,18 @@ impl ApiServer {
         wake: EventFd,
         metrics: Arc<ApiMetrics>,
     ) -> Result<ApiServerHandle, ServerError> {
+        self.spawn_with_init(to_vmm, wake, metrics, Box::new(|| Ok(())))
+    }
+
+    /// [`ApiServer::spawn`], with `init` run first on the `skiff-api` thread; its error
+    /// stops the thread before it accepts anything and is returned here.
+    pub fn spawn_with_init(
+        self,
+        to_vmm: Sender<ApiCall>,
+        wake: EventFd,
+        metrics: Arc<ApiMetrics>,
+        init: ThreadInit,
+    ) -> Result<ApiServerHandle, ServerError> {
         let identity = fs::metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
         let accept_wake =
             EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(ServerError::WakeEvent)?;
@@ -281,13 +300,30 @@ impl ApiServer {
             path: self.path,
             identity,
         };
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
         match thread::Builder::new()
             .name("skiff-api".into())
-            .spawn(move || accept::accept_loop(listener, ctx, handbacks))
-        {
+            .spawn(move || {
+                let r = init();
+                let ok = r.is_ok();
+                let _ = ready_tx.send(r);
+                if ok {
+                    accept::accept_loop(listener, ctx, handbacks)
+                }
+            }) {
             Ok(t) => {
                 handle.thread = Some(t);
-                Ok(handle)
+                match ready.recv() {
+                    Ok(Ok(())) => Ok(handle),
+                    Ok(Err(e)) => {
+                        handle.stop();
+                        Err(ServerError::ThreadInit(e))
+                    }
+                    Err(_) => {
+                        handle.stop();
+                        Err(ServerError::ThreadInit("the thread ended".into()))
+                    }
+                }
             }
             Err(e) => {
                 handle.stop();

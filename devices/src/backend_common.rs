@@ -3,8 +3,9 @@
 //! GET_VRING_BASE wait for in-flight work, the workers' exit events, and what a worker does
 //! when a ring or the host fails.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use log::{error, warn};
@@ -76,12 +77,19 @@ pub fn worker_exit_event() -> Option<(EventConsumer, EventNotifier)> {
     }
 }
 
+thread_local! {
+    /// Whether this worker thread has installed its seccomp filter.
+    static WORKER_FILTERED: Cell<bool> = const { Cell::new(false) };
+}
+
 /// Backend state common to skiff-blk and skiff-net.
 pub struct BackendCommon {
     mem: Mutex<Mem>,
     event_idx: AtomicBool,
     config: Vec<u8>,
     busy: Vec<AtomicBool>,
+    /// The workers' seccomp filter and its kind, set once before the daemon starts them.
+    worker_filter: OnceLock<(sandbox::ThreadFilters, &'static str)>,
 }
 
 /// Marks a queue busy while it lives (see [`BackendCommon::busy`]).
@@ -103,6 +111,29 @@ impl BackendCommon {
             event_idx: AtomicBool::new(false),
             config,
             busy: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+            worker_filter: OnceLock::new(),
+        }
+    }
+
+    /// The seccomp filter each worker thread installs on its first event (kind `kind`).
+    pub fn set_worker_filter(&self, filters: sandbox::ThreadFilters, kind: &'static str) {
+        let _ = self.worker_filter.set((filters, kind));
+    }
+
+    /// Called first in every `handle_event`: a worker thread that has not installed its
+    /// filter yet does so now, before it touches a ring. The workers are threads of
+    /// vhost-user-backend, which offers no hook at their start; until their first event they
+    /// only wait in epoll, under the main thread's filter, which they keep. A filter that
+    /// cannot be installed ends the process (the VMM restarts it).
+    pub fn enter_worker(&self) {
+        if WORKER_FILTERED.with(Cell::get) {
+            return;
+        }
+        WORKER_FILTERED.with(|f| f.set(true));
+        if let Some((filters, kind)) = self.worker_filter.get() {
+            if let Err(e) = filters.install(kind) {
+                host_fatal(&e);
+            }
         }
     }
 

@@ -65,6 +65,9 @@ pub enum BlockBackendError {
     /// Signalling the guest failed.
     #[error("cannot signal the guest")]
     Signal(#[source] io::Error),
+    /// The seccomp filters cannot be loaded or installed.
+    #[error(transparent)]
+    Seccomp(#[from] sandbox::SandboxError),
 }
 
 /// How the image is given on the command line.
@@ -136,6 +139,9 @@ pub struct BlkArgs {
     /// device and inode numbers).
     #[arg(long)]
     pub serial: Option<String>,
+    /// seccomp: --no-seccomp or --seccomp-filter FILE (default: the built-in filters).
+    #[command(flatten)]
+    pub seccomp: sandbox::SeccompArgs,
 }
 
 impl From<BlkArgs> for BlockOptions {
@@ -157,6 +163,7 @@ impl From<BlkArgs> for BlockOptions {
             num_queues: args.num_queues,
             queue_size: args.queue_size,
             metrics_fd: args.metrics_fd,
+            seccomp: args.seccomp.choice(),
         }
     }
 }
@@ -176,6 +183,8 @@ pub struct BlockOptions {
     pub queue_size: u16,
     /// Inherited metrics page (`--metrics-fd`); counters stay in process memory without it.
     pub metrics_fd: Option<RawFd>,
+    /// Which seccomp filters to install.
+    pub seccomp: sandbox::SeccompChoice,
 }
 
 /// virtio-blk device state shared by all worker threads.
@@ -449,6 +458,7 @@ impl VhostUserBackend for BlockBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         let _ = evset;
+        self.common.enter_worker();
         // One queue per thread: the thread's only vring is event 0; the crate registers no
         // other fd for this backend.
         let Some(vring) = vrings.get(usize::from(device_event)) else {
@@ -541,6 +551,15 @@ pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
         mem.clone(),
         metrics,
     ));
+    // Everything opened: from here on only the vhost-user frontend's messages and the
+    // guest's requests are served. The workers the daemon starts keep this filter and add
+    // their own on their first event, before they touch a ring.
+    let filters =
+        sandbox::ThreadFilters::load(&opts.seccomp, "skiff-blk", sandbox::filters::BLK_KINDS)?;
+    backend
+        .common
+        .set_worker_filter(filters.clone(), "blk_worker");
+    filters.install("blk_main")?;
     let host: Arc<dyn InflightHost> = backend.clone();
     let mut daemon = VhostUserDaemon::new("skiff-blk".to_string(), backend, mem)
         .map_err(|e| BlockBackendError::Daemon(e.to_string()))?;

@@ -66,6 +66,9 @@ pub enum NetBackendError {
     /// Signalling the guest failed.
     #[error("cannot signal the guest")]
     Signal(#[source] io::Error),
+    /// The seccomp filters cannot be loaded or installed.
+    #[error(transparent)]
+    Seccomp(#[from] sandbox::SandboxError),
 }
 
 /// How one TAP (queue pair) is given on the command line.
@@ -143,6 +146,9 @@ pub struct NetArgs {
     /// docs/CONTRACTS.md); without it the counters stay in process memory.
     #[arg(long, value_name = "N")]
     pub metrics_fd: Option<i32>,
+    /// seccomp: --no-seccomp or --seccomp-filter FILE (default: the built-in filters).
+    #[command(flatten)]
+    pub seccomp: sandbox::SeccompArgs,
 }
 
 impl From<NetArgs> for NetOptions {
@@ -158,6 +164,7 @@ impl From<NetArgs> for NetOptions {
             mac: args.mac,
             queue_size: args.queue_size,
             metrics_fd: args.metrics_fd,
+            seccomp: args.seccomp.choice(),
         }
     }
 }
@@ -175,6 +182,8 @@ pub struct NetOptions {
     pub queue_size: u16,
     /// Inherited metrics page (`--metrics-fd`); counters stay in process memory without it.
     pub metrics_fd: Option<RawFd>,
+    /// Which seccomp filters to install.
+    pub seccomp: sandbox::SeccompChoice,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -515,6 +524,7 @@ impl VhostUserBackend for NetBackend {
         vrings: &[NetVring],
         thread_id: usize,
     ) -> io::Result<()> {
+        self.common.enter_worker();
         self.dispatch(device_event, evset, vrings, thread_id);
         Ok(())
     }
@@ -586,6 +596,14 @@ pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
         mem.clone(),
         metrics,
     ));
+    // Everything opened (the TAPs configured): the workers the daemon starts keep this
+    // filter and add their own on their first event.
+    let filters =
+        sandbox::ThreadFilters::load(&opts.seccomp, "skiff-net", sandbox::filters::NET_KINDS)?;
+    backend
+        .common
+        .set_worker_filter(filters.clone(), "net_worker");
+    filters.install("net_main")?;
     let mut daemon = VhostUserDaemon::new("skiff-net".to_string(), backend.clone(), mem)
         .map_err(|e| NetBackendError::Daemon(e.to_string()))?;
     let handlers = daemon.get_epoll_handlers();

@@ -28,10 +28,23 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
         &["vmm", "devices", "api-server", "tests", "tools"],
     ),
     ("vmm", &["tests", "tools"]),
+    (
+        "sandbox",
+        &[
+            "vmm",
+            "devices",
+            "api-server",
+            "jailer",
+            "kvm-ioctls",
+            "kvm-bindings",
+            "tests",
+            "tools",
+        ],
+    ),
 ];
 
 /// Production crates: only normal dependencies count, and they must not reach tests/ or tools/ at all.
-const PRODUCTION: &[&str] = &["vmm", "devices", "api-server", "jailer"];
+const PRODUCTION: &[&str] = &["vmm", "devices", "api-server", "jailer", "sandbox"];
 
 fn metadata() -> Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -113,7 +126,7 @@ fn workspace_members(meta: &Value) -> BTreeSet<String> {
 fn design_arrows_hold() {
     let meta = metadata();
     let members = workspace_members(&meta);
-    for expected in ["vmm", "devices", "api-server", "tests"] {
+    for expected in ["vmm", "devices", "api-server", "sandbox", "tests"] {
         assert!(
             members.contains(expected),
             "workspace has no `{expected}` crate (members: {members:?})"

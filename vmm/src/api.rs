@@ -320,6 +320,8 @@ impl Vmm {
                         crate::config::DriveBackend::Socket(s) => s.display().to_string(),
                     },
                     restarts: 0,
+                    crashes: 0,
+                    last_exit: None,
                     activated: false,
                 })
                 .collect();
@@ -331,6 +333,8 @@ impl Vmm {
                 binary: None,
                 backing: n.tap.clone(),
                 restarts: 0,
+                crashes: 0,
+                last_exit: None,
                 activated: false,
             }));
             return SkiffDevices { devices };
@@ -348,6 +352,8 @@ impl Vmm {
                     binary: d.binary.as_ref().map(|p| p.display().to_string()),
                     backing: d.backing.clone(),
                     restarts: d.restarts,
+                    crashes: d.crashes,
+                    last_exit: d.last_exit.clone(),
                     activated: b
                         .bus
                         .virtio

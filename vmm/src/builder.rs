@@ -143,6 +143,10 @@ pub struct DeviceSlot {
     pub read_only: bool,
     /// Times the device process was replaced.
     pub restarts: u32,
+    /// Times its process died (crash restarts are among `restarts`).
+    pub crashes: u32,
+    /// How its process last died ("killed by seccomp (SIGSYS)", ...).
+    pub last_exit: Option<String>,
     /// The page the device process counts in (kept across its replacements).
     pub metrics: Option<Arc<MetricsPage>>,
     /// The TAP device (net), opened by the VMM and handed to each skiff-net it starts.
@@ -172,6 +176,11 @@ pub struct BuildOptions {
     pub device_bins: BinaryDir,
     /// The most bytes a console file (`--console file:PATH`) holds.
     pub console_file_limit: u64,
+    /// The seccomp choice, handed to the device processes on their command line.
+    pub seccomp: sandbox::SeccompChoice,
+    /// The VMM's own compiled filters (vcpu, vmm, reaper; the API thread's is installed
+    /// before the VMM exists).
+    pub filters: sandbox::ThreadFilters,
 }
 
 struct PendingDevice {
@@ -223,6 +232,7 @@ pub(crate) fn blk_args(
     image: &File,
     read_only: bool,
     page: &MetricsPage,
+    seccomp: &sandbox::SeccompChoice,
 ) -> Vec<String> {
     let mut args = vec![
         "--socket".to_string(),
@@ -235,6 +245,7 @@ pub(crate) fn blk_args(
     if read_only {
         args.push("--read-only".into());
     }
+    args.extend(seccomp.to_args());
     args
 }
 
@@ -244,6 +255,7 @@ pub(crate) fn net_args(
     tap: &TapFd,
     mac: Option<&str>,
     page: &MetricsPage,
+    seccomp: &sandbox::SeccompChoice,
 ) -> Vec<String> {
     let mut args = vec![
         "--socket".to_string(),
@@ -257,6 +269,7 @@ pub(crate) fn net_args(
         args.push("--mac".into());
         args.push(mac.to_string());
     }
+    args.extend(seccomp.to_args());
     args
 }
 
@@ -288,7 +301,7 @@ fn start_device_processes(
                         .map_err(|e| BuildError::Image(d.id.clone(), e))?,
                 );
                 let page = Arc::new(MetricsPage::create(&d.id)?);
-                let args = blk_args(&socket, &file, d.read_only, &page);
+                let args = blk_args(&socket, &file, d.read_only, &page, &opts.seccomp);
                 processes.push(DeviceProcess::spawn_with_fds(
                     name.clone(),
                     &blk,
@@ -327,7 +340,7 @@ fn start_device_processes(
         let socket = dir.join(format!("net{i}.sock"));
         let tap = Arc::new(TapFd::open(&n.tap).map_err(|e| BuildError::Tap(n.id.clone(), e))?);
         let page = Arc::new(MetricsPage::create(&n.id)?);
-        let args = net_args(&socket, &tap, n.mac.as_deref(), &page);
+        let args = net_args(&socket, &tap, n.mac.as_deref(), &page, &opts.seccomp);
         processes.push(DeviceProcess::spawn_with_fds(
             name.clone(),
             &net,
@@ -514,6 +527,8 @@ pub fn build(
             backing: p.backing,
             read_only: p.read_only,
             restarts: 0,
+            crashes: 0,
+            last_exit: None,
             metrics: p.metrics,
             tap: p.tap,
             mac: p.mac,

@@ -166,9 +166,10 @@ impl DeviceProcess {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(status)) => Err(format!(
-                "{} (pid {}) exited: {status}",
+                "{} (pid {}) {}",
                 self.name,
-                self.pid()
+                self.pid(),
+                how_it_ended(status)
             )),
             Err(e) => Err(format!(
                 "{} (pid {}): cannot check it: {e}",
@@ -176,6 +177,11 @@ impl DeviceProcess {
                 self.pid()
             )),
         }
+    }
+
+    /// How the process ended ([`how_it_ended`]), once it has.
+    pub fn ended_how(&mut self) -> Option<String> {
+        self.child.try_wait().ok().flatten().map(how_it_ended)
     }
 
     /// Waits up to `grace` for the process to exit on its own (its frontend has hung up),
@@ -204,9 +210,42 @@ impl DeviceProcess {
     }
 }
 
+/// How a device process ended, as `/skiff/devices` and the log say it: `exited with
+/// status N`, `killed by signal N (NAME)`, or `killed by seccomp (SIGSYS)`.
+pub fn how_it_ended(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (_, Some(libc::SIGSYS)) => "killed by seccomp (SIGSYS)".into(),
+        (_, Some(sig)) => {
+            // SAFETY: strsignal returns a pointer to a static (or thread-local) string.
+            let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(sig)) };
+            format!("killed by signal {sig} ({})", name.to_string_lossy())
+        }
+        (Some(code), None) => format!("exited with status {code}"),
+        (None, None) => format!("ended: {status}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seccomp_kill_is_named() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            how_it_ended(std::process::ExitStatus::from_raw(libc::SIGSYS | 0x80)),
+            "killed by seccomp (SIGSYS)"
+        );
+        assert_eq!(
+            how_it_ended(std::process::ExitStatus::from_raw(libc::SIGKILL)),
+            "killed by signal 9 (Killed)"
+        );
+        assert_eq!(
+            how_it_ended(std::process::ExitStatus::from_raw(3 << 8)),
+            "exited with status 3"
+        );
+    }
 
     /// Runs `sh -c script` the way a device process is started and returns its exit code.
     fn exit_code(script: &str, metrics: Option<&MetricsPage>) -> Option<i32> {

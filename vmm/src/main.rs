@@ -21,6 +21,11 @@ use vmm::vmm::{Vmm, VmmOptions};
 ///   skiff --no-api --config-file FILE          boot from FILE, no API
 ///   skiff run --kernel ... [--api-sock PATH]   boot from the command line
 ///
+/// seccomp: every thread runs under a filter of its kind (vmm: the event loop once the VM
+/// started; api; vcpu; reaper), and skiff-blk/skiff-net get the same choice (--no-seccomp,
+/// --seccomp-filter FILE) on their command line. A forbidden system call kills the process
+/// by SIGSYS after a line on stderr naming the call and the thread.
+///
 /// Exit status: 0 when the guest reboots or powers off, 1 on an error (message on stderr),
 /// 3 when the guest kernel panicked, 128+N when stopped by signal N (SIGTERM, SIGINT,
 /// SIGHUP end the VM cleanly).
@@ -36,6 +41,9 @@ struct Cli {
     /// Run without the control API (needs --config-file).
     #[arg(long, conflicts_with = "api_sock")]
     no_api: bool,
+    /// Print the built-in seccomp filters in the --seccomp-filter format and exit.
+    #[arg(long)]
+    print_seccomp_filters: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -62,6 +70,8 @@ struct Common {
     /// Instance id, reported by GET / and in log lines.
     #[arg(long, default_value = "anonymous-instance", global = true)]
     id: String,
+    #[command(flatten)]
+    seccomp: sandbox::SeccompArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -211,6 +221,7 @@ enum Boot {
 
 fn start_api(
     path: &std::path::Path,
+    filters: &sandbox::ThreadFilters,
 ) -> Result<(vmm::vmm::ApiLink, api_server::server::ApiServerHandle), String> {
     let server = api_server::server::ApiServer::bind(path).map_err(|e| error_chain(&e))?;
     let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
@@ -220,8 +231,11 @@ fn start_api(
         .map_err(|e| format!("cannot create the API eventfd: {e}"))?;
     let metrics = std::sync::Arc::new(api_server::metrics::ApiMetrics::new());
     let (tx, rx) = std::sync::mpsc::channel();
+    let filters = filters.clone();
+    let init: api_server::server::ThreadInit =
+        Box::new(move || filters.install("api").map_err(|e| error_chain(&e)));
     let handle = server
-        .spawn(tx, wake_api, metrics.clone())
+        .spawn_with_init(tx, wake_api, metrics.clone(), init)
         .map_err(|e| error_chain(&e))?;
     Ok((vmm::vmm::ApiLink { rx, wake, metrics }, handle))
 }
@@ -229,6 +243,21 @@ fn start_api(
 fn main() -> ExitCode {
     vmm::logger::init();
     let cli = Cli::parse();
+    if cli.print_seccomp_filters {
+        print!("{}", sandbox::filters::all_json());
+        return ExitCode::SUCCESS;
+    }
+    let seccomp = cli.common.seccomp.choice();
+    let filters = match sandbox::ThreadFilters::load(&seccomp, "skiff", sandbox::filters::VMM_KINDS)
+    {
+        Ok(f) => f,
+        Err(e) => return fail(&error_chain(&e)),
+    };
+    if !filters.is_on() {
+        log::warn!(
+            "seccomp is off (--no-seccomp): no thread of skiff or its device processes is filtered"
+        );
+    }
     let console = cli.common.console.clone();
     let api_sock = cli.common.api_sock.clone();
     let boot = match (cli.command, cli.config_file) {
@@ -262,7 +291,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(&error_chain(&e)),
     };
     let (api, _api_handle) = match &api_sock {
-        Some(p) => match start_api(p) {
+        Some(p) => match start_api(p, &filters) {
             Ok((link, handle)) => (Some(link), Some(handle)),
             Err(e) => return fail(&e),
         },
@@ -274,6 +303,8 @@ fn main() -> ExitCode {
         build: BuildOptions {
             device_bins,
             console_file_limit: cli.common.console_file_limit_mib.saturating_mul(1 << 20),
+            seccomp,
+            filters,
         },
         signals,
         api,

@@ -73,8 +73,20 @@ impl Vmm {
             p.pidfd.as_raw_fd(),
             TOKEN_PROCESS + idx as u64,
         )?;
-        log::warn!("{why}");
+        let how = p.ended_how();
         let slot = vm.built.devices.iter().position(|d| d.process == Some(idx));
+        if let Some(d) = slot.and_then(|s| vm.built.devices.get_mut(s)) {
+            d.crashes += 1;
+            d.last_exit = how.clone();
+        }
+        if how.as_deref() == Some("killed by seccomp (SIGSYS)") {
+            log::error!(
+                "{why}: it made a system call its seccomp filter forbids (its own line on \
+                 stderr names the call and the thread); restarting it"
+            );
+        } else {
+            log::warn!("{why}");
+        }
         if let Some(slot_idx) = slot {
             match self.restart_allowed(slot_idx) {
                 Ok(()) => {

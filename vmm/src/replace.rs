@@ -38,11 +38,24 @@ fn bad(m: impl Into<String>) -> ApiFault {
     ApiFault::bad_request(m)
 }
 
+/// The reaper threads' filter, set when the event loop installs its own (the reapers it
+/// starts keep that one and add theirs).
+pub(crate) static REAPER_FILTERS: std::sync::OnceLock<sandbox::ThreadFilters> =
+    std::sync::OnceLock::new();
+
 /// Stops and reaps a device process without holding up the event loop.
 fn stop_in_background(p: DeviceProcess) {
     let spawned = std::thread::Builder::new()
         .name("skiff-reap".into())
-        .spawn(move || p.stop(Duration::from_secs(2)));
+        .spawn(move || {
+            if let Some(f) = REAPER_FILTERS.get() {
+                if let Err(e) = f.install("reaper") {
+                    // It still runs under the event loop's filter.
+                    log::warn!("{}", error_chain(&e));
+                }
+            }
+            p.stop(Duration::from_secs(2))
+        });
     if let Err(e) = spawned {
         log::warn!("cannot start a thread to stop a device process: {e}");
     }
@@ -165,10 +178,10 @@ impl Vmm {
         };
         let args = match (slot.kind, &slot.tap, &slot.metrics, &image_file) {
             (DeviceKind::Block, _, Some(page), Some(file)) => {
-                blk_args(&socket, file, slot.read_only, page)
+                blk_args(&socket, file, slot.read_only, page, &self.opts.seccomp)
             }
             (DeviceKind::Net, Some(tap), Some(page), _) => {
-                net_args(&socket, tap, slot.mac.as_deref(), page)
+                net_args(&socket, tap, slot.mac.as_deref(), page, &self.opts.seccomp)
             }
             _ => {
                 return Err(ApiFault::internal(format!(

@@ -42,6 +42,9 @@ pub enum VmmError {
     /// KVM refused a VM-level operation.
     #[error("KVM refused to {0}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// A thread's seccomp filter cannot be installed.
+    #[error(transparent)]
+    Seccomp(#[from] sandbox::SandboxError),
 }
 
 const TOKEN_EXIT: u64 = 0;
@@ -391,13 +394,40 @@ impl Vmm {
                 std::io::Error::from_raw_os_error(e.errno()),
             )
         })?;
+        // Each vCPU thread installs its filter before its first KVM_RUN and reports back;
+        // one that cannot never runs the guest.
+        let (installed_tx, installed) = std::sync::mpsc::channel();
+        let count = b.vcpus.len();
         for vcpu in b.vcpus.drain(..) {
+            let filters = self.opts.filters.clone();
+            let installed_tx = installed_tx.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index))
-                .spawn(move || vcpu.run())
+                .spawn(move || {
+                    let r = filters.install("vcpu");
+                    let ok = r.is_ok();
+                    let _ = installed_tx.send(r);
+                    if ok {
+                        vcpu.run()
+                    }
+                })
                 .map_err(|e| VmmError::EventLoop("a vCPU thread", e))?;
             vm.handles.push(h);
         }
+        for _ in 0..count {
+            match installed.recv() {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(VmmError::State(
+                        "a vCPU thread ended before installing its seccomp filter".into(),
+                    ))
+                }
+            }
+        }
+        // The event loop's own filter, now that the VM is built: the reaper threads and the
+        // device processes it starts from now on keep it.
+        self.opts.filters.install("vmm")?;
+        let _ = crate::replace::REAPER_FILTERS.set(self.opts.filters.clone());
         Ok(())
     }
 

@@ -222,6 +222,8 @@ mod tests {
                 binary: None,
                 backing: "r.ext4".into(),
                 restarts: 1,
+                crashes: 0,
+                last_exit: None,
                 activated: true,
             }],
         };
