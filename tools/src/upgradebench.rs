@@ -106,9 +106,20 @@ struct Args {
     /// JSON results file.
     #[arg(long, value_name = "PATH", default_value = "target/upgradebench.json")]
     out: PathBuf,
+    /// Start the device processes with --no-seccomp (to measure what the filters cost).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 type Result<T> = std::result::Result<T, String>;
+
+/// The device arguments `args`, with --no-seccomp when asked.
+fn seccomp_args(a: &Args, mut args: Vec<String>) -> Vec<String> {
+    if a.no_seccomp {
+        args.push("--no-seccomp".into());
+    }
+    args
+}
 
 fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
@@ -847,7 +858,7 @@ fn run(a: &Args) -> Result<Vec<Value>> {
                         .blk_binary
                         .clone()
                         .unwrap_or_else(|| beside_me("skiff-blk")),
-                    args: vec!["--image-fd".into(), image.as_raw_fd().to_string()],
+                    args: seccomp_args(a, vec!["--image-fd".into(), image.as_raw_fd().to_string()]),
                     inherit: vec![image.as_raw_fd()],
                     queues: 1,
                     rings: vec![Ring::at(0)],
@@ -868,7 +879,7 @@ fn run(a: &Args) -> Result<Vec<Value>> {
                         .net_binary
                         .clone()
                         .unwrap_or_else(|| beside_me("skiff-net")),
-                    args: vec!["--tap-fd".into(), tap.as_raw_fd().to_string()],
+                    args: seccomp_args(a, vec!["--tap-fd".into(), tap.as_raw_fd().to_string()]),
                     inherit: vec![tap.as_raw_fd()],
                     queues: 2,
                     rings: vec![Ring::at(1), Ring::at(2)],
