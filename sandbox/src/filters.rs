@@ -19,8 +19,8 @@ const NONE: u64 = 0;
 const W: u64 = 1;
 const R: u64 = 2;
 
-/// KVM ioctls (linux/kvm.h; sizes of kvm_regs 144, kvm_sregs 312, kvm_vcpu_events 64,
-/// kvm_clock_data 48). `vmm`'s tests check them against kvm-bindings.
+/// KVM ioctls (linux/kvm.h; sizes of kvm_regs 144, kvm_sregs 312, kvm_msrs 8,
+/// kvm_vcpu_events 64, kvm_clock_data 48). `vmm`'s tests check them against kvm-bindings.
 pub mod kvm {
     use super::{ioc, NONE, R, W};
     const KVMIO: u64 = 0xae;
@@ -34,6 +34,10 @@ pub mod kvm {
     pub const GET_REGS: u64 = ioc(R, KVMIO, 0x81, 144);
     /// KVM_GET_SREGS.
     pub const GET_SREGS: u64 = ioc(R, KVMIO, 0x83, 312);
+    /// KVM_GET_MSRS (the TSC, read when a vCPU parks).
+    pub const GET_MSRS: u64 = ioc(R | W, KVMIO, 0x88, 8);
+    /// KVM_SET_MSRS (the TSC, written back when a parked vCPU resumes).
+    pub const SET_MSRS: u64 = ioc(W, KVMIO, 0x89, 8);
     /// KVM_GET_VCPU_EVENTS.
     pub const GET_VCPU_EVENTS: u64 = ioc(R, KVMIO, 0x9f, 64);
     /// KVM_SET_CLOCK.
@@ -288,6 +292,8 @@ pub fn vcpu() -> AllowList {
             kvm::GET_REGS,
             kvm::GET_SREGS,
             kvm::GET_VCPU_EVENTS,
+            kvm::GET_MSRS,
+            kvm::SET_MSRS,
         ]))
         .union(&unix_sockets_connected())
         .any(&[

@@ -198,6 +198,9 @@ fn device_filters_allow_no_kvm_ioctl_and_blk_no_tun_ioctl() {
 fn vcpu_runs_kvm_but_cannot_exec_or_start_threads() {
     let fd = eventfd();
     works("vcpu", "KVM_RUN", || ioctl_on(&fd, kvm::RUN));
+    works("vcpu", "KVM_GET_MSRS and KVM_SET_MSRS (pause)", || {
+        ioctl_on(&fd, kvm::GET_MSRS) + ioctl_on(&fd, kvm::SET_MSRS)
+    });
     dies("vcpu", "ioctl", || ioctl_on(&fd, kvm::CREATE_VM));
     dies("vcpu", "execve", exec_sh);
     // glibc blocks every signal around clone3, so the kernel kills without the report.
