@@ -78,7 +78,7 @@ pub const BLK_KINDS: &[&str] = &["blk_main", "blk_worker"];
 /// Thread-kind keys of skiff-net.
 pub const NET_KINDS: &[&str] = &["net_main", "net_worker"];
 
-/// What every thread does: memory, locks, signals, time, closing fds, its own end, logging to stderr
+/// What every thread does: memory, locks, signals (restart_syscall included), time, closing fds, its own end, logging to stderr
 /// and the violation report (prctl(PR_GET_NAME), rt_sigaction(SIGSYS)).
 fn base() -> AllowList {
     AllowList::new()
@@ -91,6 +91,9 @@ fn base() -> AllowList {
             libc::SYS_brk,
             libc::SYS_rt_sigprocmask,
             libc::SYS_rt_sigreturn,
+            // The kernel resumes a call interrupted by a stop (SIGSTOP/SIGCONT, a debugger,
+            // a frozen cgroup) through restart_syscall: forbidding it kills a stopped VMM.
+            libc::SYS_restart_syscall,
             libc::SYS_sigaltstack,
             libc::SYS_sched_yield,
             libc::SYS_nanosleep,
