@@ -452,6 +452,45 @@ impl TestVm {
         )
     }
 
+    /// For a guest whose command did not finish: if every thread of skiff is idle (the
+    /// vCPUs halted, waiting for an interrupt) and the console silent, sends a newline
+    /// (an RX interrupt, whose handler also restarts transmission) and reports whether the
+    /// guest printed again. A guest that wakes had lost an interrupt; one that stays silent
+    /// waits for something else. Seen once in the nested host (2 vCPUs, output stopped
+    /// after `cat /proc/meminfo`); this is the evidence for the next time.
+    fn nudge_idle_guest(&mut self) -> String {
+        if self.console.closed() {
+            return String::new();
+        }
+        let printed = self.console.len();
+        let (_, busiest_ms) = crate::hang::thread_activity(self.pid(), Duration::from_secs(1));
+        if busiest_ms > 50 || self.console.len() != printed {
+            return String::new();
+        }
+        if self.send("\n").is_err() {
+            return String::new();
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        let more = self.console.len().saturating_sub(printed);
+        // The newline's own echo is one or two bytes.
+        if more > 2 {
+            let text = self.console_text();
+            format!(
+                "\nNUDGE: the guest was idle (no thread of {} used CPU for a second, console \
+                 silent); a newline on its console made it print {more} bytes again (an \
+                 interrupt had been lost):\n{}",
+                self.program,
+                tail(&text, 400)
+            )
+        } else {
+            format!(
+                "\nNUDGE: the guest was idle (no thread of {} used CPU for a second, console \
+                 silent) and a newline on its console did not wake it",
+                self.program
+            )
+        }
+    }
+
     /// Waits for `pat` on the console after the previous match; fails on timeout or when skiff exits.
     pub fn wait_for(&mut self, pat: &str, timeout: Duration) -> Result {
         let from = self.cursor;
@@ -570,7 +609,11 @@ impl TestVm {
                 } else {
                     format!("did not finish within {timeout:?}")
                 };
-                Err(format!("guest command {cmd:?} {how}{}", self.diagnostics()))
+                let diagnostics = self.diagnostics();
+                Err(format!(
+                    "guest command {cmd:?} {how}{diagnostics}{}",
+                    self.nudge_idle_guest()
+                ))
             }
         }
     }

@@ -345,8 +345,17 @@ pub fn check_confined(pid: u32, what: &str, cell_root: &Path, cgroup: &str) -> R
         std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("{what}: {e}"))?;
     for t in tasks.flatten() {
         let tid = t.file_name().to_string_lossy().into_owned();
-        let s =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+        // A thread that ended since the directory was read (an upgrade's helper) is gone.
+        let s = match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) {
+            Ok(s) => s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                continue
+            }
+            Err(e) => return Err(format!("{what} thread {tid}: {e}")),
+        };
         let field = |n: &str| {
             s.lines()
                 .find_map(|l| {
