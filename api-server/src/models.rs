@@ -406,7 +406,8 @@ pub struct SkiffDevice {
     pub id: String,
     /// "block" or "net".
     pub kind: String,
-    /// The vhost-user socket.
+    /// The vhost-user socket of an externally started backend; empty for a device process
+    /// skiff started (it is connected over a socketpair, no socket path exists).
     pub socket: String,
     /// The device process's pid (absent for an externally started backend or before boot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -478,10 +479,11 @@ pub struct UpgradeReport {
     /// The guest-visible pause: first ring stopped on the old process to last ring
     /// enabled on the new one, in microseconds.
     pub pause_us: u64,
-    /// Starting the new process until its socket accepted, in microseconds.
+    /// Starting the new process (its connection is a socketpair made before, so there is
+    /// nothing to wait for), in microseconds.
     pub spawn_us: u64,
     /// vhost-user negotiation with the new process (owner, features, protocol features,
-    /// config), in microseconds.
+    /// config), in microseconds; it includes the process's own start-up until it answers.
     pub negotiate_us: u64,
     /// Features and memory table sent to the new process before the switch, in
     /// microseconds.

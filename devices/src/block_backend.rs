@@ -31,6 +31,7 @@ use crate::inflight::{chain_descriptors, InflightArea, QueueInflight};
 use crate::metrics::{self, MetricsError};
 use crate::vring::{Vring, VringError};
 use crate::vu_proxy::{self, InflightHost, ProxyError};
+use crate::vu_socket::{SocketSource, VuSocketError};
 
 /// Vring type used by the block backend.
 pub type BlockVring = Vring;
@@ -59,6 +60,9 @@ pub enum BlockBackendError {
     /// The vhost-user relay failed.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// `--socket-fd` cannot be used.
+    #[error(transparent)]
+    Socket(#[from] VuSocketError),
     /// The guest left a ring in a state it cannot be served from: it is marked broken.
     #[error(transparent)]
     Ring(#[from] VringError),
@@ -94,10 +98,26 @@ impl ImageSource {
 #[derive(Debug, Parser)]
 #[command(name = "skiff-blk", version)]
 #[command(group(clap::ArgGroup::new("image_source").required(true).args(["image", "image_fd"])))]
+#[command(group(clap::ArgGroup::new("frontend").required(true).args(["socket", "socket_fd"])))]
 pub struct BlkArgs {
-    /// vhost-user socket to listen on (a stale file is removed).
-    #[arg(long)]
-    pub socket: PathBuf,
+    /// vhost-user socket to listen on (a stale file is removed); skiff-blk serves the first
+    /// frontend that connects. Either --socket or --socket-fd gives the frontend, not both.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Inherited fd of the vhost-user connection, already connected: an AF_UNIX SOCK_STREAM
+    /// socket whose other end is the frontend's (the VMM makes a socketpair and keeps one
+    /// end), so that no socket path needs to be shared with the VMM.
+    ///
+    /// skiff-blk checks that it is a connected AF_UNIX SOCK_STREAM socket (exit 1 naming
+    /// --socket-fd otherwise), sets FD_CLOEXEC and clears O_NONBLOCK on it, and serves that
+    /// one frontend until it hangs up.
+    #[arg(
+        long = "socket-fd",
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(0..)
+    )]
+    pub socket_fd: Option<i32>,
     /// Raw disk image (regular file or block device) to open and flock (LOCK_EX, LOCK_SH
     /// with --read-only). Either --image or --image-fd gives the image, not both.
     #[arg(long, value_name = "PATH")]
@@ -153,7 +173,7 @@ impl From<BlkArgs> for BlockOptions {
             (None, None) => ImageSource::Path(PathBuf::new()),
         };
         BlockOptions {
-            socket: args.socket,
+            socket: SocketSource::from_args(args.socket, args.socket_fd),
             image,
             disk: DiskOptions {
                 read_only: args.read_only,
@@ -171,8 +191,8 @@ impl From<BlkArgs> for BlockOptions {
 /// Everything skiff-blk needs to start.
 #[derive(Clone, Debug)]
 pub struct BlockOptions {
-    /// vhost-user socket path.
-    pub socket: PathBuf,
+    /// The vhost-user socket: a path to listen on or an inherited connection.
+    pub socket: SocketSource,
     /// The raw image, by path or inherited fd.
     pub image: ImageSource,
     /// Image options.
@@ -524,14 +544,30 @@ pub fn check_options(opts: &BlockOptions) -> Result<(), BlockBackendError> {
             )));
         }
     }
+    if let Some(fd) = opts.socket.fd() {
+        let other = if opts.metrics_fd == Some(fd) {
+            Some("--metrics-fd")
+        } else if opts.image == ImageSource::Fd(fd) {
+            Some("--image-fd")
+        } else {
+            None
+        };
+        if let Some(other) = other {
+            return Err(BlockBackendError::InvalidArgument(format!(
+                "--socket-fd {fd}: it is also the {other}"
+            )));
+        }
+    }
     Ok(())
 }
 
-/// Opens the image, listens on the socket and serves one frontend until it disconnects.
+/// Opens the image, takes the frontend's connection (or listens for it) and serves that one
+/// frontend until it disconnects.
 pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
     check_options(opts)?;
-    // First, while the inherited fds (metrics page, --image-fd, checked distinct above) are
-    // the only ones this process did not open itself.
+    // First, while the inherited fds (metrics page, --image-fd, --socket-fd, checked
+    // distinct above) are the only ones this process did not open itself.
+    let frontend = opts.socket.open()?;
     let metrics = BlockMetrics::register(&metrics::page_from_arg(opts.metrics_fd)?)?;
     let disk = opts.image.open(&opts.disk)?;
     info!(
@@ -563,9 +599,9 @@ pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
     let host: Arc<dyn InflightHost> = backend.clone();
     let mut daemon = VhostUserDaemon::new("skiff-blk".to_string(), backend, mem)
         .map_err(|e| BlockBackendError::Daemon(e.to_string()))?;
-    info!("listening on {}", opts.socket.display());
+    info!("{}", opts.socket.activity());
     // The relay adds the inflight area, which vhost-user-backend lacks.
-    vu_proxy::serve(&opts.socket, &mut daemon, host)?;
+    vu_proxy::serve(frontend, &mut daemon, Some(host))?;
     info!("frontend disconnected");
     Ok(())
 }

@@ -1,5 +1,9 @@
+use std::os::fd::AsRawFd;
+
 use clap::error::ErrorKind;
 use clap::CommandFactory;
+
+use crate::vu_socket::SocketSource;
 
 use super::*;
 
@@ -39,6 +43,101 @@ fn image_options_are_exclusive_and_required() {
         let e = parse(&["--image-fd", bad]).unwrap_err();
         assert!(e.to_string().contains("--image-fd <N>"), "{bad}: {e}");
     }
+}
+
+#[test]
+fn socket_by_path_or_by_fd() {
+    let o = parse(&["--image", "/a.img"]).unwrap();
+    assert_eq!(o.socket, SocketSource::Path("/s.sock".into()));
+    let argv = [
+        "skiff-blk",
+        "--socket-fd",
+        "7",
+        "--image-fd",
+        "5",
+        "--metrics-fd",
+        "9",
+    ];
+    let o = BlockOptions::from(BlkArgs::try_parse_from(argv).unwrap());
+    assert_eq!(o.socket, SocketSource::Fd(7));
+    check_options(&o).unwrap();
+}
+
+#[test]
+fn socket_options_are_exclusive_and_required() {
+    let e = parse(&["--image", "/a.img", "--socket-fd", "5"]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ArgumentConflict);
+    assert!(
+        e.to_string()
+            .contains("'--socket <PATH>' cannot be used with '--socket-fd <N>'"),
+        "{e}"
+    );
+    let e = BlkArgs::try_parse_from(["skiff-blk", "--image", "/a.img"]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+    assert!(
+        e.to_string().contains("<--socket <PATH>|--socket-fd <N>>"),
+        "{e}"
+    );
+    for bad in ["x", "-1"] {
+        let e = BlkArgs::try_parse_from(["skiff-blk", "--image", "/a", "--socket-fd", bad])
+            .unwrap_err();
+        assert!(e.to_string().contains("--socket-fd <N>"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn socket_fd_is_no_other_inherited_fd() {
+    let check = |args: &[&str]| {
+        let argv = ["skiff-blk", "--socket-fd", "5"].iter().chain(args);
+        let o = BlockOptions::from(BlkArgs::try_parse_from(argv).unwrap());
+        check_options(&o).map_err(|e| e.to_string())
+    };
+    assert_eq!(
+        check(&["--image-fd", "5"]),
+        Err("invalid --socket-fd 5: it is also the --image-fd".into())
+    );
+    assert_eq!(
+        check(&["--image", "/a.img", "--metrics-fd", "5"]),
+        Err("invalid --socket-fd 5: it is also the --metrics-fd".into())
+    );
+    assert_eq!(check(&["--image-fd", "6", "--metrics-fd", "7"]), Ok(()));
+}
+
+#[test]
+fn help_documents_socket_fd() {
+    let help = BlkArgs::command().render_long_help().to_string();
+    for s in [
+        "--socket <PATH>",
+        "--socket-fd <N>",
+        "AF_UNIX SOCK_STREAM",
+        "FD_CLOEXEC",
+    ] {
+        assert!(help.contains(s), "{s} missing from --help:\n{help}");
+    }
+}
+
+#[test]
+fn run_refuses_a_socket_fd_that_is_not_a_socket_before_serving() {
+    let image = vmm_sys_util::tempfile::TempFile::new().expect("image");
+    let fd = image.as_file().as_raw_fd();
+    let o = BlockOptions::from(
+        BlkArgs::try_parse_from([
+            "skiff-blk",
+            "--socket-fd",
+            &fd.to_string(),
+            "--image",
+            "/nonexistent.img",
+        ])
+        .unwrap(),
+    );
+    let e = run(&o).unwrap_err();
+    assert_eq!(
+        crate::error_chain(&e),
+        format!(
+            "--socket-fd {fd} ({}) is not a socket; a connected AF_UNIX SOCK_STREAM socket is needed (the frontend's end is the other one, e.g. of a socketpair)",
+            image.as_path().display()
+        )
+    );
 }
 
 #[test]

@@ -20,6 +20,7 @@ pub mod tap;
 mod test_ring;
 pub mod vring;
 pub mod vu_proxy;
+pub mod vu_socket;
 
 /// Formats an error and its `source()` chain as `a: b: c`.
 pub fn error_chain(err: &dyn std::error::Error) -> String {

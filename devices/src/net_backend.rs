@@ -32,6 +32,8 @@ use crate::metrics::{self, MetricsError};
 use crate::net::{self, NetError, NetMetrics};
 use crate::tap::{offload_flags, Tap, TapError};
 use crate::vring::{Vring, VringError};
+use crate::vu_proxy::{self, ProxyError};
+use crate::vu_socket::{SocketSource, VuSocketError};
 
 /// Vring type used by the net backend.
 pub type NetVring = Vring;
@@ -54,6 +56,12 @@ pub enum NetBackendError {
     /// The vhost-user daemon could not be created or failed.
     #[error("vhost-user daemon failed: {0}")]
     Daemon(String),
+    /// The vhost-user relay failed.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// `--socket-fd` cannot be used.
+    #[error(transparent)]
+    Socket(#[from] VuSocketError),
     /// The TAP fd cannot be added to a worker's epoll.
     #[error("cannot register TAP {0} with the worker")]
     Register(String, #[source] io::Error),
@@ -111,10 +119,26 @@ impl fmt::Display for TapSpec {
 #[derive(Debug, Parser)]
 #[command(name = "skiff-net", version)]
 #[command(group(clap::ArgGroup::new("tap_list").required(true).args(["taps", "tap_fds"])))]
+#[command(group(clap::ArgGroup::new("frontend").required(true).args(["socket", "socket_fd"])))]
 pub struct NetArgs {
-    /// vhost-user socket to listen on (a stale file is removed).
-    #[arg(long)]
-    pub socket: PathBuf,
+    /// vhost-user socket to listen on (a stale file is removed); skiff-net serves the first
+    /// frontend that connects. Either --socket or --socket-fd gives the frontend, not both.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Inherited fd of the vhost-user connection, already connected: an AF_UNIX SOCK_STREAM
+    /// socket whose other end is the frontend's (the VMM makes a socketpair and keeps one
+    /// end), so that no socket path needs to be shared with the VMM.
+    ///
+    /// skiff-net checks that it is a connected AF_UNIX SOCK_STREAM socket (exit 1 naming
+    /// --socket-fd otherwise), sets FD_CLOEXEC and clears O_NONBLOCK on it, and serves that
+    /// one frontend until it hangs up.
+    #[arg(
+        long = "socket-fd",
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(0..)
+    )]
+    pub socket_fd: Option<i32>,
     /// TAP interface to open (or create) by name; repeat for a multi-queue device (one TAP
     /// per queue pair). Either --tap or --tap-fd gives the TAPs, not both.
     #[arg(long = "tap", value_name = "NAME")]
@@ -159,7 +183,7 @@ impl From<NetArgs> for NetOptions {
             args.tap_fds.into_iter().map(TapSpec::Fd).collect()
         };
         NetOptions {
-            socket: args.socket,
+            socket: SocketSource::from_args(args.socket, args.socket_fd),
             taps,
             mac: args.mac,
             queue_size: args.queue_size,
@@ -172,8 +196,8 @@ impl From<NetArgs> for NetOptions {
 /// Everything skiff-net needs to start.
 #[derive(Clone, Debug)]
 pub struct NetOptions {
-    /// vhost-user socket path.
-    pub socket: PathBuf,
+    /// The vhost-user socket: a path to listen on or an inherited connection.
+    pub socket: SocketSource,
     /// The TAPs, one per queue pair, all given by name or all by fd.
     pub taps: Vec<TapSpec>,
     /// MAC address for the config space.
@@ -531,8 +555,27 @@ impl VhostUserBackend for NetBackend {
 }
 
 /// Checks the TAP list: 1..=MAX_PAIRS TAPs, all given the same way, no fd number twice
-/// nor equal to `--metrics-fd`.
-pub fn check_taps(taps: &[TapSpec], metrics_fd: Option<RawFd>) -> Result<(), NetBackendError> {
+/// nor equal to `--metrics-fd` or `--socket-fd` (`socket_fd`), and that `--socket-fd` is
+/// not the `--metrics-fd` either.
+pub fn check_taps(
+    taps: &[TapSpec],
+    metrics_fd: Option<RawFd>,
+    socket_fd: Option<RawFd>,
+) -> Result<(), NetBackendError> {
+    if let Some(fd) = socket_fd {
+        let other = if metrics_fd == Some(fd) {
+            Some("the --metrics-fd")
+        } else if taps.contains(&TapSpec::Fd(fd)) {
+            Some("a --tap-fd")
+        } else {
+            None
+        };
+        if let Some(other) = other {
+            return Err(NetBackendError::InvalidArgument(format!(
+                "--socket-fd {fd}: it is also {other}"
+            )));
+        }
+    }
     let Some(first) = taps.first() else {
         return Err(NetBackendError::InvalidArgument(format!(
             "TAP list: give 1..={MAX_PAIRS} --tap NAME or --tap-fd N"
@@ -574,16 +617,18 @@ pub fn open_taps(taps: &[TapSpec]) -> Result<Vec<Tap>, NetBackendError> {
         .collect::<Result<Vec<_>, _>>()?)
 }
 
-/// Opens the TAPs, listens on the socket and serves one frontend until it disconnects.
+/// Opens the TAPs, takes the frontend's connection (or listens for it) and serves that one
+/// frontend until it disconnects.
 pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
-    check_taps(&opts.taps, opts.metrics_fd)?;
+    check_taps(&opts.taps, opts.metrics_fd, opts.socket.fd())?;
     if opts.queue_size == 0 || !opts.queue_size.is_power_of_two() || opts.queue_size > 32768 {
         return Err(NetBackendError::InvalidArgument(
             "--queue-size (power of two up to 32768)".into(),
         ));
     }
-    // Before opening anything, while the inherited fds (metrics page, --tap-fd, checked
-    // distinct above) are the only ones this process did not open itself.
+    // Before opening anything, while the inherited fds (metrics page, --tap-fd, --socket-fd,
+    // checked distinct above) are the only ones this process did not open itself.
+    let frontend = opts.socket.open()?;
     let metrics = NetMetrics::register(&metrics::page_from_arg(opts.metrics_fd)?)?;
     let taps = open_taps(&opts.taps)?;
     let names: Vec<String> = taps.iter().map(Tap::to_string).collect();
@@ -616,10 +661,10 @@ pub fn run(opts: &NetOptions) -> Result<(), NetBackendError> {
             )
             .map_err(|e| NetBackendError::Register(tap.to_string(), e))?;
     }
-    info!("listening on {}", opts.socket.display());
-    daemon
-        .serve(&opts.socket)
-        .map_err(|e| NetBackendError::Daemon(e.to_string()))?;
+    info!("{}", opts.socket.activity());
+    // The relay, as for skiff-blk (vhost-user-backend cannot serve a connected stream);
+    // skiff-net has no inflight area, so the crate sees every message as sent.
+    vu_proxy::serve(frontend, &mut daemon, None)?;
     info!("frontend disconnected");
     Ok(())
 }

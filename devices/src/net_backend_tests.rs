@@ -1,4 +1,5 @@
 use super::*;
+use crate::vu_socket::SocketSource;
 
 #[test]
 fn mac_parsing() {
@@ -28,7 +29,7 @@ fn taps_by_name_or_by_fd() {
     let o = parse(&["--tap-fd", "7", "--tap-fd", "5", "--metrics-fd", "9"]).unwrap();
     assert_eq!(o.taps, [TapSpec::Fd(7), TapSpec::Fd(5)]);
     assert_eq!(o.metrics_fd, Some(9));
-    check_taps(&o.taps, o.metrics_fd).unwrap();
+    check_taps(&o.taps, o.metrics_fd, o.socket.fd()).unwrap();
 }
 
 #[test]
@@ -55,14 +56,14 @@ fn tap_options_are_exclusive_and_required() {
 #[test]
 fn tap_list_is_checked_naming_the_option() {
     let err = |taps: &[TapSpec], metrics: Option<RawFd>| {
-        check_taps(taps, metrics).unwrap_err().to_string()
+        check_taps(taps, metrics, None).unwrap_err().to_string()
     };
     let fds: Vec<TapSpec> = (3..3 + MAX_PAIRS as RawFd + 1).map(TapSpec::Fd).collect();
     assert_eq!(
         err(&fds, None),
         "invalid number of --tap-fd (17, at most 16)"
     );
-    check_taps(&fds[..MAX_PAIRS], None).unwrap();
+    check_taps(&fds[..MAX_PAIRS], None, None).unwrap();
     let names: Vec<TapSpec> = (0..=MAX_PAIRS)
         .map(|i| TapSpec::Name(format!("t{i}")))
         .collect();
@@ -82,6 +83,73 @@ fn tap_list_is_checked_naming_the_option() {
     assert_eq!(
         err(&[TapSpec::Name("t0".into()), TapSpec::Fd(5)], None),
         "invalid --tap-fd 5: the TAPs are given either by --tap NAME or by --tap-fd N, not both"
+    );
+}
+
+#[test]
+fn socket_by_path_or_by_fd() {
+    use clap::error::ErrorKind;
+    let o = parse(&["--tap", "t0"]).unwrap();
+    assert_eq!(o.socket, SocketSource::Path("/s.sock".into()));
+    let o = NetOptions::from(
+        NetArgs::try_parse_from(["skiff-net", "--socket-fd", "4", "--tap-fd", "5"]).unwrap(),
+    );
+    assert_eq!(o.socket, SocketSource::Fd(4));
+    check_taps(&o.taps, o.metrics_fd, o.socket.fd()).unwrap();
+
+    let e = parse(&["--tap", "t0", "--socket-fd", "4"]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ArgumentConflict);
+    assert!(
+        e.to_string()
+            .contains("'--socket <PATH>' cannot be used with '--socket-fd <N>'"),
+        "{e}"
+    );
+    let e = NetArgs::try_parse_from(["skiff-net", "--tap", "t0"]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+    assert!(
+        e.to_string().contains("<--socket <PATH>|--socket-fd <N>>"),
+        "{e}"
+    );
+}
+
+#[test]
+fn socket_fd_is_no_other_inherited_fd() {
+    let err = |taps: &[TapSpec], metrics: Option<RawFd>, socket: RawFd| {
+        check_taps(taps, metrics, Some(socket)).map_err(|e| e.to_string())
+    };
+    assert_eq!(
+        err(&[TapSpec::Fd(5), TapSpec::Fd(6)], None, 6),
+        Err("invalid --socket-fd 6: it is also a --tap-fd".into())
+    );
+    assert_eq!(
+        err(&[TapSpec::Fd(5)], Some(7), 7),
+        Err("invalid --socket-fd 7: it is also the --metrics-fd".into())
+    );
+    assert_eq!(err(&[TapSpec::Fd(5)], Some(7), 8), Ok(()));
+    assert_eq!(err(&[TapSpec::Name("t0".into())], None, 5), Ok(()));
+}
+
+#[test]
+fn run_refuses_a_socket_fd_that_is_not_a_socket_before_opening_taps() {
+    let file = vmm_sys_util::tempfile::TempFile::new().expect("temp file");
+    let fd = file.as_file().as_raw_fd();
+    let opts = NetOptions::from(
+        NetArgs::try_parse_from([
+            "skiff-net",
+            "--socket-fd",
+            &fd.to_string(),
+            "--tap-fd",
+            "65000",
+        ])
+        .unwrap(),
+    );
+    let e = run(&opts).unwrap_err();
+    assert_eq!(
+        crate::error_chain(&e),
+        format!(
+            "--socket-fd {fd} ({}) is not a socket; a connected AF_UNIX SOCK_STREAM socket is needed (the frontend's end is the other one, e.g. of a socketpair)",
+            file.as_path().display()
+        )
     );
 }
 
@@ -107,6 +175,9 @@ fn help_documents_tap_fd() {
         "IFF_TAP|IFF_NO_PI|IFF_VNET_HDR",
         "TUNGETIFF",
         "--tap <NAME>",
+        "--socket <PATH>",
+        "--socket-fd <N>",
+        "AF_UNIX SOCK_STREAM",
     ] {
         assert!(help.contains(s), "{s} missing from --help:\n{help}");
     }
@@ -278,5 +349,130 @@ mod rings {
         assert_eq!(rx.used_elem(0), (0, 0), "the long chain is returned unused");
         assert_eq!(rx.used_elem(1), (1, frame.len() as u32));
         assert_eq!(eventfd_count(&rig.errs[0]), None);
+    }
+}
+
+// --- Serving an inherited connection through the relay ----------------------------------
+
+mod connected {
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+    use vhost_user_backend::VhostUserDaemon;
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+    use crate::metrics::MetricsPage;
+    use crate::net::NetMetrics;
+    use crate::net_backend::NetBackend;
+    use crate::tap::Tap;
+    use crate::vu_proxy::{self, ProxyError};
+    use crate::vu_socket::FrontendSocket;
+
+    const GET_INFLIGHT_FD: u32 = 31;
+    const VERSION_1: u64 = 1 << 32;
+    const PROTOCOL_FEATURES: u64 = 1 << 30;
+
+    /// skiff-net with two queue pairs (over datagram sockets) serving `theirs`, the
+    /// backend's end of a socketpair, as `run` does with `--socket-fd`.
+    fn serve(theirs: UnixStream) -> std::thread::JoinHandle<Result<(), ProxyError>> {
+        std::thread::spawn(move || {
+            let mut taps = Vec::new();
+            let mut peers = Vec::new();
+            for i in 0..2 {
+                let (tap, peer) = UnixDatagram::pair().expect("socketpair");
+                tap.set_nonblocking(true).expect("nonblocking");
+                taps.push(Tap::for_tests(
+                    File::from(OwnedFd::from(tap)),
+                    &format!("t{i}"),
+                ));
+                peers.push(peer);
+            }
+            let metrics = NetMetrics::register(&MetricsPage::in_memory()).expect("counters");
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let backend = Arc::new(NetBackend::new(taps, None, 256, mem.clone(), metrics));
+            let mut daemon =
+                VhostUserDaemon::new("skiff-net".into(), backend, mem).expect("daemon");
+            vu_proxy::serve(FrontendSocket::Connected(theirs), &mut daemon, None)
+        })
+    }
+
+    fn join(server: std::thread::JoinHandle<Result<(), ProxyError>>) {
+        for _ in 0..500 {
+            if server.is_finished() {
+                let r = server.join().expect("the serving thread panicked");
+                r.expect("serve ends cleanly when the frontend leaves");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("serve did not return within 5 s of the frontend leaving");
+    }
+
+    #[test]
+    fn a_socketpair_end_is_served_without_an_inflight_area() {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        ours.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let server = serve(theirs);
+        let mut f = Frontend::from_stream(ours.try_clone().expect("clone"), 5);
+        f.set_owner().expect("SET_OWNER");
+        let features = f.get_features().expect("GET_FEATURES");
+        assert_eq!(
+            features & (VERSION_1 | PROTOCOL_FEATURES),
+            VERSION_1 | PROTOCOL_FEATURES
+        );
+        let proto = f.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        assert!(
+            !proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+            "skiff-net offers no inflight area: {proto:?}"
+        );
+        let want = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        assert!(proto.contains(want), "{proto:?}");
+        f.set_protocol_features(want)
+            .expect("SET_PROTOCOL_FEATURES");
+        // Two pairs and the control queue.
+        assert_eq!(f.get_queue_num().expect("GET_QUEUE_NUM"), 5);
+        drop(f);
+        drop(ours);
+        join(server);
+    }
+
+    #[test]
+    fn inflight_messages_go_to_the_crate_which_refuses_them() {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        ours.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let server = serve(theirs);
+        let f = Frontend::from_stream(ours.try_clone().expect("clone"), 5);
+        f.set_owner().expect("SET_OWNER");
+        f.get_features().expect("GET_FEATURES");
+        // GET_INFLIGHT_FD, by hand (the vhost crate's frontend will not send it without the
+        // feature): 24 bytes of VhostUserInflight asking for one queue of 256.
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&GET_INFLIGHT_FD.to_le_bytes());
+        msg.extend_from_slice(&1u32.to_le_bytes());
+        msg.extend_from_slice(&24u32.to_le_bytes());
+        msg.extend_from_slice(&[0u8; 16]);
+        msg.extend_from_slice(&1u16.to_le_bytes());
+        msg.extend_from_slice(&256u16.to_le_bytes());
+        msg.extend_from_slice(&[0u8; 4]);
+        (&ours).write_all(&msg).expect("send GET_INFLIGHT_FD");
+        // The crate does not answer it and ends the connection, as it would have unrelayed.
+        let mut buf = [0u8; 64];
+        let n = (&ours)
+            .read(&mut buf)
+            .expect("the connection ends, no timeout");
+        assert_eq!(n, 0, "an answer to GET_INFLIGHT_FD: {:?}", &buf[..n]);
+        drop(f);
+        join(server);
     }
 }

@@ -274,7 +274,7 @@ fn inherited_tap_fd_through_parsing_and_opening() {
     .expect("parse");
     let opts = NetOptions::from(args);
     assert_eq!(opts.taps, vec![TapSpec::Fd(fd)]);
-    check_taps(&opts.taps, opts.metrics_fd).expect("check");
+    check_taps(&opts.taps, opts.metrics_fd, opts.socket.fd()).expect("check");
     let first = open_taps(&opts.taps).expect("open inherited fd");
     assert_eq!(first.len(), 1);
     let tap = &first[0];

@@ -1,9 +1,13 @@
-//! A relay in front of vhost-user-backend's request handler that adds the inflight area.
+//! A relay in front of vhost-user-backend's request handler: it serves a frontend that is
+//! already connected (`--socket-fd`, which the crate cannot serve) as well as one accepted
+//! on a socket path, and adds the inflight area for a backend that has one.
 //!
-//! vhost-user-backend answers GET_INFLIGHT_FD and SET_INFLIGHT_FD with "not supported" and
-//! keeps its handler private, so the messages cannot be handled through the crate.
-//! Instead the frontend's connection ends here: a thread reads each message and forwards
-//! it, fds included, to the crate's handler over a private connection, except for
+//! vhost-user-backend only accepts from a listener, answers GET_INFLIGHT_FD and
+//! SET_INFLIGHT_FD with "not supported", and keeps its handler private, so the messages
+//! cannot be handled through the crate. Instead the frontend's connection ends here: a
+//! thread reads each message and forwards it, fds included, to the crate's handler over a
+//! private connection. For a backend with an inflight area ([`InflightHost`], skiff-blk)
+//! it does not forward
 //!
 //! - GET_INFLIGHT_FD and SET_INFLIGHT_FD, answered here (the area goes to the backend
 //!   through [`InflightHost`]);
@@ -11,14 +15,15 @@
 //!   offered it);
 //!
 //! and a second thread forwards the crate's replies, adding INFLIGHT_SHMFD to the answer
-//! to GET_PROTOCOL_FEATURES. Only control messages pass here; the rings, kicks and calls
-//! go between guest memory, the frontend and the crate's workers directly.
+//! to GET_PROTOCOL_FEATURES. A backend without one (skiff-net) gets every message as the
+//! crate would have read it from the frontend, and the frontend every reply unchanged.
+//! Only control messages pass here; the rings, kicks and calls go between guest memory,
+//! the frontend and the crate's workers directly.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use log::{error, info};
@@ -29,6 +34,7 @@ use vm_memory::mmap::NewBitmap;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::inflight::{InflightArea, InflightError};
+use crate::vu_socket::FrontendSocket;
 
 const SET_VRING_KICK: u32 = 12;
 const GET_PROTOCOL_FEATURES: u32 = 15;
@@ -202,7 +208,8 @@ fn inflight_body(i: &VhostUserInflight) -> Vec<u8> {
 /// The relay's frontend side: writes to the frontend come from both threads.
 struct Relay {
     front: Mutex<UnixStream>,
-    host: Arc<dyn InflightHost>,
+    /// The backend's inflight area, if it has one.
+    host: Option<Arc<dyn InflightHost>>,
 }
 
 impl Relay {
@@ -211,15 +218,14 @@ impl Relay {
         write_message(&s, m)
     }
 
-    /// Answers an inflight message; the error closes the connection.
-    fn inflight(&self, m: Message, acked: bool) -> Result<(), ProxyError> {
+    /// Answers an inflight message for `host`; the error closes the connection.
+    fn inflight(&self, host: &dyn InflightHost, m: Message, acked: bool) -> Result<(), ProxyError> {
         if !acked {
             return Err(m.bad("INFLIGHT_SHMFD was not negotiated"));
         }
         let info = inflight_from(&m)?;
         if m.request == GET_INFLIGHT_FD {
-            let area =
-                InflightArea::create(info.num_queues, info.queue_size, self.host.max_queues())?;
+            let area = InflightArea::create(info.num_queues, info.queue_size, host.max_queues())?;
             let answer = area.info();
             let fd = area
                 .file()
@@ -229,7 +235,7 @@ impl Relay {
                 "inflight area created: {} queue(s) of {}, {} bytes",
                 answer.num_queues, answer.queue_size, answer.mmap_size
             );
-            self.host.set_inflight(Arc::new(area));
+            host.set_inflight(Arc::new(area));
             let mut reply = Message::reply(GET_INFLIGHT_FD, inflight_body(&answer));
             reply.fds.push(OwnedFd::from(fd));
             return self.to_front(&reply);
@@ -251,7 +257,7 @@ impl Relay {
                 info!("inflight area set: {} queue(s) of {}", info.num_queues, {
                     info.queue_size
                 });
-                self.host.set_inflight(Arc::new(area));
+                host.set_inflight(Arc::new(area));
                 0
             }
             Err(e) if need_reply => {
@@ -270,7 +276,8 @@ impl Relay {
     }
 }
 
-/// Frontend → crate: forwards every message but the inflight ones.
+/// Frontend → crate: forwards every message but the inflight ones (those too when the
+/// backend has no inflight area).
 fn front_to_backend(
     relay: &Relay,
     front: &UnixStream,
@@ -280,9 +287,14 @@ fn front_to_backend(
     let mut have_area = false;
     while let Some(mut m) = read_message(front)? {
         let mut kick = None;
+        let Some(host) = relay.host.as_deref() else {
+            // Nothing to add: the crate reads the frontend's messages as they are.
+            write_message(inner, &m)?;
+            continue;
+        };
         match m.request {
             GET_INFLIGHT_FD | SET_INFLIGHT_FD => {
-                relay.inflight(m, acked)?;
+                relay.inflight(host, m, acked)?;
                 have_area = true;
                 continue;
             }
@@ -308,16 +320,40 @@ fn front_to_backend(
     Ok(())
 }
 
-/// Crate → frontend: forwards every reply, offering INFLIGHT_SHMFD.
+/// Crate → frontend: forwards every reply, offering INFLIGHT_SHMFD when the backend has an
+/// inflight area.
 fn backend_to_front(relay: &Relay, inner: &UnixStream) -> Result<(), ProxyError> {
+    let offer_inflight = relay.host.is_some();
     while let Some(mut m) = read_message(inner)? {
-        if m.request == GET_PROTOCOL_FEATURES && m.flags & FLAG_REPLY != 0 {
+        if offer_inflight && m.request == GET_PROTOCOL_FEATURES && m.flags & FLAG_REPLY != 0 {
             let bits = m.u64_body()? | VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
             m.body[..8].copy_from_slice(&bits.to_le_bytes());
         }
         relay.to_front(&m)?;
     }
     Ok(())
+}
+
+/// Listens on `socket` (a stale socket file is removed) and accepts one frontend.
+fn accept_one(socket: &std::path::Path) -> Result<UnixStream, ProxyError> {
+    let listener = Listener::new(socket, true).map_err(|e| {
+        ProxyError::Setup(
+            format!("cannot listen on {}", socket.display()),
+            io::Error::other(e),
+        )
+    })?;
+    loop {
+        match listener.accept() {
+            Ok(Some(s)) => return Ok(s),
+            Ok(None) => continue,
+            Err(e) => {
+                return Err(ProxyError::Setup(
+                    "accept on the vhost-user socket".into(),
+                    io::Error::other(e),
+                ))
+            }
+        }
+    }
 }
 
 /// Connects `daemon` (the crate's request handler) to this process over a private
@@ -377,13 +413,14 @@ where
     }
 }
 
-/// Listens on `socket`, serves one frontend through the relay until it disconnects, then
-/// stops `daemon`'s workers. Replaces `VhostUserDaemon::serve` for a backend that
-/// implements the inflight area.
+/// Takes one frontend from `frontend` (accepted on its path, or connected already), serves
+/// it through the relay until it disconnects, then stops `daemon`'s workers. Replaces
+/// `VhostUserDaemon::serve`, which can only listen on a path; `host` is the backend's
+/// inflight area, if it has one.
 pub fn serve<T>(
-    socket: &Path,
+    frontend: FrontendSocket,
     daemon: &mut VhostUserDaemon<T>,
-    host: Arc<dyn InflightHost>,
+    host: Option<Arc<dyn InflightHost>>,
 ) -> Result<(), ProxyError>
 where
     T: VhostUserBackend + Clone + 'static,
@@ -391,25 +428,10 @@ where
     T::Vring: Clone + Send + Sync,
 {
     let inner = connect_daemon(daemon)?;
-    let listener = Listener::new(socket, true).map_err(|e| {
-        ProxyError::Setup(
-            format!("cannot listen on {}", socket.display()),
-            io::Error::other(e),
-        )
-    })?;
-    let front = loop {
-        match listener.accept() {
-            Ok(Some(s)) => break s,
-            Ok(None) => continue,
-            Err(e) => {
-                return Err(ProxyError::Setup(
-                    "accept on the vhost-user socket".into(),
-                    io::Error::other(e),
-                ))
-            }
-        }
+    let front = match frontend {
+        FrontendSocket::Connected(stream) => stream,
+        FrontendSocket::Listen(socket) => accept_one(&socket)?,
     };
-    drop(listener);
     let clone = |s: &UnixStream| {
         s.try_clone()
             .map_err(|e| ProxyError::Setup("cannot clone a connection".into(), e))

@@ -9,7 +9,8 @@
 //! process N times, the way skiff's VMM does (vmm/src/devices/virtio/vhost_user.rs,
 //! `prepare_takeover` + `take_over`):
 //!
-//! 1. spawn the new process and negotiate: owner, features, protocol features;
+//! 1. spawn the new process, connected over a socketpair (`--socket-fd`, as skiff's VMM
+//!    starts device processes), and negotiate: owner, features, protocol features;
 //! 2. while the old one serves: SET_FEATURES, SET_MEM_TABLE and, for blk, SET_INFLIGHT_FD
 //!    with the device's inflight area;
 //! 3. pause: for each ring, disable and GET_VRING_BASE on the old backend, then NUM, BASE,
@@ -458,34 +459,38 @@ fn acked<T>(
 }
 
 impl Backend {
+    /// Starts `bin args... --socket-fd N` with `inherit` and one end of a socketpair (N)
+    /// inherited, as skiff's VMM does, and negotiates over the other end.
     fn start(
         bin: &Path,
         args: &[String],
-        inherit: Vec<RawFd>,
-        socket: &Path,
+        mut inherit: Vec<RawFd>,
         queues: u64,
         log: &File,
     ) -> Result<Backend> {
-        let _ = std::fs::remove_file(socket);
-        let mut child = spawn(bin, args, inherit, log)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let stream = loop {
-            match UnixStream::connect(socket) {
-                Ok(s) => break s,
-                Err(e) => {
-                    if let Ok(Some(st)) = child.try_wait() {
-                        return Err(format!("{} exited: {st}", bin.display()));
-                    }
-                    if Instant::now() > deadline {
-                        return Err(format!("{}: {e}", socket.display()));
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
-        };
+        let (stream, theirs) = UnixStream::pair().map_err(err("socketpair"))?;
+        let mut args = args.to_vec();
+        args.push("--socket-fd".into());
+        args.push(theirs.as_raw_fd().to_string());
+        inherit.push(theirs.as_raw_fd());
+        let mut child = spawn(bin, &args, inherit, log)?;
+        // Only the child holds its end now: its exit ends the connection.
+        drop(theirs);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(err("socket timeout"))?;
         let mut fe = Frontend::from_stream(stream, queues);
         fe.set_owner().map_err(err("SET_OWNER"))?;
-        let features = fe.get_features().map_err(err("GET_FEATURES"))?;
+        let features = match fe.get_features() {
+            Ok(f) => f,
+            Err(e) => {
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(match child.try_wait() {
+                    Ok(Some(st)) => format!("{} exited: {st}", bin.display()),
+                    _ => format!("GET_FEATURES: {e}"),
+                });
+            }
+        };
         let offered = fe
             .get_protocol_features()
             .map_err(err("GET_PROTOCOL_FEATURES"))?;
@@ -651,7 +656,6 @@ fn bench_device(
     name: &'static str,
     setup: &Setup,
     a: &Args,
-    dir: &Path,
     image: Option<(&File, u64)>,
     log: &File,
 ) -> Result<DeviceReport> {
@@ -661,21 +665,11 @@ fn bench_device(
         .collect::<io::Result<_>>()
         .map_err(err("eventfd"))?;
     let call = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(err("eventfd"))?;
-    let sockets = [
-        dir.join(format!("{name}-a.sock")),
-        dir.join(format!("{name}-b.sock")),
-    ];
-    let with_socket = |s: &Path| {
-        let mut v = vec!["--socket".to_string(), s.display().to_string()];
-        v.extend(setup.args.iter().cloned());
-        v
-    };
     let mut inflight = None;
     let mut cur = Backend::start(
         &setup.bin,
-        &with_socket(&sockets[0]),
+        &setup.args,
         setup.inherit.clone(),
-        &sockets[0],
         u64::from(setup.queues),
         log,
     )?;
@@ -719,7 +713,6 @@ fn bench_device(
     let mut failure = None;
     let mut slow = Vec::new();
     for n in 0..a.upgrades {
-        let socket = &sockets[(n + 1) % 2];
         let started = Instant::now();
         if a.crash {
             // kill -9 at a random moment of the load, as a crash would.
@@ -730,9 +723,8 @@ fn bench_device(
             let crashed = Instant::now();
             let mut next = Backend::start(
                 &setup.bin,
-                &with_socket(socket),
+                &setup.args,
                 setup.inherit.clone(),
-                socket,
                 u64::from(setup.queues),
                 log,
             )?;
@@ -863,7 +855,7 @@ fn run(a: &Args) -> Result<Vec<Value>> {
                     queues: 1,
                     rings: vec![Ring::at(0)],
                 };
-                bench_device("blk", &setup, a, &dir, Some((&image, size)), &log)
+                bench_device("blk", &setup, a, Some((&image, size)), &log)
             }
             "net" => {
                 // SAFETY: unshare only changes this process's namespace membership.
@@ -884,7 +876,7 @@ fn run(a: &Args) -> Result<Vec<Value>> {
                     queues: 2,
                     rings: vec![Ring::at(1), Ring::at(2)],
                 };
-                bench_device("net", &setup, a, &dir, None, &log)
+                bench_device("net", &setup, a, None, &log)
             }
             other => Err(format!("unknown device {other:?} (blk, net)")),
         };

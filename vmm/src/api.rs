@@ -347,7 +347,11 @@ impl Vmm {
                 .map(|d| SkiffDevice {
                     id: d.id.clone(),
                     kind: kind_name(d.kind).into(),
-                    socket: d.socket.display().to_string(),
+                    socket: d
+                        .socket
+                        .as_ref()
+                        .map(|s| s.display().to_string())
+                        .unwrap_or_default(),
                     pid: d.process.and_then(|i| b.processes.get(i)).map(|p| p.pid()),
                     binary: d.binary.as_ref().map(|p| p.display().to_string()),
                     backing: d.backing.clone(),

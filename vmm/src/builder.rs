@@ -2,8 +2,9 @@
 //! devices, kernel, boot information and vCPUs.
 
 use std::fs::File;
-use std::os::unix::ffi::OsStringExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{cpuid, loader, mptable, regs};
 use crate::config::{ConsoleConfig, DriveBackend, VmConfig};
-use crate::device_binary::{BinaryDir, DeviceBinaryError};
+use crate::device_binary::{BinaryDir, DeviceBinary, DeviceBinaryError};
 use crate::device_process::{DeviceProcess, DeviceProcessError};
 use crate::devices::bus::IoBus;
 use crate::devices::i8042::I8042;
@@ -36,7 +37,6 @@ use crate::memory::{create_guest_ram, GuestRam, MemoryError};
 use crate::metrics::{SerialMetrics, VcpuMetrics};
 use crate::tap::{TapError, TapFd};
 use crate::vcpu::{Vcpu, VcpuGate};
-use std::os::fd::{AsFd, AsRawFd};
 
 /// Errors building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,10 @@ pub enum BuildError {
     /// A vhost-user backend failed during setup.
     #[error("{0}")]
     Backend(String, #[source] VhostUserError),
+    /// A device process ended before it answered (how it ended, from
+    /// [`DeviceProcess::check_alive`]); the request that found out.
+    #[error("{0} before it answered")]
+    Ended(String, #[source] VhostUserError),
     /// Too many devices for the IOAPIC pins.
     #[error("{0} virtio devices are more than the {max} interrupt lines skiff has for them", max = IRQ_MAX - VIRTIO_IRQ_BASE + 1)]
     TooManyDevices(usize),
@@ -111,8 +115,6 @@ pub struct BuiltVm {
     pub console_flush: EventFd,
     /// The first panic line seen on the console.
     pub panic: Arc<Mutex<Option<String>>>,
-    /// Private directory of the device sockets.
-    pub runtime_dir: PathBuf,
     /// Pause/resume of the vCPUs.
     pub gate: Arc<VcpuGate>,
     /// Exit counters, one block per vCPU.
@@ -133,8 +135,9 @@ pub struct DeviceSlot {
     pub transport: usize,
     /// Index into [`BuiltVm::processes`] (None for an externally started backend).
     pub process: Option<usize>,
-    /// The vhost-user socket.
-    pub socket: PathBuf,
+    /// The vhost-user socket of an externally started backend (None for a device process
+    /// skiff started: its connection is a socketpair, see [`spawn_connected`]).
+    pub socket: Option<PathBuf>,
     /// The device binary skiff started.
     pub binary: Option<PathBuf>,
     /// Image path or TAP name.
@@ -170,7 +173,7 @@ impl DeviceSlot {
     }
 }
 
-/// Where to find device binaries and put sockets.
+/// Where to find device binaries, and what to hand them.
 pub struct BuildOptions {
     /// The directory device binaries (skiff-blk, skiff-net, upgrades) come from.
     pub device_bins: BinaryDir,
@@ -183,12 +186,20 @@ pub struct BuildOptions {
     pub filters: sandbox::ThreadFilters,
 }
 
+/// How the VMM reaches a device's backend.
+enum Link {
+    /// A device process skiff started ([`BuiltVm::processes`] index), connected over a
+    /// socketpair: the VMM's end.
+    Process(usize, UnixStream),
+    /// An externally started backend listening on this socket.
+    External(PathBuf),
+}
+
 struct PendingDevice {
     kind: DeviceKind,
     id: String,
     name: String,
-    socket: PathBuf,
-    process: Option<usize>,
+    link: Link,
     binary: Option<PathBuf>,
     backing: String,
     read_only: bool,
@@ -199,44 +210,97 @@ struct PendingDevice {
     image: Option<Arc<File>>,
 }
 
-fn runtime_dir() -> Result<PathBuf, BuildError> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    // mkdtemp: a new directory (never one that someone else made first, or a link), with an
-    // unguessable name, mode 0700.
-    let template = base.join(format!("skiff-{}-XXXXXX", std::process::id()));
-    let mut bytes = template.into_os_string().into_vec();
-    bytes.push(0);
-    // SAFETY: `bytes` is a NUL-terminated template ending in XXXXXX that mkdtemp rewrites in
-    // place; it lives across the call.
-    let made = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
-    if made.is_null() {
-        return Err(BuildError::Host(
-            "the runtime directory for device sockets",
-            std::io::Error::last_os_error(),
-        ));
+/// How long a backend may take to answer one vhost-user request (and an external one to
+/// accept the connection).
+pub(crate) const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a device process whose connection failed may take to be seen ended: its end
+/// of the socketpair closes as it exits, a moment before it can be reaped.
+const ENDED_GRACE: Duration = Duration::from_millis(500);
+
+/// Starts device process `name` (`bin args...` with `fds` inherited) connected to the VMM
+/// over a socketpair (AF_UNIX, SOCK_STREAM, close-on-exec): the child inherits one end as
+/// `--socket-fd N`, appended to `args`, and the VMM closes its copy of that end once the
+/// child runs; the other end is returned, with [`BACKEND_TIMEOUT`] on reads and writes as
+/// on every vhost-user connection of skiff (the vhost crate retries a read or write that
+/// timed out, though, so they do not end a request a live backend never answers). No
+/// socket path is shared with the child and there is no connect to retry: the first
+/// request waits until the child serves, or fails when it died (see [`negotiate`]).
+pub(crate) fn spawn_connected(
+    name: String,
+    bin: &DeviceBinary,
+    args: &[String],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(DeviceProcess, UnixStream), BuildError> {
+    let (ours, theirs) = UnixStream::pair()
+        .map_err(|e| BuildError::Host("the socketpair of a device process", e))?;
+    let mut args = args.to_vec();
+    args.push("--socket-fd".into());
+    args.push(theirs.as_raw_fd().to_string());
+    let mut inherit = fds.to_vec();
+    inherit.push(theirs.as_fd());
+    // No socket path: DeviceProcess keeps one for processes that listen on a path.
+    let process = DeviceProcess::spawn_with_fds(name, bin, &args, PathBuf::new(), &inherit)?;
+    // Only the child holds its end now, so its exit shows as the end of the connection.
+    drop(theirs);
+    for set in [UnixStream::set_read_timeout, UnixStream::set_write_timeout] {
+        set(&ours, Some(BACKEND_TIMEOUT))
+            .map_err(|e| BuildError::Host("the timeouts of a device connection", e))?;
     }
-    bytes.pop();
-    Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+    Ok((process, ours))
 }
 
-/// How long a device process may take to answer one vhost-user request.
-const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Negotiates with device process `process` over `stream`, its connection from
+/// [`spawn_connected`]. When that fails because the process ended (it exited before or
+/// while answering), the error says so and how it ended ([`DeviceProcess::check_alive`]).
+pub(crate) fn negotiate(
+    process: &mut DeviceProcess,
+    kind: DeviceKind,
+    stream: UnixStream,
+    max_queues: usize,
+    mem: vm_memory::GuestMemoryMmap,
+) -> Result<VhostUserDevice, BuildError> {
+    // Kept open while a failure is looked into: a live process that refused a request must
+    // not exit because its connection closed and then be reported as ended.
+    let hold = stream.try_clone().ok();
+    match VhostUserDevice::new(kind, stream, max_queues, mem) {
+        Ok(dev) => Ok(dev),
+        Err(e) => {
+            let ended = ended_within(process, ENDED_GRACE);
+            drop(hold);
+            Err(match ended {
+                Some(why) => BuildError::Ended(why, e),
+                None => BuildError::Backend(
+                    format!("{}: vhost-user negotiation failed", process.name),
+                    e,
+                ),
+            })
+        }
+    }
+}
 
-/// skiff-blk's arguments for serving the image open on `image` on `socket`, counting
-/// in `page`.
+/// How `p` ended, if it has or does within `grace` (its pidfd becomes readable).
+fn ended_within(p: &mut DeviceProcess, grace: Duration) -> Option<String> {
+    let mut pfd = libc::pollfd {
+        fd: p.pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(grace.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll reads and writes the one pollfd, which lives across the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+    p.check_alive().err()
+}
+
+/// skiff-blk's arguments for serving the image open on `image`, counting in `page` (the
+/// connection, `--socket-fd`, is added by [`spawn_connected`]).
 pub(crate) fn blk_args(
-    socket: &Path,
     image: &File,
     read_only: bool,
     page: &MetricsPage,
     seccomp: &sandbox::SeccompChoice,
 ) -> Vec<String> {
     let mut args = vec![
-        "--socket".to_string(),
-        socket.display().to_string(),
         "--image-fd".to_string(),
         image.as_raw_fd().to_string(),
         "--metrics-fd".to_string(),
@@ -249,17 +313,15 @@ pub(crate) fn blk_args(
     args
 }
 
-/// skiff-net's arguments for serving the TAP `tap` on `socket`, counting in `page`.
+/// skiff-net's arguments for serving the TAP `tap`, counting in `page` (the connection,
+/// `--socket-fd`, is added by [`spawn_connected`]).
 pub(crate) fn net_args(
-    socket: &Path,
     tap: &TapFd,
     mac: Option<&str>,
     page: &MetricsPage,
     seccomp: &sandbox::SeccompChoice,
 ) -> Vec<String> {
     let mut args = vec![
-        "--socket".to_string(),
-        socket.display().to_string(),
         "--tap-fd".to_string(),
         tap.as_fd().as_raw_fd().to_string(),
         "--metrics-fd".to_string(),
@@ -277,13 +339,12 @@ pub(crate) fn net_args(
 fn start_device_processes(
     cfg: &VmConfig,
     opts: &BuildOptions,
-    dir: &Path,
     processes: &mut Vec<DeviceProcess>,
 ) -> Result<Vec<PendingDevice>, BuildError> {
     let mut pending = Vec::new();
     let blk = opts.device_bins.resolve(Path::new("skiff-blk"))?;
     let net = opts.device_bins.resolve(Path::new("skiff-net"))?;
-    for (i, d) in cfg.drives.iter().enumerate() {
+    for d in &cfg.drives {
         let name = match &d.backend {
             DriveBackend::Socket(s) => {
                 format!("vhost-user backend at {} for drive '{}'", s.display(), d.id)
@@ -292,28 +353,22 @@ fn start_device_processes(
         };
         let mut metrics = None;
         let mut image_file = None;
-        let (socket, process, binary, backing) = match &d.backend {
-            DriveBackend::Socket(s) => (s.clone(), None, None, s.display().to_string()),
+        let (link, binary, backing) = match &d.backend {
+            DriveBackend::Socket(s) => (Link::External(s.clone()), None, s.display().to_string()),
             DriveBackend::Image(image) => {
-                let socket = dir.join(format!("blk{i}.sock"));
                 let file = Arc::new(
                     crate::image::open_locked(image, d.read_only)
                         .map_err(|e| BuildError::Image(d.id.clone(), e))?,
                 );
                 let page = Arc::new(MetricsPage::create(&d.id)?);
-                let args = blk_args(&socket, &file, d.read_only, &page, &opts.seccomp);
-                processes.push(DeviceProcess::spawn_with_fds(
-                    name.clone(),
-                    &blk,
-                    &args,
-                    socket.clone(),
-                    &[file.as_fd(), page.fd()],
-                )?);
+                let args = blk_args(&file, d.read_only, &page, &opts.seccomp);
+                let (process, stream) =
+                    spawn_connected(name.clone(), &blk, &args, &[file.as_fd(), page.fd()])?;
+                processes.push(process);
                 metrics = Some(page);
                 image_file = Some(file);
                 (
-                    socket,
-                    Some(processes.len() - 1),
+                    Link::Process(processes.len() - 1, stream),
                     Some(blk.path().to_path_buf()),
                     image.display().to_string(),
                 )
@@ -323,8 +378,7 @@ fn start_device_processes(
             kind: DeviceKind::Block,
             id: d.id.clone(),
             name,
-            socket,
-            process,
+            link,
             binary,
             backing,
             read_only: d.read_only,
@@ -335,25 +389,19 @@ fn start_device_processes(
             image: image_file,
         });
     }
-    for (i, n) in cfg.nets.iter().enumerate() {
+    for n in &cfg.nets {
         let name = format!("skiff-net for interface '{}' (TAP {})", n.id, n.tap);
-        let socket = dir.join(format!("net{i}.sock"));
         let tap = Arc::new(TapFd::open(&n.tap).map_err(|e| BuildError::Tap(n.id.clone(), e))?);
         let page = Arc::new(MetricsPage::create(&n.id)?);
-        let args = net_args(&socket, &tap, n.mac.as_deref(), &page, &opts.seccomp);
-        processes.push(DeviceProcess::spawn_with_fds(
-            name.clone(),
-            &net,
-            &args,
-            socket.clone(),
-            &[tap.as_fd(), page.fd()],
-        )?);
+        let args = net_args(&tap, n.mac.as_deref(), &page, &opts.seccomp);
+        let (process, stream) =
+            spawn_connected(name.clone(), &net, &args, &[tap.as_fd(), page.fd()])?;
+        processes.push(process);
         pending.push(PendingDevice {
             kind: DeviceKind::Net,
             id: n.id.clone(),
             name,
-            socket,
-            process: Some(processes.len() - 1),
+            link: Link::Process(processes.len() - 1, stream),
             binary: Some(net.path().to_path_buf()),
             backing: n.tap.clone(),
             read_only: false,
@@ -435,7 +483,6 @@ pub fn build(
     cfg: &VmConfig,
     opts: &BuildOptions,
     processes: &mut Vec<DeviceProcess>,
-    runtime: &mut Option<PathBuf>,
 ) -> Result<BuiltVm, BuildError> {
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     cfg.validate(kvm.get_max_vcpus(), crate::host::host_memory_bytes())?;
@@ -445,9 +492,7 @@ pub fn build(
     }
 
     // Device processes start first so that their start-up overlaps the kernel load.
-    let dir = runtime_dir()?;
-    *runtime = Some(dir.clone());
-    let pending = start_device_processes(cfg, opts, &dir, processes)?;
+    let pending = start_device_processes(cfg, opts, processes)?;
 
     let mem_bytes = cfg.mem_mib << 20;
     let ram = create_guest_ram(mem_bytes)?;
@@ -484,21 +529,26 @@ pub fn build(
     let mut mmio_args = Vec::new();
     let mut devices = Vec::new();
     for (i, p) in pending.into_iter().enumerate() {
-        let stream = {
-            let procs = &mut *processes;
-            connect_with_retry(&p.socket, Duration::from_secs(10), || match p.process {
-                Some(idx) => procs[idx].check_alive(),
-                None => Ok(()),
-            })
-            .map_err(|e| BuildError::Backend(format!("{} is not reachable", p.name), e))?
+        let (dev, process, socket) = match p.link {
+            Link::Process(idx, stream) => {
+                let proc = &mut processes[idx];
+                let dev = negotiate(proc, p.kind, stream, p.max_queues, ram.mem.clone())?;
+                (dev, Some(idx), None)
+            }
+            Link::External(socket) => {
+                // An external backend (qemu-storage-daemon, ...) may still be starting.
+                let stream = connect_with_retry(&socket, BACKEND_TIMEOUT, || Ok(()))
+                    .map_err(|e| BuildError::Backend(format!("{} is not reachable", p.name), e))?;
+                // A backend that stops answering fails the request instead of hanging a vCPU.
+                let _ = stream.set_read_timeout(Some(BACKEND_TIMEOUT));
+                let _ = stream.set_write_timeout(Some(BACKEND_TIMEOUT));
+                let dev = VhostUserDevice::new(p.kind, stream, p.max_queues, ram.mem.clone())
+                    .map_err(|e| {
+                        BuildError::Backend(format!("{}: vhost-user negotiation failed", p.name), e)
+                    })?;
+                (dev, None, Some(socket))
+            }
         };
-        // A backend that stops answering fails the request instead of hanging a vCPU.
-        let _ = stream.set_read_timeout(Some(BACKEND_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(BACKEND_TIMEOUT));
-        let dev =
-            VhostUserDevice::new(p.kind, stream, p.max_queues, ram.mem.clone()).map_err(|e| {
-                BuildError::Backend(format!("{}: vhost-user negotiation failed", p.name), e)
-            })?;
         let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
         let gsi = VIRTIO_IRQ_BASE + i as u32;
         vm.register_irqfd(dev.call_fd(), gsi)
@@ -521,8 +571,8 @@ pub fn build(
             id: p.id,
             kind: p.kind,
             transport: i,
-            process: p.process,
-            socket: p.socket,
+            process,
+            socket,
             binary: p.binary,
             backing: p.backing,
             read_only: p.read_only,
@@ -593,7 +643,6 @@ pub fn build(
         stop,
         console_flush,
         panic,
-        runtime_dir: dir,
         gate,
         vcpu_metrics,
         serial_metrics,
@@ -604,24 +653,75 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+
+    fn sh() -> DeviceBinary {
+        let dir = BinaryDir::open(Some(Path::new("/bin"))).expect("/bin");
+        dir.resolve(Path::new("sh")).expect("sh")
+    }
+
+    fn start(script: &str) -> (DeviceProcess, UnixStream) {
+        let args = vec!["-c".to_string(), script.to_string()];
+        spawn_connected("sh for a test".into(), &sh(), &args, &[]).expect("spawn")
+    }
 
     #[test]
-    fn runtime_dirs_are_new_private_and_unguessable() {
-        let a = runtime_dir().expect("a");
-        let b = runtime_dir().expect("b");
-        assert_ne!(a, b);
-        for d in [&a, &b] {
-            let m = std::fs::symlink_metadata(d).expect("stat");
-            assert!(m.is_dir());
-            assert_eq!(m.mode() & 0o7777, 0o700, "{}", d.display());
-            let name = d.file_name().expect("name").to_string_lossy().into_owned();
-            let prefix = format!("skiff-{}-", std::process::id());
-            assert!(
-                name.starts_with(&prefix) && name.len() == prefix.len() + 6,
-                "{name}"
-            );
-            std::fs::remove_dir(d).expect("rmdir");
+    fn the_child_inherits_its_end_as_socket_fd_and_the_vmm_keeps_the_other() {
+        // `sh -c script --socket-fd N`: $0 and $1 are the appended option; fd N is a socket
+        // in the child, and the only one besides stdio.
+        let (mut p, ours) = start(
+            r#"[ "$0" = --socket-fd ] && [ -S /proc/self/fd/$1 ] && echo up >&$1 && read x <&$1 && [ "$x" = go ]"#,
+        );
+        use std::io::{BufRead, BufReader, Write};
+        let mut line = String::new();
+        BufReader::new(&ours).read_line(&mut line).expect("read");
+        assert_eq!(line, "up\n");
+        (&ours).write_all(b"go\n").expect("write");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while p.check_alive().is_ok() {
+            assert!(std::time::Instant::now() < deadline, "sh did not exit");
+            std::thread::sleep(Duration::from_millis(5));
         }
+        assert_eq!(p.ended_how().as_deref(), Some("exited with status 0"));
+        // The VMM's end is close-on-exec and has the request timeouts.
+        // SAFETY: F_GETFD on an fd the test owns.
+        let flags = unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        assert_eq!(ours.read_timeout().expect("timeout"), Some(BACKEND_TIMEOUT));
+    }
+
+    #[test]
+    fn a_process_that_ends_before_answering_is_named_with_how_it_ended() {
+        let (mut p, ours) = start("exit 3");
+        let pid = p.pid();
+        let mem = vm_memory::GuestMemoryMmap::new();
+        let e = match negotiate(&mut p, DeviceKind::Block, ours, 1, mem) {
+            Ok(_) => panic!("negotiated with sh"),
+            Err(e) => e,
+        };
+        assert!(matches!(e, BuildError::Ended(..)), "{e:?}");
+        let chain = crate::error_chain(&e);
+        assert!(
+            chain.starts_with(&format!(
+                "sh for a test (pid {pid}) exited with status 3 before it answered: vhost-user "
+            )),
+            "{chain}"
+        );
+    }
+
+    #[test]
+    fn a_live_process_that_hangs_up_is_not_said_to_have_ended() {
+        // It closes its end without answering, and lives on.
+        let (mut p, ours) = start(r#"eval "exec $1>&-"; sleep 5"#);
+        let mem = vm_memory::GuestMemoryMmap::new();
+        let e = match negotiate(&mut p, DeviceKind::Block, ours, 1, mem) {
+            Ok(_) => panic!("negotiated with sh"),
+            Err(e) => e,
+        };
+        assert!(matches!(e, BuildError::Backend(..)), "{e:?}");
+        assert!(
+            crate::error_chain(&e).starts_with("sh for a test: vhost-user negotiation failed"),
+            "{e}"
+        );
+        p.stop(Duration::ZERO);
     }
 }

@@ -19,20 +19,13 @@ use std::time::{Duration, Instant};
 use api_server::models::UpgradeReport;
 use api_server::request::ApiFault;
 
-use crate::builder::{blk_args, net_args};
+use crate::builder::{blk_args, negotiate, net_args, spawn_connected, BuildError};
 use crate::device_process::DeviceProcess;
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::vhost_user::{
-    connect_with_retry, DeviceKind, VhostUserDevice, VhostUserError,
-};
+use crate::devices::virtio::vhost_user::{DeviceKind, VhostUserDevice, VhostUserError};
 use crate::error_chain;
 use crate::report::kind_name;
 use crate::vmm::Vmm;
-
-/// How long a replacement backend may take to answer one vhost-user request.
-const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a new device process may take to accept on its socket.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn bad(m: impl Into<String>) -> ApiFault {
     ApiFault::bad_request(m)
@@ -84,7 +77,6 @@ struct Replacement {
     next: Option<VhostUserDevice>,
     /// The image the new process serves (block).
     image: Option<Arc<std::fs::File>>,
-    socket: PathBuf,
     binary: PathBuf,
     backing: String,
     started: Instant,
@@ -128,7 +120,9 @@ impl Vmm {
             return Err(bad(format!(
                 "device '{id}' is served by an external vhost-user backend ({}); skiff \
                  cannot replace it",
-                slot.socket.display()
+                slot.socket
+                    .as_ref()
+                    .map_or_else(|| slot.backing.clone(), |s| s.display().to_string())
             )));
         };
         // Whatever a client names, only a checked file of the operator's directory runs.
@@ -143,14 +137,6 @@ impl Vmm {
                 ))
             })?;
         let binary = exe.path().to_path_buf();
-        let generation = slot.restarts + 1;
-        let prefix = match slot.kind {
-            DeviceKind::Block => "blk",
-            DeviceKind::Net => "net",
-        };
-        let socket = b
-            .runtime_dir
-            .join(format!("{prefix}{}.{generation}.sock", slot.transport));
         let name = b.processes[proc_idx].name.clone();
         let backing = image.map(str::to_string).unwrap_or(slot.backing.clone());
         // A new image is opened and locked here; otherwise the drive's own open image is
@@ -178,10 +164,10 @@ impl Vmm {
         };
         let args = match (slot.kind, &slot.tap, &slot.metrics, &image_file) {
             (DeviceKind::Block, _, Some(page), Some(file)) => {
-                blk_args(&socket, file, slot.read_only, page, &self.opts.seccomp)
+                blk_args(file, slot.read_only, page, &self.opts.seccomp)
             }
             (DeviceKind::Net, Some(tap), Some(page), _) => {
-                net_args(&socket, tap, slot.mac.as_deref(), page, &self.opts.seccomp)
+                net_args(tap, slot.mac.as_deref(), page, &self.opts.seccomp)
             }
             _ => {
                 return Err(ApiFault::internal(format!(
@@ -199,31 +185,18 @@ impl Vmm {
         if let Some(file) = &image_file {
             fds.push(file.as_fd());
         }
-        let mut process =
-            DeviceProcess::spawn_with_fds(name.clone(), &exe, &args, socket.clone(), &fds)
-                .map_err(|e| {
-                    bad(format!(
-                        "{}; device '{id}' keeps its current process",
-                        error_chain(&e)
-                    ))
-                })?;
-        let stream = match connect_with_retry(&socket, START_TIMEOUT, || process.check_alive()) {
-            Ok(s) => s,
-            Err(e) => {
-                stop_in_background(process);
-                return Err(bad(format!(
-                    "the new {name} ({}) did not come up: {}; the old process keeps serving",
-                    binary.display(),
+        // Connected over a socketpair: nothing to wait for before the first request.
+        let (mut process, stream) =
+            spawn_connected(name.clone(), &exe, &args, &fds).map_err(|e| {
+                bad(format!(
+                    "{}; device '{id}' keeps its current process",
                     error_chain(&e)
-                )));
-            }
-        };
+                ))
+            })?;
         let spawn_us = micros(t0.elapsed());
-        // A backend that stops answering must not hang the event loop.
-        let _ = stream.set_read_timeout(Some(BACKEND_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(BACKEND_TIMEOUT));
         let t1 = Instant::now();
-        match VhostUserDevice::new(slot.kind, stream, slot.max_queues, b.ram.mem.clone()) {
+        let mem = b.ram.mem.clone();
+        match negotiate(&mut process, slot.kind, stream, slot.max_queues, mem) {
             Ok(next) => Ok(Replacement {
                 id,
                 kind: slot.kind,
@@ -232,7 +205,6 @@ impl Vmm {
                 process,
                 next: Some(next),
                 image: image_file,
-                socket,
                 binary,
                 backing,
                 started: t0,
@@ -241,8 +213,12 @@ impl Vmm {
             }),
             Err(e) => {
                 stop_in_background(process);
+                let what = match e {
+                    BuildError::Ended(..) => "did not come up",
+                    _ => "cannot take over",
+                };
                 Err(bad(format!(
-                    "the new {name} ({}) cannot take over: {}; the old process keeps serving",
+                    "the new {name} ({}) {what}: {}; the old process keeps serving",
                     binary.display(),
                     error_chain(&e)
                 )))
@@ -263,7 +239,6 @@ impl Vmm {
         if r.image.is_some() {
             slot.image = r.image;
         }
-        slot.socket = r.socket;
         slot.backing = r.backing;
         slot.restarts += 1;
         if let Err(e) = self.rewatch_process(r.proc_idx, old_pidfd) {
@@ -364,11 +339,9 @@ impl Vmm {
             (r.kind, r.spawn_us, r.negotiate_us, r.started);
         let new_binary = r.binary.display().to_string();
         let (old, old_binary) = self.install(slot_idx, r);
-        let old_socket = old.socket.clone();
         // The old connection is closed; the old process exits on its own and is reaped off
         // the event loop.
         stop_in_background(old);
-        let _ = std::fs::remove_file(old_socket);
         self.vm_metrics.switch_pause.record(timings.pause_us);
         let report = UpgradeReport {
             id: id.clone(),
@@ -432,9 +405,7 @@ impl Vmm {
         };
         let new_pid = r.process.pid();
         let (old, _) = self.install(slot_idx, r);
-        let old_socket = old.socket.clone();
         stop_in_background(old);
-        let _ = std::fs::remove_file(old_socket);
         self.vm_metrics
             .crash_restarts
             .fetch_add(1, Ordering::Relaxed);

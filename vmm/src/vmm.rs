@@ -296,15 +296,11 @@ impl Vmm {
         }
         let cfg = self.vm_config();
         let mut processes = Vec::new();
-        let mut runtime = None;
-        let built = match build(&cfg, &self.opts, &mut processes, &mut runtime) {
+        let built = match build(&cfg, &self.opts, &mut processes) {
             Ok(b) => b,
             Err(e) => {
                 for p in processes {
                     p.stop(Duration::from_millis(500));
-                }
-                if let Some(dir) = runtime {
-                    let _ = std::fs::remove_dir_all(dir);
                 }
                 return Err(e.into());
             }
@@ -798,7 +794,6 @@ fn teardown(vm: RunningVm) {
         vm: vm_fd,
         bus,
         processes,
-        runtime_dir,
         ram,
         ..
     } = built;
@@ -818,5 +813,4 @@ fn teardown(vm: RunningVm) {
     }
     drop(vm_fd);
     drop(ram);
-    let _ = std::fs::remove_dir_all(&runtime_dir);
 }

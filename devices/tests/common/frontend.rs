@@ -69,7 +69,21 @@ pub fn connect(
     features: u64,
     proto: VhostUserProtocolFeatures,
 ) -> Frontend {
-    let mut f = Frontend::connect(socket, 1).expect("connect");
+    negotiate(
+        Frontend::connect(socket, 1).expect("connect"),
+        mem,
+        features,
+        proto,
+    )
+}
+
+/// What [`connect`] does once connected.
+pub fn negotiate(
+    mut f: Frontend,
+    mem: &GuestMemoryMmap,
+    features: u64,
+    proto: VhostUserProtocolFeatures,
+) -> Frontend {
     f.set_owner().expect("SET_OWNER");
     let offered = f.get_features().expect("GET_FEATURES");
     assert_ne!(offered & PROTOCOL_FEATURES, 0);

@@ -17,18 +17,25 @@ pub const CHILD_FD: RawFd = 100;
 /// `bin --socket SOCKET args...` with stdin and stdout closed and `fd` (if any) inherited
 /// as [`CHILD_FD`].
 pub fn command(bin: &str, socket: &Path, args: &[&str], fd: Option<RawFd>) -> Command {
+    let mut cmd = command_with_fds(bin, &[], fd.map(|f| (f, CHILD_FD)).as_slice());
+    cmd.arg("--socket").arg(socket).args(args);
+    cmd
+}
+
+/// `bin args...` with stdin and stdout closed and each `(fd, number)` of `fds` inherited as
+/// `number` (numbers past the test's own fds, e.g. 100 and up).
+pub fn command_with_fds(bin: &str, args: &[&str], fds: &[(RawFd, RawFd)]) -> Command {
     let mut cmd = Command::new(bin);
-    cmd.arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    if let Some(src) = fd {
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null());
+    let fds = fds.to_vec();
+    if !fds.is_empty() {
         // SAFETY: the closure only calls dup2, which is async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(src, CHILD_FD) < 0 {
-                    return Err(io::Error::last_os_error());
+                for &(src, dst) in &fds {
+                    if libc::dup2(src, dst) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

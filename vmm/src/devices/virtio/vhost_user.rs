@@ -114,7 +114,9 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
-/// Connects to `path`, retrying until `timeout` (a device process may still be starting).
+/// Connects to `path`, retrying until `timeout` (a backend listening on a path, such as an
+/// external one given by the user, may still be starting; the device processes skiff
+/// starts are connected over a socketpair instead, see `builder::spawn_connected`).
 /// `alive` is polled between attempts so a backend that died is reported at once.
 pub fn connect_with_retry(
     path: &Path,
