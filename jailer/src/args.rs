@@ -34,7 +34,13 @@ const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 /// root is the cell (pivot_root; /proc mounted with hidepid=invisible,subset=pid), in a new
 /// PID namespace with --new-pid-ns (skiff is its PID 1), in the cgroup, with the resource
 /// limits, with no fd but 0-2, an empty environment, --uid/--gid and no supplementary groups,
-/// no_new_privs. skiff and the device processes it starts stay in the cell and the cgroup.
+/// no_new_privs, and its end of the launcher socket as fd 3 (`--launcher-fd 3`).
+///
+/// skiff does not start its device processes itself: it asks skiff-jailer (the launcher),
+/// which starts each skiff-blk and skiff-net from the cell's /bin in a cell of its own: the
+/// VM's cgroup, new mount, network, IPC and UTS namespaces, an empty read-only root (only
+/// /dev/null, /dev/urandom, /proc and the libraries), --device-uid/--device-gid, no_new_privs,
+/// exactly the fds skiff passed (its vhost-user socket, image or TAP, metrics page).
 ///
 /// skiff-jailer stays as skiff's parent (signals SIGTERM, SIGINT, SIGHUP and SIGQUIT are
 /// passed on to skiff) and exits with skiff's status once it has removed the cell and the
@@ -61,6 +67,14 @@ pub struct Args {
     /// The group skiff runs as: a number or a name from the group database; not 0.
     #[arg(long)]
     pub gid: String,
+    /// The user skiff's device processes (skiff-blk, skiff-net) run as: a number or a name;
+    /// not 0 and not --uid. Default: --uid + 1 (allocate two uids per VM).
+    #[arg(long)]
+    pub device_uid: Option<String>,
+    /// The group of the device processes: a number or a name; not 0 and not --gid. Default:
+    /// --gid + 1.
+    #[arg(long)]
+    pub device_gid: Option<String>,
     /// Where cells are made: <chroot-base-dir>/skiff/<id>/root.
     #[arg(long, value_name = "DIR", default_value = "/srv/skiff")]
     pub chroot_base_dir: PathBuf,
@@ -122,6 +136,8 @@ pub struct Plan {
     pub runtime_files: Vec<PathBuf>,
     pub uid: u32,
     pub gid: u32,
+    pub device_uid: u32,
+    pub device_gid: u32,
     pub base: PathBuf,
     pub netns: Option<OwnedFd>,
     pub cgroup_values: Vec<(String, String)>,
@@ -192,6 +208,39 @@ fn ident_err(flag: &'static str, value: &str, why: impl Into<String>) -> ArgsErr
         value: value.to_string(),
         why: why.into(),
     }
+}
+
+/// The device processes' uid and gid: given, or the VM's + 1; never 0, never the VM's.
+fn device_ids(args: &Args, uid: u32, gid: u32) -> Result<(u32, u32), ArgsError> {
+    let pick = |flag: &'static str, given: &Option<String>, vm: u32, user: bool| {
+        let id = match given {
+            Some(v) => resolve_id(flag, v, user)?,
+            None => vm
+                .checked_add(1)
+                .filter(|n| *n != u32::MAX)
+                .ok_or_else(|| ArgsError::Ident {
+                    flag,
+                    value: format!("{vm} + 1"),
+                    why: "out of range; give it".into(),
+                })?,
+        };
+        if id == vm {
+            return Err(ArgsError::Ident {
+                flag,
+                value: id.to_string(),
+                why: format!(
+                    "must differ from --{}: a device process must not be able to signal or \
+                     trace skiff",
+                    &flag[7..]
+                ),
+            });
+        }
+        Ok(id)
+    };
+    Ok((
+        pick("device-uid", &args.device_uid, uid, true)?,
+        pick("device-gid", &args.device_gid, gid, false)?,
+    ))
 }
 
 /// A uid or gid: a number, or a name looked up in the user or group database.
@@ -367,6 +416,7 @@ impl Args {
         }
         let uid = resolve_id("uid", &self.uid, true)?;
         let gid = resolve_id("gid", &self.gid, false)?;
+        let (device_uid, device_gid) = device_ids(&self, uid, gid)?;
 
         let exec_file =
             std::fs::canonicalize(&self.exec_file).map_err(|e| ArgsError::ExecFile {
@@ -481,8 +531,10 @@ impl Args {
             .collect::<Result<Vec<_>, _>>()?;
         for a in &self.skiff_args {
             let s = a.to_string_lossy();
-            if s == "--id" || s.starts_with("--id=") {
-                return Err(ArgsError::SkiffArg("--id".into()));
+            for own in ["--id", "--launcher-fd"] {
+                if s == own || s.starts_with(&format!("{own}=")) {
+                    return Err(ArgsError::SkiffArg(own.into()));
+                }
             }
         }
         Ok(Plan {
@@ -493,6 +545,8 @@ impl Args {
             runtime_files,
             uid,
             gid,
+            device_uid,
+            device_gid,
             base: self.chroot_base_dir,
             netns,
             cgroup_values,

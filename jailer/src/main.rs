@@ -6,6 +6,7 @@ mod cell;
 mod cgroup;
 mod elf;
 mod jail;
+mod launcher;
 mod supervise;
 
 use std::process::ExitCode;

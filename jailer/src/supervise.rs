@@ -2,13 +2,14 @@
 //! removes the cell and the cgroup when it has ended.
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Instant;
 
 use crate::args::Plan;
 use crate::cell::Cell;
 use crate::cgroup::Cgroup;
 use crate::jail;
+use crate::launcher::{DevicePlan, Launcher};
 
 /// Signals passed on to skiff.
 const FORWARDED: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
@@ -24,6 +25,8 @@ pub enum SuperviseError {
     },
     #[error("starting skiff in the cell failed: {0}")]
     Child(String),
+    #[error(transparent)]
+    Launcher(#[from] crate::launcher::LauncherError),
 }
 
 fn last(step: &'static str) -> SuperviseError {
@@ -64,21 +67,21 @@ fn signal_set(sigs: &[libc::c_int]) -> libc::sigset_t {
 /// `struct clone_args` of clone3(2) (Linux 5.7+, with `cgroup`).
 #[repr(C)]
 #[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
+pub(crate) struct CloneArgs {
+    pub(crate) flags: u64,
+    pub(crate) pidfd: u64,
+    pub(crate) child_tid: u64,
+    pub(crate) parent_tid: u64,
+    pub(crate) exit_signal: u64,
+    pub(crate) stack: u64,
+    pub(crate) stack_size: u64,
+    pub(crate) tls: u64,
+    pub(crate) set_tid: u64,
+    pub(crate) set_tid_size: u64,
+    pub(crate) cgroup: u64,
 }
 
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+pub(crate) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Forks skiff's process straight into the VM's cgroup (clone3 with CLONE_INTO_CGROUP: no
 /// migration afterwards, which costs an RCU grace period, about 8 ms here) and, with
@@ -246,18 +249,42 @@ fn supervise(
         return Err(fail(&mut report, last("sigprocmask")));
     }
     let (mut status_r, mut status_w) = pipe().map_err(|e| fail(&mut report, e))?;
+    let (launcher_end, skiff_end) = sandbox::launch::socket_pair().map_err(|source| {
+        fail(
+            &mut report,
+            SuperviseError::Sys {
+                step: "socketpair (launcher)",
+                source,
+            },
+        )
+    })?;
+    let mut launcher = Launcher::new(
+        launcher_end,
+        &cell.dir,
+        &cgroup.path,
+        DevicePlan {
+            uid: plan.device_uid,
+            gid: plan.device_gid,
+            no_file: plan.no_file,
+            fsize: plan.fsize,
+            cell_root: cell.root.clone(),
+            runtime_files: plan.runtime_files.clone(),
+        },
+    )
+    .map_err(|e| fail(&mut report, e.into()))?;
     let procs = cgroup.procs();
     let (pid, in_cgroup) =
         spawn(&cgroup.path, plan.new_pid_ns).map_err(|e| fail(&mut report, e))?;
     if pid == 0 {
         drop(status_r);
         let join = (!in_cgroup).then_some(procs.as_path());
-        let err = jail::enter(plan, &cell.root, join, plan.netns.as_ref());
+        let err = jail::enter(plan, &cell.root, join, plan.netns.as_ref(), &skiff_end);
         let _ = write!(status_w, "{}", crate::chain(&err));
         // SAFETY: ends the child without running the parent's destructors.
         unsafe { libc::_exit(126) };
     }
     drop(status_w);
+    drop(skiff_end);
     // EOF without a word: exec succeeded (the pipe was close-on-exec).
     let mut why = String::new();
     let _ = status_r.read_to_string(&mut why);
@@ -286,28 +313,68 @@ fn supervise(
         None => eprint!("{line}"),
     }
     drop(report);
+    // Signals and the launcher socket, in one poll.
+    // SAFETY: `waited` is initialised; signalfd returns a new fd or -1.
+    let sfd = unsafe { libc::signalfd(-1, &waited, libc::SFD_CLOEXEC) };
+    if sfd < 0 {
+        return Err(last("signalfd"));
+    }
+    // SAFETY: a fresh fd owned by nobody else.
+    let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
     loop {
-        let mut info: libc::siginfo_t = unsafe_zeroed_siginfo();
-        // SAFETY: `waited` is initialised; `info` is a valid out-parameter.
-        let sig = unsafe { libc::sigwaitinfo(&waited, &mut info) };
-        if sig < 0 {
+        let mut pfd = [
+            libc::pollfd {
+                fd: sfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: launcher.fd().unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `pfd` holds two initialised pollfds (a negative fd is ignored).
+        if unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) } < 0 {
             continue; // EINTR
         }
+        if pfd[1].revents != 0 {
+            launcher.serve_one();
+        }
+        if pfd[0].revents == 0 {
+            continue;
+        }
+        // SAFETY: signalfd_siginfo is plain data; all zeroes is valid.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        // SAFETY: reads at most the size of `info` into it.
+        let n = unsafe {
+            libc::read(
+                sfd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                std::mem::size_of::<libc::signalfd_siginfo>(),
+            )
+        };
+        if n != std::mem::size_of::<libc::signalfd_siginfo>() as isize {
+            continue;
+        }
+        let sig = info.ssi_signo as libc::c_int;
         if sig == libc::SIGCHLD {
-            let mut st = 0;
-            // SAFETY: reaps our own child without blocking.
-            let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
-            if r == pid {
-                return Ok(exit_code(st));
+            // Every child that ended: skiff, or a device process.
+            loop {
+                let mut st = 0;
+                // SAFETY: reaps a child of ours without blocking.
+                let r = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
+                if r <= 0 {
+                    break;
+                }
+                if r == pid {
+                    return Ok(exit_code(st));
+                }
+                launcher.reaped(r as u32, st);
             }
         } else {
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(pid, sig) };
         }
     }
-}
-
-fn unsafe_zeroed_siginfo() -> libc::siginfo_t {
-    // SAFETY: siginfo_t is plain data for which all-zero bytes are a valid value.
-    unsafe { std::mem::zeroed() }
 }

@@ -4,11 +4,17 @@
 //! lists themselves ([`filters`]), which the VMM needs too: a device process it forks keeps
 //! the VMM's filter, so that one must allow what the device processes do.
 //!
-//! Depends on no other crate of the workspace (DESIGN.md's arrows: vmm and devices may use
-//! it).
+//! Also the other confinement mechanisms two programs share: the checks of a device binary
+//! ([`binary`]: the VMM's and the launcher's) and the launcher protocol ([`launch`]: a
+//! jailed VMM asks skiff-jailer to start its device processes).
+//!
+//! Depends on no other crate of the workspace (DESIGN.md's arrows: vmm, devices and jailer
+//! may use it).
 
 pub mod allow;
+pub mod binary;
 pub mod filters;
+pub mod launch;
 pub mod syscalls;
 mod trap;
 

@@ -95,6 +95,7 @@ fn main() {
         Host false api_socket_handling,
         Host false jailer_bad_input,
         Host false jailer_confines_skiff,
+        Host false jailer_launcher_confines_devices_and_refuses_hostile_requests,
         Rig false runner_ends_a_spinning_guest,
         Rig false runner_replaces_a_frozen_nested_host,
         Fault false guest_spins,

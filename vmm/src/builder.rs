@@ -240,7 +240,7 @@ pub(crate) fn spawn_connected(
     let mut inherit = fds.to_vec();
     inherit.push(theirs.as_fd());
     // No socket path: DeviceProcess keeps one for processes that listen on a path.
-    let process = DeviceProcess::spawn_with_fds(name, bin, &args, PathBuf::new(), &inherit)?;
+    let process = DeviceProcess::spawn_with_fds(name, bin, &args, &inherit)?;
     // Only the child holds its end now, so its exit shows as the end of the connection.
     drop(theirs);
     for set in [UnixStream::set_read_timeout, UnixStream::set_write_timeout] {

@@ -1,10 +1,15 @@
 //! Device processes (`skiff-blk`, `skiff-net`): started per device, watched through a
-//! pidfd, stopped and reaped at the end.
+//! pidfd, stopped and reaped at the end. skiff forks them itself, or, under skiff-jailer,
+//! asks the jailer's launcher to (each then runs in a cell of its own under another uid;
+//! skiff gets a pidfd and asks the launcher how it ended).
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+
+use sandbox::launch::LauncherClient;
 use std::time::{Duration, Instant};
 
 use crate::device_binary::DeviceBinary;
@@ -25,28 +30,97 @@ pub enum DeviceProcessError {
     /// pidfd_open failed.
     #[error("cannot watch {0}")]
     Pidfd(String, #[source] std::io::Error),
+    /// The launcher did not start it.
+    #[error("the launcher did not start {bin}")]
+    Launch {
+        /// Binary.
+        bin: String,
+        /// Cause.
+        #[source]
+        source: sandbox::launch::LaunchError,
+    },
+}
+
+/// The process: a child of skiff, or one the launcher started.
+enum Proc {
+    Child(Child),
+    Launched {
+        pid: u32,
+        launcher: Arc<LauncherClient>,
+        /// How it ended, once the launcher said (it tells only once).
+        ended: Option<ExitStatus>,
+    },
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        match self {
+            Proc::Child(c) => c.id(),
+            Proc::Launched { pid, .. } => *pid,
+        }
+    }
+
+    fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        match self {
+            Proc::Child(c) => c.try_wait(),
+            Proc::Launched {
+                pid,
+                launcher,
+                ended,
+            } => {
+                if ended.is_none() {
+                    *ended = launcher
+                        .status(*pid)
+                        .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?
+                        .map(ExitStatus::from_raw);
+                }
+                Ok(*ended)
+            }
+        }
+    }
+
+    fn kill(&mut self) -> std::io::Result<()> {
+        match self {
+            Proc::Child(c) => c.kill(),
+            Proc::Launched { pid, launcher, .. } => launcher
+                .kill(*pid)
+                .map_err(|e| std::io::Error::other(crate::error_chain(&e))),
+        }
+    }
+
+    /// Waits for the end (after a kill).
+    fn wait(&mut self) {
+        match self {
+            Proc::Child(c) => {
+                let _ = c.wait();
+            }
+            Proc::Launched { .. } => {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while matches!(self.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    }
 }
 
 /// A running device process.
 pub struct DeviceProcess {
     /// e.g. "skiff-blk for drive rootfs".
     pub name: String,
-    child: Child,
+    child: Proc,
     /// Readable when the process exits.
     pub pidfd: OwnedFd,
-    /// Its vhost-user socket.
-    pub socket: PathBuf,
 }
 
 impl DeviceProcess {
-    /// Starts `bin args...`; it must listen on `socket`.
+    /// Starts `bin args...` (its vhost-user connection is one of the fds it is given).
     pub fn spawn(
         name: String,
         bin: &DeviceBinary,
         args: &[String],
-        socket: PathBuf,
     ) -> Result<Self, DeviceProcessError> {
-        Self::start(name, bin, args, socket, Vec::new())
+        Self::start(name, bin, args, Vec::new())
     }
 
     /// Starts `bin args... --metrics-fd N`, where N is `metrics`'s memfd, inherited by this
@@ -57,14 +131,13 @@ impl DeviceProcess {
         name: String,
         bin: &DeviceBinary,
         args: &[String],
-        socket: PathBuf,
         metrics: &MetricsPage,
     ) -> Result<Self, DeviceProcessError> {
         let fd = metrics.fd().as_raw_fd();
         let mut args = args.to_vec();
         args.push("--metrics-fd".to_string());
         args.push(fd.to_string());
-        Self::start(name, bin, &args, socket, vec![fd])
+        Self::start(name, bin, &args, vec![fd])
     }
 
     /// Starts `bin args...` with `fds` inherited by this child only (at the same numbers,
@@ -73,20 +146,21 @@ impl DeviceProcess {
         name: String,
         bin: &DeviceBinary,
         args: &[String],
-        socket: PathBuf,
         fds: &[BorrowedFd<'_>],
     ) -> Result<Self, DeviceProcessError> {
         let raw = fds.iter().map(|f| f.as_raw_fd()).collect();
-        Self::start(name, bin, args, socket, raw)
+        Self::start(name, bin, args, raw)
     }
 
     fn start(
         name: String,
         bin: &DeviceBinary,
         args: &[String],
-        socket: PathBuf,
         inherit: Vec<RawFd>,
     ) -> Result<Self, DeviceProcessError> {
+        if let Some(launcher) = bin.launcher() {
+            return Self::launch(name, bin, launcher.clone(), args, &inherit);
+        }
         let mut cmd = Command::new(bin.exec_path());
         cmd.arg0(bin.file_name())
             .args(args)
@@ -150,15 +224,46 @@ impl DeviceProcess {
         log::debug!("started {name} (pid {})", child.id());
         Ok(DeviceProcess {
             name,
-            child,
+            child: Proc::Child(child),
             pidfd,
-            socket,
+        })
+    }
+
+    /// Asks the launcher to start `bin` (by its name in the binary directory) with `args`
+    /// and exactly the fds `inherit`, at the same numbers.
+    fn launch(
+        name: String,
+        bin: &DeviceBinary,
+        launcher: Arc<LauncherClient>,
+        args: &[String],
+        inherit: &[RawFd],
+    ) -> Result<Self, DeviceProcessError> {
+        // SAFETY: the fds are open for the duration of this call (the caller holds them).
+        let fds: Vec<BorrowedFd<'_>> = inherit
+            .iter()
+            .map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) })
+            .collect();
+        let (pid, pidfd) = launcher
+            .launch(bin.relative(), args, &fds)
+            .map_err(|source| DeviceProcessError::Launch {
+                bin: bin.path().display().to_string(),
+                source,
+            })?;
+        log::debug!("the launcher started {name} (pid {pid})");
+        Ok(DeviceProcess {
+            name,
+            child: Proc::Launched {
+                pid,
+                launcher,
+                ended: None,
+            },
+            pidfd,
         })
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// `Err(description)` when the process has exited.
@@ -206,7 +311,7 @@ impl DeviceProcess {
             self.pid()
         );
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.wait();
     }
 }
 
@@ -250,16 +355,18 @@ mod tests {
     /// Runs `sh -c script` the way a device process is started and returns its exit code.
     fn exit_code(script: &str, metrics: Option<&MetricsPage>) -> Option<i32> {
         let args = vec!["-c".to_string(), script.to_string()];
-        let socket = PathBuf::from("/nonexistent");
         let dir = crate::device_binary::BinaryDir::open(Some(std::path::Path::new("/bin")))
             .expect("/bin");
         let bin = dir.resolve(std::path::Path::new("sh")).expect("sh");
         let mut p = match metrics {
-            Some(m) => DeviceProcess::spawn_with_metrics("sh".into(), &bin, &args, socket, m),
-            None => DeviceProcess::spawn("sh".into(), &bin, &args, socket),
+            Some(m) => DeviceProcess::spawn_with_metrics("sh".into(), &bin, &args, m),
+            None => DeviceProcess::spawn("sh".into(), &bin, &args),
         }
         .expect("spawn");
-        p.child.wait().expect("wait").code()
+        let Proc::Child(c) = &mut p.child else {
+            panic!("a forked child")
+        };
+        c.wait().expect("wait").code()
     }
 
     #[test]

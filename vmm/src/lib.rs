@@ -5,7 +5,8 @@ pub mod api;
 pub mod boot;
 pub mod builder;
 pub mod config;
-pub mod device_binary;
+/// The device binary checks live in `sandbox`, shared with skiff-jailer's launcher.
+pub use sandbox::binary as device_binary;
 pub mod device_process;
 pub mod devices;
 pub mod exit;

@@ -67,6 +67,11 @@ struct Common {
     /// stale socket file is replaced; the socket is created owner-only (0600).
     #[arg(long, value_name = "PATH", global = true)]
     api_sock: Option<PathBuf>,
+    /// Set by skiff-jailer: the fd of a launcher socket (SOCK_SEQPACKET) over which skiff
+    /// asks the jailer to start its device processes, each in a cell of its own under
+    /// another uid, instead of starting them itself (docs/confinement.md).
+    #[arg(long, value_name = "N", global = true)]
+    launcher_fd: Option<i32>,
     /// Instance id, reported by GET / and in log lines.
     #[arg(long, default_value = "anonymous-instance", global = true)]
     id: String,
@@ -289,6 +294,13 @@ fn main() -> ExitCode {
     let device_bins = match BinaryDir::open(cli.common.device_bin_dir.as_deref()) {
         Ok(d) => d,
         Err(e) => return fail(&error_chain(&e)),
+    };
+    let device_bins = match cli.common.launcher_fd {
+        Some(fd) => match sandbox::launch::LauncherClient::from_raw_fd(fd) {
+            Ok(l) => device_bins.with_launcher(std::sync::Arc::new(l)),
+            Err(e) => return fail(&error_chain(&e)),
+        },
+        None => device_bins,
     };
     let (api, _api_handle) = match &api_sock {
         Some(p) => match start_api(p, &filters) {

@@ -12,7 +12,8 @@ use tests::{ensure, host, Result, TestDir, TestVm, DEFAULT_BOOT_ARGS};
 
 use super::super::{BOOT, CMD, EXIT, MIB};
 use super::{
-    check_confined, controller_file, nothing_left, some_controller, wait_socket, Jail, ParentCgroup,
+    check_confined, check_device_cell, controller_file, nothing_left, some_controller, wait_socket,
+    Jail, ParentCgroup,
 };
 
 /// Every device process: (id, pid).
@@ -56,7 +57,7 @@ fn confined_all(
     check_confined(skiff, "skiff", cell, cgroup)?;
     let devs = devices(api)?;
     for (id, pid) in &devs {
-        check_confined(*pid, &format!("device '{id}'"), cell, cgroup)?;
+        check_device_cell(*pid, skiff, &format!("device '{id}'"), cell, cgroup)?;
     }
     Ok(devs)
 }

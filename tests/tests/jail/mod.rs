@@ -14,7 +14,9 @@ use api_server::models::BootSource;
 use tests::{ensure, Result, TestDir};
 
 mod guest;
+mod launcher;
 pub use guest::*;
+pub use launcher::*;
 
 /// The unprivileged ids the tests jail skiff as.
 pub const UID: u32 = 10_000;
@@ -266,6 +268,21 @@ pub fn jailer_bad_input() -> Result {
             }),
             vec!["--id".into()],
         ),
+        (
+            "launcher fd in skiff args",
+            with(j(22, "i2")?, &|x| x.skiff = vec!["--launcher-fd=3".into()]),
+            vec!["--launcher-fd".into()],
+        ),
+        (
+            "device uid is skiff's",
+            extra(j(23, "d1")?, &["--device-uid", &UID.to_string()]),
+            vec!["--device-uid".into(), "must differ".into()],
+        ),
+        (
+            "device gid root",
+            extra(j(24, "d2")?, &["--device-gid", "0"]),
+            vec!["--device-gid".into()],
+        ),
         // Past validation: the cell and the cgroup exist when these fail.
         (
             "cgroup value refused",
@@ -339,8 +356,79 @@ pub fn status_field(pid: u32, name: &str) -> Result<String> {
 /// Checks process `pid` (and each of its threads) against the jail: ids, groups,
 /// no_new_privs, root, mount namespace, cgroup.
 pub fn check_confined(pid: u32, what: &str, cell_root: &Path, cgroup: &str) -> Result {
-    let ids = format!("{UID}\t{UID}\t{UID}\t{UID}");
-    let gids = format!("{GID}\t{GID}\t{GID}\t{GID}");
+    check_jailed(pid, what, Some(cell_root), cgroup, (UID, GID))
+}
+
+/// The default --device-uid/--device-gid: the VM's + 1.
+pub const DEVICE_UID: u32 = UID + 1;
+/// See [`DEVICE_UID`].
+pub const DEVICE_GID: u32 = GID + 1;
+
+/// A device process started by the jailer's launcher: as [`check_confined`] with the device
+/// uid/gid, and in a cell of its own: its root is not skiff's cell and holds no /dev/kvm,
+/// no /dev/net/tun, no image, no binary; its mount and network namespaces are neither the
+/// host's nor skiff's; every fd it holds is stdio, a socket, an anonymous inode (eventfd,
+/// epoll), a memfd (guest RAM, metrics page, inflight area), or, for a block device, the
+/// image it was given and, for a net device, the TAP.
+pub fn check_device_cell(
+    pid: u32,
+    skiff: u32,
+    what: &str,
+    cell_root: &Path,
+    cgroup: &str,
+) -> Result {
+    check_jailed(pid, what, None, cgroup, (DEVICE_UID, DEVICE_GID))?;
+    let root =
+        std::fs::metadata(format!("/proc/{pid}/root/")).map_err(|e| format!("{what}: {e}"))?;
+    let cell = std::fs::metadata(cell_root).map_err(|e| e.to_string())?;
+    ensure!(
+        (root.dev(), root.ino()) != (cell.dev(), cell.ino()),
+        "{what}: its root is skiff's cell"
+    );
+    for p in ["dev/kvm", "dev/net/tun", "images", "bin", "run", "tmp"] {
+        ensure!(
+            std::fs::symlink_metadata(format!("/proc/{pid}/root/{p}")).is_err(),
+            "{what}: /{p} is in its root"
+        );
+    }
+    let ns = |p: u32, n: &str| {
+        std::fs::read_link(format!("/proc/{p}/ns/{n}"))
+            .map(|l| l.display().to_string())
+            .unwrap_or_default()
+    };
+    for n in ["mnt", "net"] {
+        ensure!(
+            ns(pid, n) != ns(skiff, n) && ns(pid, n) != ns(1, n),
+            "{what}: shares a {n} namespace with skiff or the host"
+        );
+    }
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|e| format!("{what}: {e}"))?;
+    for f in fds.flatten() {
+        let n: u32 = f.file_name().to_string_lossy().parse().unwrap_or(0);
+        let target = std::fs::read_link(f.path())
+            .map(|l| l.display().to_string())
+            .unwrap_or_default();
+        let ok = n <= 2
+            || target.starts_with("socket:")
+            || target.starts_with("anon_inode:")
+            || target.starts_with("/memfd:")
+            || target.ends_with("/dev/net/tun")
+            // The staged image (the path as seen from outside its mount namespace).
+            || target.contains("/images/");
+        ensure!(ok, "{what}: holds fd {n} -> {target}");
+    }
+    Ok(())
+}
+
+fn check_jailed(
+    pid: u32,
+    what: &str,
+    cell_root: Option<&Path>,
+    cgroup: &str,
+    (uid, gid): (u32, u32),
+) -> Result {
+    let ids = format!("{uid}\t{uid}\t{uid}\t{uid}");
+    let gids = format!("{gid}\t{gid}\t{gid}\t{gid}");
     let tasks =
         std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("{what}: {e}"))?;
     for t in tasks.flatten() {
@@ -390,14 +478,16 @@ pub fn check_confined(pid: u32, what: &str, cell_root: &Path, cgroup: &str) -> R
             field("CapEff")
         );
     }
-    let root =
-        std::fs::metadata(format!("/proc/{pid}/root/")).map_err(|e| format!("{what}: {e}"))?;
-    let cell = std::fs::metadata(cell_root).map_err(|e| e.to_string())?;
-    ensure!(
-        (root.dev(), root.ino()) == (cell.dev(), cell.ino()),
-        "{what}: its root is not the cell {}",
-        cell_root.display()
-    );
+    if let Some(cell_root) = cell_root {
+        let root =
+            std::fs::metadata(format!("/proc/{pid}/root/")).map_err(|e| format!("{what}: {e}"))?;
+        let cell = std::fs::metadata(cell_root).map_err(|e| e.to_string())?;
+        ensure!(
+            (root.dev(), root.ino()) == (cell.dev(), cell.ino()),
+            "{what}: its root is not the cell {}",
+            cell_root.display()
+        );
+    }
     let ns = |p: &str| {
         std::fs::read_link(p)
             .map(|l| l.display().to_string())
@@ -414,7 +504,7 @@ pub fn check_confined(pid: u32, what: &str, cell_root: &Path, cgroup: &str) -> R
     );
     let env = std::fs::read(format!("/proc/{pid}/environ")).map_err(|e| e.to_string())?;
     ensure!(
-        env.is_empty() || what != "skiff",
+        env.is_empty(),
         "{what}: environment {:?}",
         String::from_utf8_lossy(&env)
     );

@@ -1,4 +1,5 @@
-//! The programs skiff may start as device processes.
+//! The programs skiff may start as device processes: checked here by the VMM, and again by
+//! skiff-jailer's launcher when it starts them for a jailed VMM (one copy of the checks).
 //!
 //! The operator names one directory (`--device-bin-dir`, default the directory of the skiff
 //! executable). Every device process, the first one of a device, a restart after a crash and
@@ -14,7 +15,7 @@
 //! - it is started through the descriptor that was checked (`/proc/self/fd/N`), so the file
 //!   that runs is the file that was checked even if a name is swapped in between.
 //!
-//! The environment of a device process is cleared by [`crate::device_process`].
+//! The environment of a device process is cleared by skiff's `device_process` (or the launcher).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -23,6 +24,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use crate::launch::LauncherClient;
 
 /// Errors finding or checking a device binary.
 #[derive(Debug, thiserror::Error)]
@@ -70,12 +74,17 @@ pub enum DeviceBinaryError {
 pub struct BinaryDir {
     path: PathBuf,
     fd: OwnedFd,
+    /// Under skiff-jailer: who starts the programs (see [`crate::launch`]).
+    launcher: Option<Arc<LauncherClient>>,
 }
 
 /// A checked device binary, open: start it with [`DeviceBinary::exec_path`].
 #[derive(Debug)]
 pub struct DeviceBinary {
     path: PathBuf,
+    launcher: Option<Arc<LauncherClient>>,
+    /// The name relative to the directory.
+    rel: PathBuf,
     fd: OwnedFd,
 }
 
@@ -131,7 +140,19 @@ impl BinaryDir {
         if meta.mode() & 0o022 != 0 {
             return Err(DeviceBinaryError::DirWritable(shown, meta.mode() & 0o7777));
         }
-        Ok(BinaryDir { path, fd })
+        Ok(BinaryDir {
+            path,
+            fd,
+            launcher: None,
+        })
+    }
+
+    /// Programs of this directory are started by `launcher` (skiff-jailer's, outside the
+    /// cell, which checks them again in its own view of this directory) instead of by
+    /// this process.
+    pub fn with_launcher(mut self, launcher: Arc<LauncherClient>) -> Self {
+        self.launcher = Some(launcher);
+        self
     }
 
     /// The directory.
@@ -204,6 +225,8 @@ impl BinaryDir {
         }
         Ok(DeviceBinary {
             path: full,
+            launcher: self.launcher.clone(),
+            rel: rel.to_path_buf(),
             fd: file.into(),
         })
     }
@@ -213,6 +236,22 @@ impl DeviceBinary {
     /// Its path in the directory (for messages and reports).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The launcher that starts it, under skiff-jailer.
+    pub fn launcher(&self) -> Option<&Arc<LauncherClient>> {
+        self.launcher.as_ref()
+    }
+
+    /// Its name relative to the directory (what a jailed VMM asks its launcher for).
+    pub fn relative(&self) -> &Path {
+        &self.rel
+    }
+
+    /// The open, checked file (`execveat(fd, "", AT_EMPTY_PATH)` runs exactly it).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
     }
 
     /// The path that runs exactly the checked file, as long as `self` is open.

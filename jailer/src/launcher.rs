@@ -1,0 +1,353 @@
+//! The launcher: the supervisor, still root and outside the cell, starts skiff's device
+//! processes on skiff's request (protocol in `sandbox::launch`), each in a cell of its own.
+//!
+//! skiff runs the guest and may be compromised, so a request is only a wish:
+//!
+//! - the program is a file of the cell's /bin (root's, read-only, checked by the same code
+//!   as skiff's own `--device-bin-dir`: `sandbox::binary`), started by the descriptor that
+//!   was checked;
+//! - it runs as --device-uid/--device-gid (never skiff's uid), with no supplementary groups,
+//!   no_new_privs, an empty environment, the VM's resource limits, in the VM's cgroup (so
+//!   pids.max and memory.max count it);
+//! - in new mount, network, IPC and UTS namespaces: its root is an empty read-only tmpfs
+//!   holding only /dev/null, /dev/urandom, a /proc that shows its own user's processes, and
+//!   the loader and libraries of a dynamic build (read-only); no /dev/kvm, no /dev/net/tun,
+//!   no socket path, no file of the host, of skiff or of another device;
+//! - it holds exactly the fds of the request (at most `MAX_FDS`), at the numbers asked;
+//! - at most [`MAX_LIVE`] run at once, and status and kill apply to the launcher's own
+//!   children only.
+//!
+//! No new PID namespace: as PID 1 of one, a device process killed by its own seccomp
+//! report (which re-raises SIGSYS) would ignore the signal.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsString};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use sandbox::binary::BinaryDir;
+use sandbox::launch::{self, Reply, Request};
+
+use crate::jail::{self, JailError};
+
+/// Device processes of one VM running at once, at most (a VM has up to 19 devices, each
+/// briefly two processes during an upgrade).
+pub const MAX_LIVE: usize = 64;
+/// Exit statuses kept for skiff to ask about, at most.
+const MAX_ENDED: usize = 256;
+
+/// Errors setting up the launcher.
+#[derive(Debug, thiserror::Error)]
+pub enum LauncherError {
+    #[error("the cell's binary directory")]
+    Bins(#[source] sandbox::binary::DeviceBinaryError),
+    #[error("cannot create {}", .0.display())]
+    Mkdir(PathBuf, #[source] std::io::Error),
+    #[error("cannot open the cgroup directory {}", .0.display())]
+    Cgroup(PathBuf, #[source] std::io::Error),
+}
+
+/// What every device process of the VM gets.
+pub struct DevicePlan {
+    pub uid: u32,
+    pub gid: u32,
+    pub no_file: u64,
+    pub fsize: Option<u64>,
+    /// The cell's root (bind sources: dev/null, dev/urandom, the runtime files).
+    pub cell_root: PathBuf,
+    /// Loader and libraries, as absolute paths inside the cell.
+    pub runtime_files: Vec<PathBuf>,
+}
+
+/// The launcher of one VM.
+pub struct Launcher {
+    sock: OwnedFd,
+    bins: BinaryDir,
+    cgroup: std::fs::File,
+    /// An empty directory the device root (a tmpfs) is mounted on, in the child's own
+    /// mount namespace.
+    mount_point: PathBuf,
+    plan: DevicePlan,
+    /// Live children: pid → pidfd is not kept (skiff got it); only the set.
+    live: HashMap<u32, ()>,
+    /// Ended children not yet asked about: pid → raw wait status, oldest first.
+    ended: Vec<(u32, i32)>,
+    open: bool,
+}
+
+impl Launcher {
+    /// A launcher serving `sock` for the cell in `cell_dir` (whose root is
+    /// `plan.cell_root`) and the cgroup `cgroup_dir`.
+    pub fn new(
+        sock: OwnedFd,
+        cell_dir: &Path,
+        cgroup_dir: &Path,
+        plan: DevicePlan,
+    ) -> Result<Self, LauncherError> {
+        let bins =
+            BinaryDir::open(Some(&plan.cell_root.join("bin"))).map_err(LauncherError::Bins)?;
+        let mount_point = cell_dir.join("device-root");
+        std::fs::create_dir(&mount_point)
+            .map_err(|e| LauncherError::Mkdir(mount_point.clone(), e))?;
+        let cgroup = std::fs::File::open(cgroup_dir)
+            .map_err(|e| LauncherError::Cgroup(cgroup_dir.to_path_buf(), e))?;
+        Ok(Launcher {
+            sock,
+            bins,
+            cgroup,
+            mount_point,
+            plan,
+            live: HashMap::new(),
+            ended: Vec::new(),
+            open: true,
+        })
+    }
+
+    /// The socket to poll; `None` once skiff closed its end.
+    pub fn fd(&self) -> Option<RawFd> {
+        self.open.then(|| self.sock.as_raw_fd())
+    }
+
+    /// Reads and answers one request.
+    pub fn serve_one(&mut self) {
+        let reply = match launch::read_request(self.sock.as_fd()) {
+            Ok(None) => {
+                self.open = false;
+                return;
+            }
+            Ok(Some(req)) => self.handle(req),
+            Err(launch::LaunchError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) => Reply::Error(crate::chain(&e)),
+        };
+        if let Err(e) = launch::write_reply(self.sock.as_fd(), &reply) {
+            eprintln!("skiff-jailer: launcher: {}", crate::chain(&e));
+            self.open = false;
+        }
+    }
+
+    /// Notes that child `pid` ended with `status`; false if it is not a device process.
+    pub fn reaped(&mut self, pid: u32, status: i32) -> bool {
+        if self.live.remove(&pid).is_none() {
+            return false;
+        }
+        if self.ended.len() >= MAX_ENDED {
+            self.ended.remove(0);
+        }
+        self.ended.push((pid, status));
+        true
+    }
+
+    fn handle(&mut self, req: Request) -> Reply {
+        match req {
+            Request::Status(pid) => {
+                // skiff asks when the pidfd says the process ended, maybe before SIGCHLD
+                // reached the supervisor's loop: reap it now.
+                if self.live.contains_key(&pid) {
+                    let mut st = 0;
+                    // SAFETY: reaps a child of ours without blocking.
+                    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut st, libc::WNOHANG) };
+                    if r == pid as libc::pid_t {
+                        self.reaped(pid, st);
+                    }
+                }
+                if self.live.contains_key(&pid) {
+                    return Reply::Status(None);
+                }
+                match self.ended.iter().position(|(p, _)| *p == pid) {
+                    Some(i) => Reply::Status(Some(self.ended.remove(i).1)),
+                    None => Reply::Error(format!("pid {pid} is not a device process of this VM")),
+                }
+            }
+            Request::Kill(pid) => {
+                if !self.live.contains_key(&pid) {
+                    // Ended already (or never ours): nothing to kill.
+                    return if self.ended.iter().any(|(p, _)| *p == pid) {
+                        Reply::Done
+                    } else {
+                        Reply::Error(format!("pid {pid} is not a device process of this VM"))
+                    };
+                }
+                // SAFETY: kill on a live child of ours (not yet reaped, so the pid is not
+                // reused).
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                Reply::Done
+            }
+            Request::Launch {
+                binary,
+                targets,
+                args,
+                fds,
+            } => match self.launch(&binary, &targets, &args, &fds) {
+                Ok((pid, pidfd)) => {
+                    self.live.insert(pid, ());
+                    Reply::Launched { pid, pidfd }
+                }
+                Err(why) => Reply::Error(why),
+            },
+        }
+    }
+
+    fn launch(
+        &mut self,
+        binary: &Path,
+        targets: &[RawFd],
+        args: &[OsString],
+        fds: &[OwnedFd],
+    ) -> Result<(u32, OwnedFd), String> {
+        if self.live.len() >= MAX_LIVE {
+            return Err(format!(
+                "{MAX_LIVE} device processes of this VM run already"
+            ));
+        }
+        // Named as skiff sees the directory: the host path of the cell is not its business.
+        let host_dir = self.bins.path().display().to_string();
+        let bin = self
+            .bins
+            .resolve(binary)
+            .map_err(|e| crate::chain(&e).replace(&host_dir, "/bin"))?;
+        let name = bin
+            .path()
+            .file_name()
+            .map(|n| n.to_owned())
+            .unwrap_or_default();
+        let mut argv = vec![cstr(name.as_bytes())?];
+        for a in args {
+            argv.push(cstr(a.as_bytes())?);
+        }
+        let (mut status_r, mut status_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+        let mut pidfd: RawFd = -1;
+        let mut clone = crate::supervise::CloneArgs {
+            flags: crate::supervise::CLONE_INTO_CGROUP
+                | (libc::CLONE_PIDFD
+                    | libc::CLONE_NEWNS
+                    | libc::CLONE_NEWNET
+                    | libc::CLONE_NEWIPC
+                    | libc::CLONE_NEWUTS) as u64,
+            pidfd: &mut pidfd as *mut RawFd as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: self.cgroup.as_raw_fd() as u64,
+            ..Default::default()
+        };
+        // SAFETY: clone3 without a stack behaves as fork; skiff-jailer is single-threaded,
+        // so the child may run ordinary code until exec; `clone` and `pidfd` outlive the call.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut clone as *mut crate::supervise::CloneArgs,
+                std::mem::size_of::<crate::supervise::CloneArgs>(),
+            )
+        };
+        if pid < 0 {
+            return Err(format!("clone3: {}", std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            drop(status_r);
+            let err = self.child(&bin, targets, fds, &argv);
+            let _ = write!(status_w, "{}", crate::chain(&err));
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(126) };
+        }
+        drop(status_w);
+        // SAFETY: CLONE_PIDFD stored a new pidfd owned by nobody else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        // EOF without a word: exec succeeded (the pipe was close-on-exec).
+        let mut why = String::new();
+        let _ = status_r.read_to_string(&mut why);
+        if !why.is_empty() {
+            let mut st = 0;
+            // SAFETY: reaps our own child, which has ended or is about to.
+            unsafe { libc::waitpid(pid as libc::pid_t, &mut st, 0) };
+            return Err(format!(
+                "starting /bin/{} in its cell: {why}",
+                bin.relative().display()
+            ));
+        }
+        Ok((pid as u32, pidfd))
+    }
+
+    /// In the child: the device cell, then exec. Returns only on failure.
+    fn child(
+        &self,
+        bin: &sandbox::binary::DeviceBinary,
+        targets: &[RawFd],
+        fds: &[OwnedFd],
+        argv: &[CString],
+    ) -> JailError {
+        match self.child_steps(bin, targets, fds, argv) {
+            Ok(never) => match never {},
+            Err(e) => e,
+        }
+    }
+
+    fn child_steps(
+        &self,
+        bin: &sandbox::binary::DeviceBinary,
+        targets: &[RawFd],
+        fds: &[OwnedFd],
+        argv: &[CString],
+    ) -> Result<std::convert::Infallible, JailError> {
+        jail::make_slave()?;
+        self.build_root()?;
+        jail::pivot_into_mounted(&self.mount_point, true)?;
+        jail::rlimits(self.plan.no_file, self.plan.fsize)?;
+        jail::place_fds(fds, targets)?;
+        jail::drop_and_exec(
+            self.plan.uid,
+            self.plan.gid,
+            jail::Program::Fd(bin.fd().as_raw_fd()),
+            argv,
+        )
+    }
+
+    /// The device's root: a small tmpfs on `mount_point` with the bind mounts it needs.
+    fn build_root(&self) -> Result<(), JailError> {
+        let root = &self.mount_point;
+        jail::mount_tmpfs(root, "size=64k,nr_inodes=64,mode=0755")?;
+        jail::mkdir(&root.join("dev"), 0o755)?;
+        jail::mkdir(&root.join("proc"), 0o555)?;
+        jail::mkdir(&root.join("old_root"), 0o700)?;
+        for node in ["dev/null", "dev/urandom"] {
+            jail::bind_file(&self.plan.cell_root.join(node), &root.join(node), false)?;
+        }
+        for f in &self.plan.runtime_files {
+            let rel = f.strip_prefix("/").unwrap_or(f);
+            let to = root.join(rel);
+            let mut missing = Vec::new();
+            let mut d = to.parent();
+            while let Some(x) = d {
+                if x == root.as_path() || x.exists() {
+                    break;
+                }
+                missing.push(x.to_path_buf());
+                d = x.parent();
+            }
+            for x in missing.into_iter().rev() {
+                jail::mkdir(&x, 0o755)?;
+            }
+            jail::bind_file(&self.plan.cell_root.join(rel), &to, true)?;
+        }
+        Ok(())
+    }
+}
+
+fn cstr(b: &[u8]) -> Result<CString, String> {
+    CString::new(b).map_err(|_| "an argument holds a NUL byte".to_string())
+}
+
+/// A close-on-exec pipe: (read, write).
+fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe {
+        (
+            std::fs::File::from(OwnedFd::from_raw_fd(fds[0])),
+            std::fs::File::from(OwnedFd::from_raw_fd(fds[1])),
+        )
+    })
+}

@@ -1,0 +1,577 @@
+//! The launcher protocol. A jailed skiff cannot start its device processes itself: it runs
+//! unprivileged in its own cell, and each device process goes into a cell of its own under
+//! another uid. skiff-jailer's supervisor, which stays outside as root, starts them on
+//! request (the launcher). The two talk over a `SOCK_SEQPACKET` socket pair that the jailer
+//! creates; skiff gets its end with `--launcher-fd N`.
+//!
+//! One request, one reply, in order; the client holds a lock across both. Each message is
+//! one datagram:
+//!
+//! | request | bytes | fds (SCM_RIGHTS) |
+//! |---|---|---|
+//! | launch | `L` binary `\0` targets `\0` arg `\0` arg ... | one per target |
+//! | status | `S` pid | |
+//! | kill   | `K` pid | |
+//!
+//! `binary` is a name relative to the cell's binary directory; `targets` are the fd numbers,
+//! comma-separated, at which the device process finds the passed fds (the arguments name
+//! them). Replies are `O` text (launch: the pid, with a pidfd; status: `running` or `exited
+//! STATUS`, the raw wait status; kill: empty) or `E` and a message.
+//!
+//! The launcher trusts nothing in a request: skiff runs the guest and may be compromised.
+//! Sizes, counts and numbers are bounded here; what the launcher runs, and where, is its
+//! own decision (skiff-jailer's `launcher` module).
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Largest message either side sends or accepts.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Most fds one launch passes (a device process gets its socket, image or TAPs, metrics page).
+pub const MAX_FDS: usize = 8;
+/// Most arguments one launch passes.
+pub const MAX_ARGS: usize = 128;
+/// Highest fd number a device process may be given an fd at.
+pub const MAX_TARGET_FD: i32 = 1023;
+/// How long the client waits for a reply (the launcher answers once the process has
+/// exec'd, or failed to).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of the launcher protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// `--launcher-fd` is not a usable socket.
+    #[error("--launcher-fd {0}: {1}")]
+    BadSocket(RawFd, String),
+    /// Sending or receiving failed.
+    #[error("the launcher socket failed")]
+    Io(#[source] io::Error),
+    /// The other side closed the socket.
+    #[error("the launcher closed its socket (skiff-jailer ended?)")]
+    Closed,
+    /// A message broke the protocol.
+    #[error("malformed launcher message: {0}")]
+    Malformed(String),
+    /// The launcher refused or failed the request.
+    #[error("the launcher refused: {0}")]
+    Refused(String),
+}
+
+/// A request, as the launcher reads it.
+#[derive(Debug)]
+pub enum Request {
+    /// Start `binary` with `args`; `fds[i]` goes to fd number `targets[i]`.
+    Launch {
+        /// Name relative to the binary directory.
+        binary: PathBuf,
+        /// Fd numbers in the new process, distinct, 3..=[`MAX_TARGET_FD`].
+        targets: Vec<RawFd>,
+        /// Arguments after argv[0].
+        args: Vec<OsString>,
+        /// The fds, in the order of `targets`.
+        fds: Vec<OwnedFd>,
+    },
+    /// Has this process ended, and how?
+    Status(u32),
+    /// SIGKILL this process.
+    Kill(u32),
+}
+
+/// A reply, as the launcher sends it.
+#[derive(Debug)]
+pub enum Reply {
+    /// The process runs (it has exec'd).
+    Launched {
+        /// Its pid (in the launcher's pid namespace).
+        pid: u32,
+        /// A pidfd of it: readable once it ends.
+        pidfd: OwnedFd,
+    },
+    /// `None` while it runs, else its raw wait status.
+    Status(Option<i32>),
+    /// Done (kill).
+    Done,
+    /// Refused or failed, and why.
+    Error(String),
+}
+
+fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS || data.len() > MAX_MESSAGE {
+        return Err(io::Error::other("message too large"));
+    }
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // u64s for the alignment cmsghdr needs; room for MAX_FDS.
+    let mut cbuf = [0u64; 8];
+    // SAFETY: msghdr is plain data; all zeroes is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let bytes = std::mem::size_of_val(fds) as u32;
+        // SAFETY: CMSG_SPACE is arithmetic on its argument.
+        let space = unsafe { libc::CMSG_SPACE(bytes) } as usize;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: msg_control points at `cbuf`, which holds `space` bytes (at most 56 for
+        // 8 fds, the buffer has 64); the header and data written stay inside it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(c),
+                bytes as usize,
+            );
+        }
+    }
+    loop {
+        // SAFETY: `msg` points at `iov` (over `data`) and `cbuf`, both alive for the call.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// A datagram's bytes and the fds it carried.
+type Datagram = (Vec<u8>, Vec<OwnedFd>);
+
+/// One datagram and its fds (close-on-exec); `None` at end of stream (or an empty datagram,
+/// which neither side sends: a launcher that gets one stops serving that skiff).
+fn recv(sock: BorrowedFd<'_>) -> Result<Option<Datagram>, LaunchError> {
+    let mut data = vec![0u8; MAX_MESSAGE];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: msghdr is plain data; all zeroes is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (over `data`) and `cbuf`, both alive for the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(LaunchError::Io(e));
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `cbuf` with `msg_controllen` bytes of cmsghdrs; the walk
+    // stays inside them, and each SCM_RIGHTS payload holds whole fds now owned by us.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let p = libc::CMSG_DATA(c).cast::<RawFd>();
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(LaunchError::Malformed(format!(
+            "a message larger than {MAX_MESSAGE} bytes or with more than {MAX_FDS} fds"
+        )));
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    data.truncate(n);
+    Ok(Some((data, fds)))
+}
+
+fn parse_pid(body: &[u8]) -> Result<u32, LaunchError> {
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|p| *p > 0 && *p <= i32::MAX as u32)
+        .ok_or_else(|| LaunchError::Malformed("not a pid".into()))
+}
+
+/// Reads one request (launcher side); `None` when skiff closed its end.
+pub fn read_request(sock: BorrowedFd<'_>) -> Result<Option<Request>, LaunchError> {
+    let Some((data, fds)) = recv(sock)? else {
+        return Ok(None);
+    };
+    let (kind, body) = data
+        .split_first()
+        .ok_or_else(|| LaunchError::Malformed("empty".into()))?;
+    let req = match kind {
+        b'S' | b'K' if !fds.is_empty() => {
+            return Err(LaunchError::Malformed("fds with a status or kill".into()))
+        }
+        b'S' => Request::Status(parse_pid(body)?),
+        b'K' => Request::Kill(parse_pid(body)?),
+        b'L' => {
+            let mut fields = body.split(|b| *b == 0);
+            let binary = fields.next().unwrap_or_default();
+            if binary.is_empty() {
+                return Err(LaunchError::Malformed("no binary".into()));
+            }
+            let binary = PathBuf::from(OsString::from_vec(binary.to_vec()));
+            let targets_text = fields
+                .next()
+                .ok_or_else(|| LaunchError::Malformed("no fd numbers".into()))?;
+            let targets: Vec<RawFd> = if targets_text.is_empty() {
+                Vec::new()
+            } else {
+                std::str::from_utf8(targets_text)
+                    .map_err(|_| LaunchError::Malformed("fd numbers".into()))?
+                    .split(',')
+                    .map(|t| t.parse::<RawFd>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| LaunchError::Malformed("fd numbers".into()))?
+            };
+            if targets.len() != fds.len() {
+                return Err(LaunchError::Malformed(format!(
+                    "{} fd numbers for {} fds",
+                    targets.len(),
+                    fds.len()
+                )));
+            }
+            for (i, t) in targets.iter().enumerate() {
+                if !(3..=MAX_TARGET_FD).contains(t) || targets[..i].contains(t) {
+                    return Err(LaunchError::Malformed(format!(
+                        "fd number {t} (3 to {MAX_TARGET_FD}, each once)"
+                    )));
+                }
+            }
+            let args: Vec<OsString> = fields.map(|a| OsString::from_vec(a.to_vec())).collect();
+            if args.len() > MAX_ARGS {
+                return Err(LaunchError::Malformed(format!(
+                    "{} arguments (at most {MAX_ARGS})",
+                    args.len()
+                )));
+            }
+            Request::Launch {
+                binary,
+                targets,
+                args,
+                fds,
+            }
+        }
+        other => {
+            return Err(LaunchError::Malformed(format!(
+                "unknown request {:?}",
+                char::from(*other)
+            )))
+        }
+    };
+    Ok(Some(req))
+}
+
+/// Sends one reply (launcher side).
+pub fn write_reply(sock: BorrowedFd<'_>, reply: &Reply) -> Result<(), LaunchError> {
+    let (text, fds) = match reply {
+        Reply::Launched { pid, pidfd } => (format!("O{pid}"), vec![pidfd.as_raw_fd()]),
+        Reply::Status(None) => ("Orunning".to_string(), Vec::new()),
+        Reply::Status(Some(st)) => (format!("Oexited {st}"), Vec::new()),
+        Reply::Done => ("O".to_string(), Vec::new()),
+        Reply::Error(why) => {
+            // A message that fits.
+            let mut w = format!("E{why}");
+            if w.len() > 4096 {
+                let mut cut = 4096;
+                while !w.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                w.truncate(cut);
+            }
+            (w, Vec::new())
+        }
+    };
+    send(sock, text.as_bytes(), &fds).map_err(LaunchError::Io)
+}
+
+/// skiff's end of the launcher socket.
+#[derive(Debug)]
+pub struct LauncherClient {
+    sock: Mutex<OwnedFd>,
+}
+
+impl LauncherClient {
+    /// Takes `fd` (from `--launcher-fd`): it must be a unix SOCK_SEQPACKET socket. It is made
+    /// close-on-exec, so no child inherits it.
+    pub fn from_raw_fd(fd: RawFd) -> Result<Self, LaunchError> {
+        let bad = |why: &str| LaunchError::BadSocket(fd, why.to_string());
+        let mut ty: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `ty`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&mut ty as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(bad(&format!(
+                "not an open socket ({})",
+                io::Error::last_os_error()
+            )));
+        }
+        if ty != libc::SOCK_SEQPACKET {
+            return Err(bad("not a SOCK_SEQPACKET socket"));
+        }
+        // SAFETY: the fd is open (getsockopt succeeded) and skiff was given it to own.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: fcntl on an fd we own.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(LaunchError::Io(io::Error::last_os_error()));
+        }
+        let tv = libc::timeval {
+            tv_sec: REPLY_TIMEOUT.as_secs() as libc::time_t,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt reads a timeval of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(LaunchError::Io(io::Error::last_os_error()));
+        }
+        Ok(LauncherClient {
+            sock: Mutex::new(sock),
+        })
+    }
+
+    fn call(&self, data: &[u8], fds: &[RawFd]) -> Result<(String, Vec<OwnedFd>), LaunchError> {
+        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        use std::os::fd::AsFd;
+        send(sock.as_fd(), data, fds).map_err(LaunchError::Io)?;
+        let (reply, fds) = recv(sock.as_fd())?.ok_or(LaunchError::Closed)?;
+        match reply.split_first() {
+            Some((b'O', text)) => Ok((String::from_utf8_lossy(text).into_owned(), fds)),
+            Some((b'E', text)) => Err(LaunchError::Refused(
+                String::from_utf8_lossy(text).into_owned(),
+            )),
+            _ => Err(LaunchError::Malformed("reply".into())),
+        }
+    }
+
+    /// Starts `binary` (relative to the cell's binary directory) with `args`; each of `fds`
+    /// is at the same number in the new process as here. Returns its pid and a pidfd.
+    pub fn launch(
+        &self,
+        binary: &Path,
+        args: &[String],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(u32, OwnedFd), LaunchError> {
+        let mut data = vec![b'L'];
+        data.extend_from_slice(binary.as_os_str().as_bytes());
+        data.push(0);
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let targets: Vec<String> = raw.iter().map(|f| f.to_string()).collect();
+        data.extend_from_slice(targets.join(",").as_bytes());
+        for a in args {
+            data.push(0);
+            data.extend_from_slice(a.as_bytes());
+        }
+        let (text, mut got) = self.call(&data, &raw)?;
+        let pid = parse_pid(text.as_bytes())?;
+        if got.len() != 1 {
+            return Err(LaunchError::Malformed(
+                "a launch reply without its pidfd".into(),
+            ));
+        }
+        Ok((pid, got.remove(0)))
+    }
+
+    /// `None` while `pid` runs, else its raw wait status.
+    pub fn status(&self, pid: u32) -> Result<Option<i32>, LaunchError> {
+        let (text, _) = self.call(format!("S{pid}").as_bytes(), &[])?;
+        if text == "running" {
+            return Ok(None);
+        }
+        text.strip_prefix("exited ")
+            .and_then(|s| s.parse().ok())
+            .map(Some)
+            .ok_or_else(|| LaunchError::Malformed(format!("status {text:?}")))
+    }
+
+    /// SIGKILLs `pid`.
+    pub fn kill(&self, pid: u32) -> Result<(), LaunchError> {
+        self.call(format!("K{pid}").as_bytes(), &[]).map(|_| ())
+    }
+}
+
+/// A connected SOCK_SEQPACKET pair, close-on-exec: (launcher's end, skiff's end).
+pub fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two fds socketpair writes.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, IntoRawFd};
+
+    fn serve_one(server: OwnedFd, reply: impl FnOnce(Request) -> Reply + Send + 'static) {
+        std::thread::spawn(move || {
+            let req = read_request(server.as_fd())
+                .expect("read")
+                .expect("a request");
+            write_reply(server.as_fd(), &reply(req)).expect("reply");
+        });
+    }
+
+    #[test]
+    fn a_launch_carries_binary_args_and_fds() {
+        let (server, client) = socket_pair().expect("pair");
+        let client = LauncherClient::from_raw_fd(client.into_raw_fd()).expect("client");
+        let (a, _b) = socket_pair().expect("an fd to pass");
+        let passed = a.as_raw_fd();
+        serve_one(server, move |req| match req {
+            Request::Launch {
+                binary,
+                targets,
+                args,
+                fds,
+            } => {
+                assert_eq!(binary, PathBuf::from("skiff-blk"));
+                assert_eq!(targets, vec![passed]);
+                assert_eq!(args, vec![OsString::from("--x"), OsString::from("")]);
+                assert_eq!(fds.len(), 1);
+                Reply::Launched {
+                    pid: 42,
+                    pidfd: fds.into_iter().next().expect("fd"),
+                }
+            }
+            other => panic!("{other:?}"),
+        });
+        let (pid, _fd) = client
+            .launch(
+                Path::new("skiff-blk"),
+                &["--x".into(), String::new()],
+                &[a.as_fd()],
+            )
+            .expect("launch");
+        assert_eq!(pid, 42);
+    }
+
+    #[test]
+    fn status_kill_and_refusals() {
+        let (server, client) = socket_pair().expect("pair");
+        let client = LauncherClient::from_raw_fd(client.into_raw_fd()).expect("client");
+        std::thread::spawn(move || {
+            let answers = [
+                Reply::Status(None),
+                Reply::Status(Some(9)),
+                Reply::Done,
+                Reply::Error("no such binary".into()),
+            ];
+            for a in answers {
+                let _ = read_request(server.as_fd()).expect("read");
+                write_reply(server.as_fd(), &a).expect("reply");
+            }
+        });
+        assert_eq!(client.status(7).expect("status"), None);
+        assert_eq!(client.status(7).expect("status"), Some(9));
+        client.kill(7).expect("kill");
+        let e = client.status(7).expect_err("refused");
+        assert!(e.to_string().contains("no such binary"), "{e}");
+    }
+
+    #[test]
+    fn hostile_requests_are_refused() {
+        let (server, client) = socket_pair().expect("pair");
+        let cases: &[&[u8]] = &[
+            b"",
+            b"X1",
+            b"S0",
+            b"Sabc",
+            b"S99999999999",
+            b"L",
+            b"Lskiff-blk",
+            b"Lskiff-blk\x003",
+            b"Lskiff-blk\x00x",
+        ];
+        for c in cases {
+            send(client.as_fd(), c, &[]).expect("send");
+            match read_request(server.as_fd()) {
+                Err(LaunchError::Malformed(_)) => {}
+                // An empty datagram reads as end of stream: never accepted as a request.
+                Ok(None) if c.is_empty() => {}
+                other => panic!("{:?} gave {other:?}", String::from_utf8_lossy(c)),
+            }
+        }
+        // An fd number below 3, twice the same, and too many arguments.
+        let (a, b) = socket_pair().expect("fds");
+        for (text, fds) in [
+            (&b"Lb\x002"[..], vec![a.as_raw_fd()]),
+            (&b"Lb\x005,5"[..], vec![a.as_raw_fd(), b.as_raw_fd()]),
+        ] {
+            send(client.as_fd(), text, &fds).expect("send");
+            assert!(matches!(
+                read_request(server.as_fd()),
+                Err(LaunchError::Malformed(_))
+            ));
+        }
+        let mut many = b"Lb\x00".to_vec();
+        for _ in 0..=MAX_ARGS {
+            many.extend_from_slice(b"\x00a");
+        }
+        send(client.as_fd(), &many, &[]).expect("send");
+        assert!(matches!(
+            read_request(server.as_fd()),
+            Err(LaunchError::Malformed(_))
+        ));
+        // Not a seqpacket socket.
+        let mut p = [0; 2];
+        // SAFETY: room for two fds.
+        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, p.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        let e = LauncherClient::from_raw_fd(p[0]).expect_err("a stream socket");
+        assert!(e.to_string().contains("SOCK_SEQPACKET"), "{e}");
+        // SAFETY: closing the fds made above.
+        unsafe {
+            libc::close(p[0]);
+            libc::close(p[1]);
+        }
+    }
+}
