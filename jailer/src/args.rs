@@ -28,7 +28,7 @@ const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 /// first (and refuses, naming the bad value, before touching the host), then creates the
 /// cell: /bin with copies of --exec-file and the skiff-blk and skiff-net beside it (owned by
 /// root, read-only), /dev with kvm, net/tun (owned by --uid/--gid), urandom and null, /run
-/// and /tmp (owned by --uid/--gid, for the API socket and skiff's runtime directory), files
+/// and /tmp (owned by --uid/--gid, for the API socket and skiff's temporary files), files
 /// given by --stage. It creates the cgroup v2 <parent-cgroup>/<id> with the --cgroup values,
 /// then starts skiff: in the network namespace of --netns, in a new mount namespace whose
 /// root is the cell (pivot_root; /proc mounted with hidepid=invisible,subset=pid), in a new
