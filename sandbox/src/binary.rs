@@ -155,6 +155,11 @@ impl BinaryDir {
         self
     }
 
+    /// Whether programs of this directory are started by a launcher.
+    pub fn launched(&self) -> bool {
+        self.launcher.is_some()
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path

@@ -72,7 +72,7 @@ mod tty {
 pub const THREADS_ONLY: &[&str] = &["api", "blk_main", "net_main"];
 
 /// Thread-kind keys of the VMM (`skiff`).
-pub const VMM_KINDS: &[&str] = &["vmm", "api", "vcpu", "reaper"];
+pub const VMM_KINDS: &[&str] = &["vmm", "vmm_launched", "api", "vcpu", "reaper"];
 /// Thread-kind keys of skiff-blk.
 pub const BLK_KINDS: &[&str] = &["blk_main", "blk_worker"];
 /// Thread-kind keys of skiff-net.
@@ -368,12 +368,12 @@ pub fn reaper() -> AllowList {
         .when(libc::SYS_kill, &[Cond::eq32(1, libc::SIGKILL as u64)])
 }
 
-/// The VMM's event loop after InstanceStart: API requests, pause/resume (the clock, the
-/// vCPU kick signal), device upgrades and crash restarts (it forks and execs the device
-/// processes: they, and the reaper threads it starts, keep this filter, so it includes
-/// theirs), metrics, the console, teardown.
-pub fn vmm() -> AllowList {
-    let own = base()
+/// The VMM's event loop's own calls after InstanceStart: API requests, pause/resume (the
+/// clock, the vCPU kick signal), device upgrades and crash restarts (negotiating with the
+/// new process; asking skiff-jailer's launcher for it under the jailer), metrics, the
+/// console, teardown.
+fn vmm_own() -> AllowList {
+    base()
         .union(&thread_start())
         .union(&unix_sockets())
         .any(&[
@@ -401,30 +401,15 @@ pub fn vmm() -> AllowList {
             libc::SYS_unlinkat,
             libc::SYS_rmdir,
             libc::SYS_pipe2,
-            libc::SYS_dup2,
             libc::SYS_poll,
             libc::SYS_ppoll,
             libc::SYS_timerfd_settime,
             libc::SYS_timerfd_gettime,
             libc::SYS_tgkill,
-            libc::SYS_kill,
-            libc::SYS_wait4,
-            libc::SYS_waitid,
-            libc::SYS_pidfd_open,
-            libc::SYS_close_range,
-            libc::SYS_execve,
-            libc::SYS_execveat,
-            libc::SYS_vfork,
-            libc::SYS_clone,
             libc::SYS_rt_sigaction,
             libc::SYS_setsockopt,
             libc::SYS_getsockopt,
         ])
-        .when_one_of(
-            SYS_prctl,
-            0,
-            &[libc::PR_SET_PDEATHSIG as u64, libc::PR_GET_NAME as u64],
-        )
         .union(&fcntl(&[
             libc::F_GETFD,
             libc::F_SETFD,
@@ -440,12 +425,45 @@ pub fn vmm() -> AllowList {
             tty::TCGETS,
             tty::TCSETS,
             libc::FIONBIO,
-        ]));
-    own.union(&filter_install())
+        ]))
+        .union(&filter_install())
+}
+
+/// Starting device processes itself: fork (clone), the child's steps before exec
+/// (death signal, fds), exec, watching and reaping them.
+fn spawning() -> AllowList {
+    AllowList::new()
+        .any(&[
+            libc::SYS_dup2,
+            libc::SYS_kill,
+            libc::SYS_wait4,
+            libc::SYS_waitid,
+            libc::SYS_pidfd_open,
+            libc::SYS_close_range,
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_vfork,
+            libc::SYS_clone,
+        ])
+        .when_one_of(SYS_prctl, 0, &[libc::PR_SET_PDEATHSIG as u64])
+}
+
+/// The VMM's event loop when it starts its device processes itself (not under
+/// skiff-jailer): they, and the reaper threads it starts, keep this filter until their own
+/// is added, so it includes theirs.
+pub fn vmm() -> AllowList {
+    vmm_own()
+        .union(&spawning())
         .union(&reaper())
         .union(&device_start())
         .union(&blk_main())
         .union(&net_main())
+}
+
+/// The VMM's event loop under skiff-jailer, whose launcher starts the device processes: no
+/// fork, no exec, no wait, no kill, and nothing of the device processes' own lists.
+pub fn vmm_launched() -> AllowList {
+    vmm_own()
 }
 
 /// The built-in filters of a process, by key (one of [`VMM_KINDS`], [`BLK_KINDS`],
@@ -453,6 +471,7 @@ pub fn vmm() -> AllowList {
 pub fn built_in(kind: &str) -> Option<AllowList> {
     Some(match kind {
         "vmm" => vmm(),
+        "vmm_launched" => vmm_launched(),
         "api" => api(),
         "vcpu" => vcpu(),
         "reaper" => reaper(),
@@ -486,8 +505,11 @@ pub fn never(kind: &str) -> Vec<c_long> {
         libc::SYS_setns,
         libc::SYS_unshare,
     ];
-    if kind != "vmm" {
-        v.extend([libc::SYS_execve, libc::SYS_execveat, libc::SYS_openat]);
+    match kind {
+        "vmm" => {}
+        // Under the launcher the event loop opens files (API paths) but starts nothing.
+        "vmm_launched" => v.extend([libc::SYS_execve, libc::SYS_execveat, libc::SYS_vfork]),
+        _ => v.extend([libc::SYS_execve, libc::SYS_execveat, libc::SYS_openat]),
     }
     v
 }

@@ -173,6 +173,17 @@ impl ThreadFilters {
                     std::fs::File::open(path).map_err(|e| SandboxError::Read(path.clone(), e))?;
                 let mut map = seccompiler::compile_from_json(file, seccompiler::TargetArch::x86_64)
                     .map_err(|e| SandboxError::Json(path.clone(), e))?;
+                // A file handed over as an inherited fd (skiff passes its filter file so to
+                // its device processes) is read once: the fd is closed, not kept for life.
+                if let Some(fd) = path
+                    .to_str()
+                    .and_then(|p| p.strip_prefix("/proc/self/fd/"))
+                    .and_then(|n| n.parse::<i32>().ok())
+                    .filter(|n| *n > 2)
+                {
+                    // SAFETY: closes an inherited fd nothing else in this process uses.
+                    unsafe { libc::close(fd) };
+                }
                 let mut programs = HashMap::new();
                 for &k in kinds {
                     let prog = map.remove(k).ok_or_else(|| SandboxError::Missing {

@@ -10,6 +10,7 @@ use sandbox::{SeccompChoice, ThreadFilters};
 
 const ALL: &[&str] = &[
     "vmm",
+    "vmm_launched",
     "api",
     "vcpu",
     "reaper",
@@ -163,8 +164,51 @@ fn no_filter_lets_an_attacker_exec_open_or_reach_the_network() {
     // Only the event loop starts device processes (upgrades, crash restarts).
     for &kind in ALL.iter().filter(|&&k| k != "vmm") {
         dies(kind, "execve", exec_sh);
+    }
+    // The event loop opens files named by API requests; nothing else opens.
+    for &kind in ALL.iter().filter(|&&k| !k.starts_with("vmm")) {
         dies(kind, "openat", open_shadow);
     }
+}
+
+#[test]
+fn under_the_launcher_the_event_loop_starts_threads_but_no_process() {
+    dies("vmm_launched", "clone", || {
+        // SAFETY: fork in a single-threaded test child; the grandchild exits at once.
+        match unsafe { libc::fork() } {
+            // SAFETY: _exit ends the grandchild at once.
+            0 => unsafe { libc::_exit(0) },
+            _ => 0,
+        }
+    });
+    dies("vmm_launched", "wait4", || {
+        let mut st = 0;
+        // SAFETY: waitpid with a valid out-parameter.
+        unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
+        0
+    });
+    dies("vmm_launched", "kill", || {
+        // SAFETY: kill with signal 0 only checks the target.
+        unsafe { libc::kill(1, 0) };
+        0
+    });
+    works("vmm_launched", "a thread and a launcher request", || {
+        let t = std::thread::spawn(|| 7);
+        let (a, b) = sandbox::launch::socket_pair().expect("pair");
+        let msg = [b'S', b'1'];
+        // SAFETY: send/recv on our own sockets with buffers of the sizes given.
+        let ok = unsafe {
+            libc::send(a.as_raw_fd(), msg.as_ptr().cast(), 2, 0) == 2 && {
+                let mut buf = [0u8; 8];
+                libc::recv(b.as_raw_fd(), buf.as_mut_ptr().cast(), 8, 0) == 2
+            }
+        };
+        if t.join().ok() == Some(7) && ok {
+            0
+        } else {
+            1
+        }
+    });
 }
 
 #[test]

@@ -179,11 +179,52 @@ pub struct BuildOptions {
     pub device_bins: BinaryDir,
     /// The most bytes a console file (`--console file:PATH`) holds.
     pub console_file_limit: u64,
-    /// The seccomp choice, handed to the device processes on their command line.
-    pub seccomp: sandbox::SeccompChoice,
+    /// The seccomp choice, handed to the device processes.
+    pub seccomp: DeviceSeccomp,
     /// The VMM's own compiled filters (vcpu, vmm, reaper; the API thread's is installed
     /// before the VMM exists).
     pub filters: sandbox::ThreadFilters,
+}
+
+/// The seccomp choice as device processes get it: `--seccomp-filter FILE` becomes an fd
+/// skiff opened at start (`--seccomp-filter /proc/self/fd/N`, N inherited), so that a
+/// device process in a cell of its own, where no path of skiff's is visible, reads the same
+/// file, and a file replaced later changes nothing.
+pub struct DeviceSeccomp {
+    choice: sandbox::SeccompChoice,
+    file: Option<File>,
+}
+
+impl DeviceSeccomp {
+    /// From skiff's own choice; opens the filter file.
+    pub fn new(choice: &sandbox::SeccompChoice) -> std::io::Result<Self> {
+        Ok(match choice {
+            sandbox::SeccompChoice::File(path) => {
+                let file = File::open(path)?;
+                DeviceSeccomp {
+                    choice: sandbox::SeccompChoice::File(PathBuf::from(format!(
+                        "/proc/self/fd/{}",
+                        file.as_raw_fd()
+                    ))),
+                    file: Some(file),
+                }
+            }
+            other => DeviceSeccomp {
+                choice: other.clone(),
+                file: None,
+            },
+        })
+    }
+
+    /// The device process's arguments.
+    pub fn args(&self) -> Vec<String> {
+        self.choice.to_args()
+    }
+
+    /// The fd the device process must inherit, if any.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(|f| f.as_fd())
+    }
 }
 
 /// How the VMM reaches a device's backend.
@@ -298,7 +339,7 @@ pub(crate) fn blk_args(
     image: &File,
     read_only: bool,
     page: &MetricsPage,
-    seccomp: &sandbox::SeccompChoice,
+    seccomp: &DeviceSeccomp,
 ) -> Vec<String> {
     let mut args = vec![
         "--image-fd".to_string(),
@@ -309,7 +350,7 @@ pub(crate) fn blk_args(
     if read_only {
         args.push("--read-only".into());
     }
-    args.extend(seccomp.to_args());
+    args.extend(seccomp.args());
     args
 }
 
@@ -319,7 +360,7 @@ pub(crate) fn net_args(
     tap: &TapFd,
     mac: Option<&str>,
     page: &MetricsPage,
-    seccomp: &sandbox::SeccompChoice,
+    seccomp: &DeviceSeccomp,
 ) -> Vec<String> {
     let mut args = vec![
         "--tap-fd".to_string(),
@@ -331,7 +372,7 @@ pub(crate) fn net_args(
         args.push("--mac".into());
         args.push(mac.to_string());
     }
-    args.extend(seccomp.to_args());
+    args.extend(seccomp.args());
     args
 }
 
@@ -362,8 +403,9 @@ fn start_device_processes(
                 );
                 let page = Arc::new(MetricsPage::create(&d.id)?);
                 let args = blk_args(&file, d.read_only, &page, &opts.seccomp);
-                let (process, stream) =
-                    spawn_connected(name.clone(), &blk, &args, &[file.as_fd(), page.fd()])?;
+                let mut fds = vec![file.as_fd(), page.fd()];
+                fds.extend(opts.seccomp.fd());
+                let (process, stream) = spawn_connected(name.clone(), &blk, &args, &fds)?;
                 processes.push(process);
                 metrics = Some(page);
                 image_file = Some(file);
@@ -394,8 +436,9 @@ fn start_device_processes(
         let tap = Arc::new(TapFd::open(&n.tap).map_err(|e| BuildError::Tap(n.id.clone(), e))?);
         let page = Arc::new(MetricsPage::create(&n.id)?);
         let args = net_args(&tap, n.mac.as_deref(), &page, &opts.seccomp);
-        let (process, stream) =
-            spawn_connected(name.clone(), &net, &args, &[tap.as_fd(), page.fd()])?;
+        let mut fds = vec![tap.as_fd(), page.fd()];
+        fds.extend(opts.seccomp.fd());
+        let (process, stream) = spawn_connected(name.clone(), &net, &args, &fds)?;
         processes.push(process);
         pending.push(PendingDevice {
             kind: DeviceKind::Net,

@@ -309,13 +309,17 @@ fn main() -> ExitCode {
         },
         None => (None, None),
     };
+    let device_seccomp = match vmm::builder::DeviceSeccomp::new(&seccomp) {
+        Ok(d) => d,
+        Err(e) => return fail(&format!("cannot open the --seccomp-filter file: {e}")),
+    };
     let mut vmm = match Vmm::new(VmmOptions {
         id: cli.common.id.clone(),
         console: console.clone(),
         build: BuildOptions {
             device_bins,
             console_file_limit: cli.common.console_file_limit_mib.saturating_mul(1 << 20),
-            seccomp,
+            seccomp: device_seccomp,
             filters,
         },
         signals,

@@ -185,6 +185,7 @@ impl Vmm {
         if let Some(file) = &image_file {
             fds.push(file.as_fd());
         }
+        fds.extend(self.opts.seccomp.fd());
         // Connected over a socketpair: nothing to wait for before the first request.
         let (mut process, stream) =
             spawn_connected(name.clone(), &exe, &args, &fds).map_err(|e| {

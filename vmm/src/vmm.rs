@@ -421,8 +421,14 @@ impl Vmm {
             }
         }
         // The event loop's own filter, now that the VM is built: the reaper threads and the
-        // device processes it starts from now on keep it.
-        self.opts.filters.install("vmm")?;
+        // device processes it starts from now on keep it. Under skiff-jailer the launcher
+        // starts the device processes: no fork or exec at all.
+        let kind = if self.opts.device_bins.launched() {
+            "vmm_launched"
+        } else {
+            "vmm"
+        };
+        self.opts.filters.install(kind)?;
         let _ = crate::replace::REAPER_FILTERS.set(self.opts.filters.clone());
         Ok(())
     }

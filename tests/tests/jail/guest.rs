@@ -12,8 +12,8 @@ use tests::{ensure, host, Result, TestDir, TestVm, DEFAULT_BOOT_ARGS};
 
 use super::super::{BOOT, CMD, EXIT, MIB};
 use super::{
-    check_confined, check_device_cell, controller_file, nothing_left, some_controller, wait_socket,
-    Jail, ParentCgroup,
+    check_confined, check_device_cell, check_filtered, controller_file, nothing_left,
+    some_controller, wait_socket, Jail, ParentCgroup,
 };
 
 /// Every device process: (id, pid).
@@ -55,9 +55,12 @@ fn confined_all(
     cgroup: &str,
 ) -> Result<Vec<(String, u32)>> {
     check_confined(skiff, "skiff", cell, cgroup)?;
+    check_filtered(skiff, "skiff")?;
     let devs = devices(api)?;
     for (id, pid) in &devs {
-        check_device_cell(*pid, skiff, &format!("device '{id}'"), cell, cgroup)?;
+        let what = format!("device '{id}'");
+        check_device_cell(*pid, skiff, &what, cell, cgroup)?;
+        check_filtered(*pid, &what)?;
     }
     Ok(devs)
 }
@@ -71,6 +74,14 @@ pub fn jailed_guest_boots_upgrades_and_recovers() -> Result {
     let kernel = dir.join("vmlinux");
     std::fs::copy(tests::guest_artifacts()?.vmlinux(), &kernel).map_err(|e| e.to_string())?;
     let data = dir.sparse_image("data.img", 16 * MIB)?;
+    // The built-in filters, as an operator's --seccomp-filter file: skiff hands it to each
+    // device process as an fd (no path of skiff's cell is visible in a device's cell).
+    let filters = dir.join("filters.json");
+    let printed = std::process::Command::new(tests::binary("skiff")?)
+        .arg("--print-seccomp-filters")
+        .output()
+        .map_err(|e| e.to_string())?;
+    std::fs::write(&filters, &printed.stdout).map_err(|e| e.to_string())?;
     let tap_name = format!("skj{}n", std::process::id() % 100_000);
     let tap = host::Tap::create(&tap_name, "172.31.7.1/24")?;
     // This test thread's private network namespace (the TAP is in it).
@@ -92,8 +103,15 @@ pub fn jailed_guest_boots_upgrades_and_recovers() -> Result {
         format!("{}:/images/rootfs.ext4:rw", rootfs.display()),
         "--stage".into(),
         format!("{}:/images/data.img:rw", data.display()),
+        "--stage".into(),
+        format!("{}:/images/filters.json", filters.display()),
     ];
-    jl.skiff = vec!["--api-sock".into(), "/run/api.sock".into()];
+    jl.skiff = vec![
+        "--api-sock".into(),
+        "/run/api.sock".into(),
+        "--seccomp-filter".into(),
+        "/images/filters.json".into(),
+    ];
     let mut vm = TestVm::spawn("skiff-jailer", jl.command()?)?;
     let cell = base.join("skiff").join(id).join("root");
     let mut api = wait_socket(&cell.join("run/api.sock"), "jailed skiff")

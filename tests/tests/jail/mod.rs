@@ -359,6 +359,33 @@ pub fn check_confined(pid: u32, what: &str, cell_root: &Path, cgroup: &str) -> R
     check_jailed(pid, what, Some(cell_root), cgroup, (UID, GID))
 }
 
+/// Every thread of `pid` runs under a seccomp filter (Seccomp: 2 in /proc/PID/task/*/status).
+pub fn check_filtered(pid: u32, what: &str) -> Result {
+    let tasks =
+        std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("{what}: {e}"))?;
+    for t in tasks.flatten() {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+            continue; // ended meanwhile
+        };
+        let mode = s
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(str::trim)
+            .unwrap_or_default();
+        let name = s
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .map(str::trim)
+            .unwrap_or_default();
+        ensure!(
+            mode == "2",
+            "{what} thread {tid} ({name}): Seccomp {mode:?}, want 2 (filtered)"
+        );
+    }
+    Ok(())
+}
+
 /// The default --device-uid/--device-gid: the VM's + 1.
 pub const DEVICE_UID: u32 = UID + 1;
 /// See [`DEVICE_UID`].
