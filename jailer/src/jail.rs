@@ -288,6 +288,21 @@ pub fn place_fds(fds: &[OwnedFd], targets: &[RawFd]) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Moves `fd` to a number at or above `floor` (close-on-exec), closing the old number: a
+/// descriptor the child still needs after [`place_fds`] (its status pipe, the program to
+/// exec) must not sit at a number an fd is placed at, where dup2 would close it.
+pub fn lift(fd: OwnedFd, floor: RawFd) -> Result<OwnedFd, JailError> {
+    use std::os::fd::FromRawFd;
+    if fd.as_raw_fd() >= floor {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we own returns a new fd or -1.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
+    sys("moving an fd out of the way (F_DUPFD)", n.into())?;
+    // SAFETY: a fresh fd owned by nobody else; the old one closes when `fd` drops.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
 /// What to exec.
 pub enum Program {
     /// A path in the new root.

@@ -244,7 +244,27 @@ impl Launcher {
         }
         if pid == 0 {
             drop(status_r);
-            let err = self.child(&bin, targets, fds, &argv);
+            // The status pipe and the program stay open across the fd placement: above
+            // every number an fd goes to.
+            let floor = targets.iter().copied().max().unwrap_or(2) + 1;
+            let lift = |fd: std::io::Result<OwnedFd>, what: &'static str| {
+                jail::lift(
+                    fd.map_err(|source| JailError::Sys { step: what, source })?,
+                    floor,
+                )
+            };
+            let prepared =
+                lift(bin.fd().try_clone_to_owned(), "dup of the program's fd").and_then(|exe| {
+                    let w = lift(status_w.try_clone().map(OwnedFd::from), "dup of the pipe")?;
+                    Ok((exe, w))
+                });
+            let err = match prepared {
+                Ok((exe, w)) => {
+                    drop(std::mem::replace(&mut status_w, std::fs::File::from(w)));
+                    self.child(exe.as_raw_fd(), targets, fds, &argv)
+                }
+                Err(e) => e,
+            };
             let _ = write!(status_w, "{}", crate::chain(&err));
             // SAFETY: ends the child without running the parent's destructors.
             unsafe { libc::_exit(126) };
@@ -268,14 +288,8 @@ impl Launcher {
     }
 
     /// In the child: the device cell, then exec. Returns only on failure.
-    fn child(
-        &self,
-        bin: &sandbox::binary::DeviceBinary,
-        targets: &[RawFd],
-        fds: &[OwnedFd],
-        argv: &[CString],
-    ) -> JailError {
-        match self.child_steps(bin, targets, fds, argv) {
+    fn child(&self, exe: RawFd, targets: &[RawFd], fds: &[OwnedFd], argv: &[CString]) -> JailError {
+        match self.child_steps(exe, targets, fds, argv) {
             Ok(never) => match never {},
             Err(e) => e,
         }
@@ -283,7 +297,7 @@ impl Launcher {
 
     fn child_steps(
         &self,
-        bin: &sandbox::binary::DeviceBinary,
+        exe: RawFd,
         targets: &[RawFd],
         fds: &[OwnedFd],
         argv: &[CString],
@@ -293,12 +307,7 @@ impl Launcher {
         jail::pivot_into_mounted(&self.mount_point, true)?;
         jail::rlimits(self.plan.no_file, self.plan.fsize)?;
         jail::place_fds(fds, targets)?;
-        jail::drop_and_exec(
-            self.plan.uid,
-            self.plan.gid,
-            jail::Program::Fd(bin.fd().as_raw_fd()),
-            argv,
-        )
+        jail::drop_and_exec(self.plan.uid, self.plan.gid, jail::Program::Fd(exe), argv)
     }
 
     /// The device's root: a small tmpfs on `mount_point` with the bind mounts it needs.

@@ -278,7 +278,21 @@ fn supervise(
     if pid == 0 {
         drop(status_r);
         let join = (!in_cgroup).then_some(procs.as_path());
-        let err = jail::enter(plan, &cell.root, join, plan.netns.as_ref(), &skiff_end);
+        // The status pipe stays open when the launcher socket is placed at its number.
+        let err = match status_w
+            .try_clone()
+            .map_err(|source| jail::JailError::Sys {
+                step: "dup of the pipe",
+                source,
+            })
+            .and_then(|w| jail::lift(OwnedFd::from(w), jail::LAUNCHER_FD + 1))
+        {
+            Ok(w) => {
+                drop(std::mem::replace(&mut status_w, std::fs::File::from(w)));
+                jail::enter(plan, &cell.root, join, plan.netns.as_ref(), &skiff_end)
+            }
+            Err(e) => e,
+        };
         let _ = write!(status_w, "{}", crate::chain(&err));
         // SAFETY: ends the child without running the parent's destructors.
         unsafe { libc::_exit(126) };

@@ -22,6 +22,15 @@ fn socketpair(ty: libc::c_int) -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
 }
 
+/// The same file at a number of 100 or more, out of the way of the low numbers tried.
+fn high(fd: OwnedFd) -> OwnedFd {
+    // SAFETY: F_DUPFD_CLOEXEC on our own fd returns a new fd or -1.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
+    assert!(n >= 100, "F_DUPFD");
+    // SAFETY: a fresh fd owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(n) }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let fd: i32 = args
@@ -38,6 +47,69 @@ fn main() {
         .clone();
     let launcher = LauncherClient::from_raw_fd(fd).expect("the launcher socket");
     let mut ok = true;
+    // Fds at the low numbers where the launcher's own descriptors sit (its status pipe, the
+    // program it execs): each launch must start a skiff-blk that serves, or say why.
+    let img = high(OwnedFd::from(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .expect("the staged image"),
+    ));
+    let free = |n: i32| {
+        // SAFETY: F_GETFD only queries whether `n` is open.
+        let flags = unsafe { libc::fcntl(n, libc::F_GETFD) };
+        flags < 0
+    };
+    let mut n = 4;
+    while n < 24 {
+        let (front, back) = socketpair(libc::SOCK_STREAM);
+        let (front, back) = (high(front), high(back));
+        let (a, b) = (n, n + 1);
+        n += 2;
+        if !free(a) || !free(b) {
+            continue;
+        }
+        // SAFETY: dup2 onto numbers checked free; the new fds are owned below.
+        let (sock, image_fd) = unsafe {
+            libc::dup2(back.as_raw_fd(), a);
+            libc::dup2(img.as_raw_fd(), b);
+            (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b))
+        };
+        drop(back);
+        let args = vec![
+            "--socket-fd".to_string(),
+            a.to_string(),
+            "--image-fd".to_string(),
+            b.to_string(),
+        ];
+        let case = format!("fds at {a} and {b}");
+        match launcher.launch(
+            Path::new("skiff-blk"),
+            &args,
+            &[sock.as_fd(), image_fd.as_fd()],
+        ) {
+            Ok((pid, _pidfd)) => {
+                drop((sock, image_fd));
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                let before = launcher.status(pid);
+                drop(front);
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                match (before, launcher.status(pid)) {
+                    (Ok(None), Ok(Some(0))) => println!("OK {case}"),
+                    other => {
+                        println!("FAIL {case}: status while served, after hang-up: {other:?}");
+                        ok = false;
+                    }
+                }
+            }
+            Err(e) => {
+                println!("FAIL {case}: {e}");
+                ok = false;
+            }
+        }
+    }
+    drop(img);
     let mut refused = |case: &str, r: Result<(u32, OwnedFd), LaunchError>| match r {
         Err(LaunchError::Refused(m)) => println!("REFUSED {case}: {m}"),
         Err(e) => {

@@ -113,6 +113,7 @@ pub fn jailer_launcher_confines_devices_and_refuses_hostile_requests() -> Result
         "REFUSED fd-number-2000",
         "REFUSED status 1",
         "REFUSED kill 1",
+        "OK fds at 4 and 5",
         "OK launch skiff-blk",
         "OK running",
         "OK ended",
