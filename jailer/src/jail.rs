@@ -303,6 +303,21 @@ pub fn lift(fd: OwnedFd, floor: RawFd) -> Result<OwnedFd, JailError> {
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
+/// A new session (no controlling terminal), stdin and stdout on /dev/null (of the new
+/// root); stderr stays.
+pub fn detach_terminal() -> Result<(), JailError> {
+    // SAFETY: setsid, open and dup2 on values; the fd from open is closed after the dups.
+    unsafe {
+        sys("setsid", libc::setsid().into())?;
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        sys("open /dev/null", null.into())?;
+        sys("dup2 /dev/null", libc::dup2(null, 0).into())?;
+        sys("dup2 /dev/null", libc::dup2(null, 1).into())?;
+        libc::close(null);
+    }
+    Ok(())
+}
+
 /// What to exec.
 pub enum Program {
     /// A path in the new root.
@@ -318,6 +333,7 @@ pub fn drop_and_exec(
     gid: u32,
     program: Program,
     argv: &[CString],
+    supervisor: libc::pid_t,
 ) -> Result<std::convert::Infallible, JailError> {
     let mut argp: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argp.push(std::ptr::null());
@@ -333,6 +349,14 @@ pub fn drop_and_exec(
             "prctl(PR_SET_PDEATHSIG)",
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL).into(),
         )?;
+        // A supervisor that died before the death signal was set: nobody would end us.
+        // (0: not checkable, as PID 1 of a new PID namespace, whose parent is outside.)
+        if supervisor != 0 && libc::getppid() != supervisor {
+            return Err(JailError::Sys {
+                step: "checking the supervisor is alive",
+                source: std::io::Error::from_raw_os_error(libc::ESRCH),
+            });
+        }
         sys(
             "prctl(PR_SET_NO_NEW_PRIVS)",
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(),
@@ -372,8 +396,9 @@ pub fn enter(
     cgroup_procs: Option<&Path>,
     netns: Option<&OwnedFd>,
     launcher: &OwnedFd,
+    supervisor: libc::pid_t,
 ) -> JailError {
-    match steps(plan, root, cgroup_procs, netns, launcher) {
+    match steps(plan, root, cgroup_procs, netns, launcher, supervisor) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -385,6 +410,7 @@ fn steps(
     cgroup_procs: Option<&Path>,
     netns: Option<&OwnedFd>,
     launcher: &OwnedFd,
+    supervisor: libc::pid_t,
 ) -> Result<std::convert::Infallible, JailError> {
     // (Only where clone3 could not start this process in the cgroup.)
     if let Some(procs) = cgroup_procs {
@@ -416,5 +442,5 @@ fn steps(
     // The launcher socket at LAUNCHER_FD; every other fd past stdio (the supervisor's
     // status pipe included) closes at exec.
     place_fds(std::slice::from_ref(launcher), &[LAUNCHER_FD])?;
-    drop_and_exec(plan.uid, plan.gid, Program::Path(exe), &argv)
+    drop_and_exec(plan.uid, plan.gid, Program::Path(exe), &argv, supervisor)
 }

@@ -59,7 +59,46 @@ pub struct DevicePlan {
     pub cell_root: PathBuf,
     /// Loader and libraries, as absolute paths inside the cell.
     pub runtime_files: Vec<PathBuf>,
+    /// The operator's seccomp choice for skiff, which its device processes get too,
+    /// whatever skiff asks.
+    pub seccomp: OperatorSeccomp,
+    /// skiff's end of the launcher socket (device, inode): never passed on to a device.
+    pub peer: (u64, u64),
 }
+
+/// The seccomp choice the operator gave skiff (in skiff's arguments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorSeccomp {
+    /// The built-in filters.
+    BuiltIn,
+    /// `--no-seccomp`.
+    Off,
+    /// `--seccomp-filter PATH`, a path inside the cell.
+    File(PathBuf),
+}
+
+impl OperatorSeccomp {
+    /// From skiff's arguments.
+    pub fn from_args(args: &[OsString]) -> Self {
+        let mut choice = OperatorSeccomp::BuiltIn;
+        for (i, a) in args.iter().enumerate() {
+            let a = a.to_string_lossy();
+            if a == "--no-seccomp" {
+                choice = OperatorSeccomp::Off;
+            } else if a == "--seccomp-filter" {
+                if let Some(p) = args.get(i + 1) {
+                    choice = OperatorSeccomp::File(PathBuf::from(p));
+                }
+            } else if let Some(p) = a.strip_prefix("--seccomp-filter=") {
+                choice = OperatorSeccomp::File(PathBuf::from(p));
+            }
+        }
+        choice
+    }
+}
+
+/// How long a device process may take from clone to exec before it is killed.
+const START_LIMIT_MS: libc::c_int = 10_000;
 
 /// The launcher of one VM.
 pub struct Launcher {
@@ -118,7 +157,6 @@ impl Launcher {
                 return;
             }
             Ok(Some(req)) => self.handle(req),
-            Err(launch::LaunchError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return,
             Err(e) => Reply::Error(crate::chain(&e)),
         };
         if let Err(e) = launch::write_reply(self.sock.as_fd(), &reply) {
@@ -179,7 +217,7 @@ impl Launcher {
                 targets,
                 args,
                 fds,
-            } => match self.launch(&binary, &targets, &args, &fds) {
+            } => match self.launch(&binary, &targets, &args, fds) {
                 Ok((pid, pidfd)) => {
                     self.live.insert(pid, ());
                     Reply::Launched { pid, pidfd }
@@ -194,13 +232,20 @@ impl Launcher {
         binary: &Path,
         targets: &[RawFd],
         args: &[OsString],
-        fds: &[OwnedFd],
+        mut fds: Vec<OwnedFd>,
     ) -> Result<(u32, OwnedFd), String> {
         if self.live.len() >= MAX_LIVE {
             return Err(format!(
                 "{MAX_LIVE} device processes of this VM run already"
             ));
         }
+        for f in &fds {
+            let st = fstat(f).map_err(|e| format!("fstat of a passed fd: {e}"))?;
+            if (st.st_dev, st.st_ino) == self.plan.peer {
+                return Err("the launcher socket is not passed to a device process".into());
+            }
+        }
+        self.enforce_seccomp(targets, args, &mut fds)?;
         // Named as skiff sees the directory: the host path of the cell is not its business.
         let host_dir = self.bins.path().display().to_string();
         let bin = self
@@ -216,7 +261,8 @@ impl Launcher {
         for a in args {
             argv.push(cstr(a.as_bytes())?);
         }
-        let (mut status_r, mut status_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+        let (status_r, status_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+        let supervisor = std::process::id() as libc::pid_t;
         let mut pidfd: RawFd = -1;
         let mut clone = crate::supervise::CloneArgs {
             flags: crate::supervise::CLONE_INTO_CGROUP
@@ -243,6 +289,51 @@ impl Launcher {
             return Err(format!("clone3: {}", std::io::Error::last_os_error()));
         }
         if pid == 0 {
+            // A panic must not unwind into a second supervisor loop.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.in_child(status_r, status_w, &bin, targets, fds, &argv, supervisor)
+            }));
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(126) };
+        }
+        drop(status_w);
+        // SAFETY: CLONE_PIDFD stored a new pidfd owned by nobody else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        // EOF without a word: exec succeeded (the pipe was close-on-exec). A child that
+        // neither execs nor fails in time (stopped, throttled by the cgroup) is killed.
+        let why = match read_until_eof(status_r, START_LIMIT_MS) {
+            Some(why) => why,
+            None => {
+                // SAFETY: kill on our own child, not yet reaped.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                format!("it did not start within {} s", START_LIMIT_MS / 1000)
+            }
+        };
+        if !why.is_empty() {
+            let mut st = 0;
+            // SAFETY: reaps our own child, which has ended or is about to.
+            unsafe { libc::waitpid(pid as libc::pid_t, &mut st, 0) };
+            return Err(format!(
+                "starting /bin/{} in its cell: {why}",
+                bin.relative().display()
+            ));
+        }
+        Ok((pid as u32, pidfd))
+    }
+
+    /// The child's side of a launch: never returns.
+    #[allow(clippy::too_many_arguments)]
+    fn in_child(
+        &self,
+        status_r: std::fs::File,
+        mut status_w: std::fs::File,
+        bin: &sandbox::binary::DeviceBinary,
+        targets: &[RawFd],
+        fds: Vec<OwnedFd>,
+        argv: &[CString],
+        supervisor: libc::pid_t,
+    ) {
+        {
             drop(status_r);
             // The status pipe and the program stay open across the fd placement: above
             // every number an fd goes to.
@@ -261,35 +352,24 @@ impl Launcher {
             let err = match prepared {
                 Ok((exe, w)) => {
                     drop(std::mem::replace(&mut status_w, std::fs::File::from(w)));
-                    self.child(exe.as_raw_fd(), targets, fds, &argv)
+                    self.child(exe.as_raw_fd(), targets, &fds, argv, supervisor)
                 }
                 Err(e) => e,
             };
             let _ = write!(status_w, "{}", crate::chain(&err));
-            // SAFETY: ends the child without running the parent's destructors.
-            unsafe { libc::_exit(126) };
         }
-        drop(status_w);
-        // SAFETY: CLONE_PIDFD stored a new pidfd owned by nobody else.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-        // EOF without a word: exec succeeded (the pipe was close-on-exec).
-        let mut why = String::new();
-        let _ = status_r.read_to_string(&mut why);
-        if !why.is_empty() {
-            let mut st = 0;
-            // SAFETY: reaps our own child, which has ended or is about to.
-            unsafe { libc::waitpid(pid as libc::pid_t, &mut st, 0) };
-            return Err(format!(
-                "starting /bin/{} in its cell: {why}",
-                bin.relative().display()
-            ));
-        }
-        Ok((pid as u32, pidfd))
     }
 
     /// In the child: the device cell, then exec. Returns only on failure.
-    fn child(&self, exe: RawFd, targets: &[RawFd], fds: &[OwnedFd], argv: &[CString]) -> JailError {
-        match self.child_steps(exe, targets, fds, argv) {
+    fn child(
+        &self,
+        exe: RawFd,
+        targets: &[RawFd],
+        fds: &[OwnedFd],
+        argv: &[CString],
+        supervisor: libc::pid_t,
+    ) -> JailError {
+        match self.child_steps(exe, targets, fds, argv, supervisor) {
             Ok(never) => match never {},
             Err(e) => e,
         }
@@ -301,13 +381,71 @@ impl Launcher {
         targets: &[RawFd],
         fds: &[OwnedFd],
         argv: &[CString],
+        supervisor: libc::pid_t,
     ) -> Result<std::convert::Infallible, JailError> {
         jail::make_slave()?;
         self.build_root()?;
         jail::pivot_into_mounted(&self.mount_point, true)?;
+        // No controlling terminal (the operator's, when the jailer runs in the foreground)
+        // and no terminal on stdin or stdout; stderr stays for the log.
+        jail::detach_terminal()?;
         jail::rlimits(self.plan.no_file, self.plan.fsize)?;
         jail::place_fds(fds, targets)?;
-        jail::drop_and_exec(self.plan.uid, self.plan.gid, jail::Program::Fd(exe), argv)
+        jail::drop_and_exec(
+            self.plan.uid,
+            self.plan.gid,
+            jail::Program::Fd(exe),
+            argv,
+            supervisor,
+        )
+    }
+
+    /// The device process gets the operator's seccomp choice, not one skiff makes up: with
+    /// the built-in filters no seccomp flag may be asked for, with `--no-seccomp` that flag
+    /// must be there, and with a filter file skiff's `--seccomp-filter /proc/self/fd/N`
+    /// must name one of the passed fds, which is replaced by the operator's file as the
+    /// launcher opens it in the cell.
+    fn enforce_seccomp(
+        &self,
+        targets: &[RawFd],
+        args: &[OsString],
+        fds: &mut [OwnedFd],
+    ) -> Result<(), String> {
+        let no = args.iter().any(|a| a == "--no-seccomp");
+        let file_at = args.iter().position(|a| a == "--seccomp-filter");
+        if args
+            .iter()
+            .any(|a| a.as_bytes().starts_with(b"--seccomp-filter="))
+        {
+            return Err("--seccomp-filter=... is not how skiff passes the filter".into());
+        }
+        let refuse = |want: &str| {
+            Err(format!(
+                "the device's seccomp choice is the operator's ({want}), not skiff's to make"
+            ))
+        };
+        match &self.plan.seccomp {
+            OperatorSeccomp::BuiltIn if no || file_at.is_some() => refuse("the built-in filters"),
+            OperatorSeccomp::BuiltIn => Ok(()),
+            OperatorSeccomp::Off if no && file_at.is_none() => Ok(()),
+            OperatorSeccomp::Off => refuse("--no-seccomp"),
+            OperatorSeccomp::File(path) => {
+                let Some(i) = file_at.filter(|_| !no) else {
+                    return refuse("--seccomp-filter");
+                };
+                let n = args
+                    .get(i + 1)
+                    .and_then(|v| v.to_str())
+                    .and_then(|v| v.strip_prefix("/proc/self/fd/"))
+                    .and_then(|v| v.parse::<RawFd>().ok())
+                    .and_then(|n| targets.iter().position(|t| *t == n))
+                    .ok_or("--seccomp-filter must name a passed fd (/proc/self/fd/N)")?;
+                fds[n] = open_in_cell(&self.plan.cell_root, path).map_err(|e| {
+                    format!("the operator's --seccomp-filter {}: {e}", path.display())
+                })?;
+                Ok(())
+            }
+        }
     }
 
     /// The device's root: a small tmpfs on `mount_point` with the bind mounts it needs.
@@ -338,6 +476,72 @@ impl Launcher {
             jail::bind_file(&self.plan.cell_root.join(rel), &to, true)?;
         }
         Ok(())
+    }
+}
+
+/// Opens `path` (as skiff sees it) read-only, resolved inside the cell.
+fn open_in_cell(cell_root: &Path, path: &Path) -> std::io::Result<OwnedFd> {
+    let root = std::fs::File::open(cell_root)?;
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let c = CString::new(rel.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: open_how is plain data; all zeroes is its "no flags" value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with an open directory, a NUL-terminated path and an open_how of the
+    // size passed; the result is checked.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn fstat(fd: &OwnedFd) -> std::io::Result<libc::stat> {
+    // SAFETY: stat is plain data; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on an open fd with a valid out-parameter.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// Reads `r` to its end, waiting at most `ms` in all; `None` on timeout.
+fn read_until_eof(mut r: std::fs::File, ms: libc::c_int) -> Option<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms as u64);
+    let mut out = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = libc::pollfd {
+            fd: r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one initialised pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis() as libc::c_int) };
+        if n == 0 {
+            return None;
+        }
+        let mut buf = [0u8; 1024];
+        match r.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&out).into_owned()),
+            Ok(k) => out.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Some(String::from_utf8_lossy(&out).into_owned()),
+        }
+        if out.len() > 64 * 1024 {
+            return Some(String::from_utf8_lossy(&out).into_owned());
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use crate::args::Plan;
 use crate::cell::Cell;
 use crate::cgroup::Cgroup;
 use crate::jail;
-use crate::launcher::{DevicePlan, Launcher};
+use crate::launcher::{DevicePlan, Launcher, OperatorSeccomp};
 
 /// Signals passed on to skiff.
 const FORWARDED: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
@@ -269,10 +269,35 @@ fn supervise(
             fsize: plan.fsize,
             cell_root: cell.root.clone(),
             runtime_files: plan.runtime_files.clone(),
+            seccomp: OperatorSeccomp::from_args(&plan.skiff_args),
+            peer: {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::File::from(skiff_end.try_clone().map_err(|source| {
+                    fail(
+                        &mut report,
+                        SuperviseError::Sys {
+                            step: "dup of skiff's launcher end",
+                            source,
+                        },
+                    )
+                })?)
+                .metadata()
+                .map_err(|source| {
+                    fail(
+                        &mut report,
+                        SuperviseError::Sys {
+                            step: "fstat of skiff's launcher end",
+                            source,
+                        },
+                    )
+                })?;
+                (m.dev(), m.ino())
+            },
         },
     )
     .map_err(|e| fail(&mut report, e.into()))?;
     let procs = cgroup.procs();
+    let supervisor = std::process::id() as libc::pid_t;
     let (pid, in_cgroup) =
         spawn(&cgroup.path, plan.new_pid_ns).map_err(|e| fail(&mut report, e))?;
     if pid == 0 {
@@ -289,7 +314,14 @@ fn supervise(
         {
             Ok(w) => {
                 drop(std::mem::replace(&mut status_w, std::fs::File::from(w)));
-                jail::enter(plan, &cell.root, join, plan.netns.as_ref(), &skiff_end)
+                jail::enter(
+                    plan,
+                    &cell.root,
+                    join,
+                    plan.netns.as_ref(),
+                    &skiff_end,
+                    if plan.new_pid_ns { 0 } else { supervisor },
+                )
             }
             Err(e) => e,
         };

@@ -100,7 +100,7 @@ pub enum Reply {
     Error(String),
 }
 
-fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd], flags: libc::c_int) -> io::Result<()> {
     if fds.len() > MAX_FDS || data.len() > MAX_MESSAGE {
         return Err(io::Error::other("message too large"));
     }
@@ -136,7 +136,7 @@ fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     }
     loop {
         // SAFETY: `msg` points at `iov` (over `data`) and `cbuf`, both alive for the call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | flags) };
         if n >= 0 {
             return Ok(());
         }
@@ -246,6 +246,12 @@ pub fn read_request(sock: BorrowedFd<'_>) -> Result<Option<Request>, LaunchError
                     .collect::<Result<_, _>>()
                     .map_err(|_| LaunchError::Malformed("fd numbers".into()))?
             };
+            if fds.len() > MAX_FDS {
+                return Err(LaunchError::Malformed(format!(
+                    "{} fds (at most {MAX_FDS})",
+                    fds.len()
+                )));
+            }
             if targets.len() != fds.len() {
                 return Err(LaunchError::Malformed(format!(
                     "{} fd numbers for {} fds",
@@ -284,7 +290,7 @@ pub fn read_request(sock: BorrowedFd<'_>) -> Result<Option<Request>, LaunchError
     Ok(Some(req))
 }
 
-/// Sends one reply (launcher side).
+/// Sends one reply (launcher side), without blocking.
 pub fn write_reply(sock: BorrowedFd<'_>, reply: &Reply) -> Result<(), LaunchError> {
     let (text, fds) = match reply {
         Reply::Launched { pid, pidfd } => (format!("O{pid}"), vec![pidfd.as_raw_fd()]),
@@ -304,13 +310,18 @@ pub fn write_reply(sock: BorrowedFd<'_>, reply: &Reply) -> Result<(), LaunchErro
             (w, Vec::new())
         }
     };
-    send(sock, text.as_bytes(), &fds).map_err(LaunchError::Io)
+    // Never blocks: a skiff that sends requests without reading the replies fills its
+    // socket; the launcher then stops serving it rather than wait (it has signals to pass
+    // on and children to reap).
+    send(sock, text.as_bytes(), &fds, libc::MSG_DONTWAIT).map_err(LaunchError::Io)
 }
 
 /// skiff's end of the launcher socket.
 #[derive(Debug)]
 pub struct LauncherClient {
-    sock: Mutex<OwnedFd>,
+    /// The socket, and whether a call failed midway (a reply may still come and would be
+    /// taken for the next call's: no call is made after that).
+    sock: Mutex<(OwnedFd, bool)>,
 }
 
 impl LauncherClient {
@@ -363,15 +374,29 @@ impl LauncherClient {
             return Err(LaunchError::Io(io::Error::last_os_error()));
         }
         Ok(LauncherClient {
-            sock: Mutex::new(sock),
+            sock: Mutex::new((sock, false)),
         })
     }
 
     fn call(&self, data: &[u8], fds: &[RawFd]) -> Result<(String, Vec<OwnedFd>), LaunchError> {
-        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
         use std::os::fd::AsFd;
-        send(sock.as_fd(), data, fds).map_err(LaunchError::Io)?;
-        let (reply, fds) = recv(sock.as_fd())?.ok_or(LaunchError::Closed)?;
+        let mut state = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        if state.1 {
+            return Err(LaunchError::Malformed(
+                "an earlier request failed midway; the launcher socket is out of step".into(),
+            ));
+        }
+        let sock = state.0.as_fd();
+        let exchanged = send(sock, data, fds, 0)
+            .map_err(LaunchError::Io)
+            .and_then(|()| recv(sock)?.ok_or(LaunchError::Closed));
+        let (reply, fds) = match exchanged {
+            Ok(r) => r,
+            Err(e) => {
+                state.1 = true;
+                return Err(e);
+            }
+        };
         match reply.split_first() {
             Some((b'O', text)) => Ok((String::from_utf8_lossy(text).into_owned(), fds)),
             Some((b'E', text)) => Err(LaunchError::Refused(
@@ -532,7 +557,7 @@ mod tests {
             b"Lskiff-blk\x00x",
         ];
         for c in cases {
-            send(client.as_fd(), c, &[]).expect("send");
+            send(client.as_fd(), c, &[], 0).expect("send");
             match read_request(server.as_fd()) {
                 Err(LaunchError::Malformed(_)) => {}
                 // An empty datagram reads as end of stream: never accepted as a request.
@@ -546,7 +571,7 @@ mod tests {
             (&b"Lb\x002"[..], vec![a.as_raw_fd()]),
             (&b"Lb\x005,5"[..], vec![a.as_raw_fd(), b.as_raw_fd()]),
         ] {
-            send(client.as_fd(), text, &fds).expect("send");
+            send(client.as_fd(), text, &fds, 0).expect("send");
             assert!(matches!(
                 read_request(server.as_fd()),
                 Err(LaunchError::Malformed(_))
@@ -556,7 +581,7 @@ mod tests {
         for _ in 0..=MAX_ARGS {
             many.extend_from_slice(b"\x00a");
         }
-        send(client.as_fd(), &many, &[]).expect("send");
+        send(client.as_fd(), &many, &[], 0).expect("send");
         assert!(matches!(
             read_request(server.as_fd()),
             Err(LaunchError::Malformed(_))

@@ -138,6 +138,18 @@ fn main() {
         "fd-number-2000",
         launcher.launch(Path::new("skiff-blk"), &[], &[high.as_fd()]),
     );
+    // The seccomp choice is the operator's (built-in here), and the launcher socket itself
+    // is never handed to a device.
+    refused(
+        "no-seccomp",
+        launcher.launch(Path::new("skiff-blk"), &["--no-seccomp".into()], &[]),
+    );
+    // SAFETY: fd 3 is the launcher socket, open for the whole run.
+    let own = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    refused(
+        "the launcher socket",
+        launcher.launch(Path::new("skiff-blk"), &[], &[own]),
+    );
     // Status and kill of processes that are not the launcher's children.
     for pid in [1u32, std::process::id()] {
         match launcher.status(pid) {

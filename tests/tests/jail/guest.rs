@@ -162,6 +162,25 @@ pub fn jailed_guest_boots_upgrades_and_recovers() -> Result {
     ensure!(first.len() == 3, "want 3 device processes, got {first:?}");
     guest_io(&mut vm, 0)?;
 
+    // Upgrade binaries only from the cell's /bin: anything else is a 400 naming it, and the
+    // device keeps its process.
+    for (what, path) in [
+        ("a cell file outside /bin", "/images/vmlinux"),
+        ("a .. out of /bin", "/bin/../images/vmlinux"),
+        ("a relative .. path", "../images/vmlinux"),
+        ("a host binary", "/usr/bin/true"),
+    ] {
+        super::refused_naming(
+            api.upgrade_device("data", Some(path)).map(|_| ()),
+            path,
+            what,
+        )?;
+    }
+    ensure!(
+        devices(&mut api)? == first,
+        "refused upgrades changed the device processes"
+    );
+
     // Upgrades inside the cell: the new processes are as confined as the old.
     let reports = api
         .upgrade_all(&VmUpgrade::default())

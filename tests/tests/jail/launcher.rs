@@ -111,6 +111,8 @@ pub fn jailer_launcher_confines_devices_and_refuses_hostile_requests() -> Result
         "REFUSED sh",
         "REFUSED skiff-blk/..",
         "REFUSED fd-number-2000",
+        "REFUSED no-seccomp",
+        "REFUSED the launcher socket",
         "REFUSED status 1",
         "REFUSED kill 1",
         "OK fds at 4 and 5",
