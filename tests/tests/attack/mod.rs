@@ -138,7 +138,7 @@ pub fn hostile_guest_gets_nowhere() -> Result {
     let devices: Vec<(String, u32)> = a
         .api
         .skiff_devices()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("GET /skiff/devices: {e}{}", a.vm.diagnostics()))?
         .devices
         .into_iter()
         .map(|d| {
@@ -192,7 +192,12 @@ pub fn hostile_guest_gets_nowhere() -> Result {
         let still: Vec<(String, Option<u32>)> = a
             .api
             .skiff_devices()
-            .map_err(|e| format!("phase {phase}: GET /skiff/devices: {e}"))?
+            .map_err(|e| {
+                format!(
+                    "phase {phase}: GET /skiff/devices: {e}{}",
+                    a.vm.diagnostics()
+                )
+            })?
             .devices
             .into_iter()
             .map(|d| (d.id, d.pid))
