@@ -98,26 +98,10 @@ impl ImageSource {
 #[derive(Debug, Parser)]
 #[command(name = "skiff-blk", version)]
 #[command(group(clap::ArgGroup::new("image_source").required(true).args(["image", "image_fd"])))]
-#[command(group(clap::ArgGroup::new("frontend").required(true).args(["socket", "socket_fd"])))]
 pub struct BlkArgs {
-    /// vhost-user socket to listen on (a stale file is removed); skiff-blk serves the first
-    /// frontend that connects. Either --socket or --socket-fd gives the frontend, not both.
-    #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
-    /// Inherited fd of the vhost-user connection, already connected: an AF_UNIX SOCK_STREAM
-    /// socket whose other end is the frontend's (the VMM makes a socketpair and keeps one
-    /// end), so that no socket path needs to be shared with the VMM.
-    ///
-    /// skiff-blk checks that it is a connected AF_UNIX SOCK_STREAM socket (exit 1 naming
-    /// --socket-fd otherwise), sets FD_CLOEXEC and clears O_NONBLOCK on it, and serves that
-    /// one frontend until it hangs up.
-    #[arg(
-        long = "socket-fd",
-        value_name = "N",
-        allow_negative_numbers = true,
-        value_parser = clap::value_parser!(i32).range(0..)
-    )]
-    pub socket_fd: Option<i32>,
+    /// The vhost-user frontend: --socket PATH or --socket-fd N.
+    #[command(flatten)]
+    pub frontend: crate::vu_socket::FrontendArgs,
     /// Raw disk image (regular file or block device) to open and flock (LOCK_EX, LOCK_SH
     /// with --read-only). Either --image or --image-fd gives the image, not both.
     #[arg(long, value_name = "PATH")]
@@ -173,7 +157,7 @@ impl From<BlkArgs> for BlockOptions {
             (None, None) => ImageSource::Path(PathBuf::new()),
         };
         BlockOptions {
-            socket: SocketSource::from_args(args.socket, args.socket_fd),
+            socket: args.frontend.source(),
             image,
             disk: DiskOptions {
                 read_only: args.read_only,

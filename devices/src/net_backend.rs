@@ -5,7 +5,6 @@
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
@@ -119,26 +118,10 @@ impl fmt::Display for TapSpec {
 #[derive(Debug, Parser)]
 #[command(name = "skiff-net", version)]
 #[command(group(clap::ArgGroup::new("tap_list").required(true).args(["taps", "tap_fds"])))]
-#[command(group(clap::ArgGroup::new("frontend").required(true).args(["socket", "socket_fd"])))]
 pub struct NetArgs {
-    /// vhost-user socket to listen on (a stale file is removed); skiff-net serves the first
-    /// frontend that connects. Either --socket or --socket-fd gives the frontend, not both.
-    #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
-    /// Inherited fd of the vhost-user connection, already connected: an AF_UNIX SOCK_STREAM
-    /// socket whose other end is the frontend's (the VMM makes a socketpair and keeps one
-    /// end), so that no socket path needs to be shared with the VMM.
-    ///
-    /// skiff-net checks that it is a connected AF_UNIX SOCK_STREAM socket (exit 1 naming
-    /// --socket-fd otherwise), sets FD_CLOEXEC and clears O_NONBLOCK on it, and serves that
-    /// one frontend until it hangs up.
-    #[arg(
-        long = "socket-fd",
-        value_name = "N",
-        allow_negative_numbers = true,
-        value_parser = clap::value_parser!(i32).range(0..)
-    )]
-    pub socket_fd: Option<i32>,
+    /// The vhost-user frontend: --socket PATH or --socket-fd N.
+    #[command(flatten)]
+    pub frontend: crate::vu_socket::FrontendArgs,
     /// TAP interface to open (or create) by name; repeat for a multi-queue device (one TAP
     /// per queue pair). Either --tap or --tap-fd gives the TAPs, not both.
     #[arg(long = "tap", value_name = "NAME")]
@@ -183,7 +166,7 @@ impl From<NetArgs> for NetOptions {
             args.tap_fds.into_iter().map(TapSpec::Fd).collect()
         };
         NetOptions {
-            socket: SocketSource::from_args(args.socket, args.socket_fd),
+            socket: args.frontend.source(),
             taps,
             mac: args.mac,
             queue_size: args.queue_size,

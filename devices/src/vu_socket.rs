@@ -51,6 +51,37 @@ pub enum VuSocketError {
 /// What a `--socket-fd` must be, said in every refusal.
 const NEED: &str = "a connected AF_UNIX SOCK_STREAM socket is needed (the frontend's end is the other one, e.g. of a socketpair)";
 
+/// The frontend options of skiff-blk and skiff-net (exactly one of the two).
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+#[group(id = "frontend", required = true, multiple = false)]
+pub struct FrontendArgs {
+    /// vhost-user socket to listen on (a stale file is removed); the first frontend that
+    /// connects is served. Either --socket or --socket-fd gives the frontend, not both.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Inherited fd of the vhost-user connection, already connected: an AF_UNIX SOCK_STREAM
+    /// socket whose other end is the frontend's (the VMM makes a socketpair and keeps one
+    /// end), so that no socket path needs to be shared with the VMM.
+    ///
+    /// It is checked to be a connected AF_UNIX SOCK_STREAM socket (exit 1 naming
+    /// --socket-fd otherwise), gets FD_CLOEXEC set and O_NONBLOCK cleared, and that one
+    /// frontend is served until it hangs up.
+    #[arg(
+        long = "socket-fd",
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i32).range(0..)
+    )]
+    pub socket_fd: Option<i32>,
+}
+
+impl FrontendArgs {
+    /// The socket they name.
+    pub fn source(self) -> SocketSource {
+        SocketSource::from_args(self.socket, self.socket_fd)
+    }
+}
+
 /// The vhost-user socket as the command line gives it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SocketSource {

@@ -484,26 +484,11 @@ fn open_in_cell(cell_root: &Path, path: &Path) -> std::io::Result<OwnedFd> {
     let root = std::fs::File::open(cell_root)?;
     let rel = path.strip_prefix("/").unwrap_or(path);
     let c = CString::new(rel.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: open_how is plain data; all zeroes is its "no flags" value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2 with an open directory, a NUL-terminated path and an open_how of the
-    // size passed; the result is checked.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    sandbox::binary::open_read_only(
+        root.as_fd(),
+        &c,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
 }
 
 fn fstat(fd: &OwnedFd) -> std::io::Result<libc::stat> {

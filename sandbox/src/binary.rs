@@ -20,7 +20,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -181,32 +181,17 @@ impl BinaryDir {
             return Err(outside());
         }
         let crel = CString::new(rel.as_os_str().as_bytes()).map_err(|_| outside())?;
-        // SAFETY: open_how is plain data; all zeroes is its "no flags" value.
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
-        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
-        // SAFETY: openat2 with a valid directory fd, a NUL-terminated path and an open_how
-        // of the size passed; the result is checked.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                self.fd.as_raw_fd(),
-                crel.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
+        let fd = open_read_only(
+            self.fd.as_fd(),
+            &crel,
+            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+        );
         let full = self.path.join(rel);
         let shown = full.display().to_string();
-        if fd < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::EXDEV) | Some(libc::ELOOP) => outside(),
-                _ => DeviceBinaryError::Open(name.display().to_string(), dir, e),
-            });
-        }
-        // SAFETY: a fresh fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let fd = fd.map_err(|e| match e.raw_os_error() {
+            Some(libc::EXDEV) | Some(libc::ELOOP) => outside(),
+            _ => DeviceBinaryError::Open(name.display().to_string(), dir.clone(), e),
+        })?;
         let mut file = File::from(fd);
         let meta = file
             .metadata()
@@ -235,6 +220,35 @@ impl BinaryDir {
             fd: file.into(),
         })
     }
+}
+
+/// `openat2(dir, path, O_RDONLY | O_CLOEXEC | O_NOCTTY, resolve)`: a file opened with the
+/// kernel's own path-resolution limits (RESOLVE_BENEATH, RESOLVE_IN_ROOT, ...).
+pub fn open_read_only(
+    dir: std::os::fd::BorrowedFd<'_>,
+    path: &std::ffi::CStr,
+    resolve: u64,
+) -> std::io::Result<OwnedFd> {
+    // SAFETY: open_how is plain data; all zeroes is its "no flags" value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = resolve;
+    // SAFETY: openat2 with an open directory fd, a NUL-terminated path and an open_how of
+    // the size passed; the result is checked.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 impl DeviceBinary {

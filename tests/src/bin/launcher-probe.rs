@@ -89,12 +89,19 @@ fn main() {
             &args,
             &[sock.as_fd(), image_fd.as_fd()],
         ) {
-            Ok((pid, _pidfd)) => {
+            Ok((pid, pidfd)) => {
                 drop((sock, image_fd));
                 std::thread::sleep(std::time::Duration::from_millis(300));
                 let before = launcher.status(pid);
                 drop(front);
-                std::thread::sleep(std::time::Duration::from_millis(300));
+                // Ends on hang-up: the pidfd says when (10 s at most, on a busy host).
+                let mut p = libc::pollfd {
+                    fd: pidfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one initialised pollfd.
+                unsafe { libc::poll(&mut p, 1, 10_000) };
                 match (before, launcher.status(pid)) {
                     (Ok(None), Ok(Some(0))) => println!("OK {case}"),
                     other => {
