@@ -237,7 +237,7 @@ fn bad_fds_are_refused_naming_the_option() {
     let msg = err(path.as_raw_fd(), &ro());
     assert!(msg.contains("is opened O_PATH"), "{msg}");
 
-    let (r, w) = vmm_sys_util::eventfd::EventFd::new(0)
+    let (r, w) = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_CLOEXEC)
         .map(|e| (e.as_raw_fd(), e))
         .expect("eventfd");
     let msg = err(r, &rw());

@@ -20,7 +20,7 @@
 //! No new PID namespace: as PID 1 of one, a device process killed by its own seccomp
 //! report (which re-raises SIGSYS) would ignore the signal.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::ffi::{CString, OsString};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -109,8 +109,8 @@ pub struct Launcher {
     /// mount namespace.
     mount_point: PathBuf,
     plan: DevicePlan,
-    /// Live children: pid → pidfd is not kept (skiff got it); only the set.
-    live: HashMap<u32, ()>,
+    /// Live children (their pidfds went to skiff).
+    live: HashSet<u32>,
     /// Ended children not yet asked about: pid → raw wait status, oldest first.
     ended: Vec<(u32, i32)>,
     open: bool,
@@ -138,7 +138,7 @@ impl Launcher {
             cgroup,
             mount_point,
             plan,
-            live: HashMap::new(),
+            live: HashSet::new(),
             ended: Vec::new(),
             open: true,
         })
@@ -167,7 +167,7 @@ impl Launcher {
 
     /// Notes that child `pid` ended with `status`; false if it is not a device process.
     pub fn reaped(&mut self, pid: u32, status: i32) -> bool {
-        if self.live.remove(&pid).is_none() {
+        if !self.live.remove(&pid) {
             return false;
         }
         if self.ended.len() >= MAX_ENDED {
@@ -182,7 +182,7 @@ impl Launcher {
             Request::Status(pid) => {
                 // skiff asks when the pidfd says the process ended, maybe before SIGCHLD
                 // reached the supervisor's loop: reap it now.
-                if self.live.contains_key(&pid) {
+                if self.live.contains(&pid) {
                     let mut st = 0;
                     // SAFETY: reaps a child of ours without blocking.
                     let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut st, libc::WNOHANG) };
@@ -190,7 +190,7 @@ impl Launcher {
                         self.reaped(pid, st);
                     }
                 }
-                if self.live.contains_key(&pid) {
+                if self.live.contains(&pid) {
                     return Reply::Status(None);
                 }
                 match self.ended.iter().position(|(p, _)| *p == pid) {
@@ -199,7 +199,7 @@ impl Launcher {
                 }
             }
             Request::Kill(pid) => {
-                if !self.live.contains_key(&pid) {
+                if !self.live.contains(&pid) {
                     // Ended already (or never ours): nothing to kill.
                     return if self.ended.iter().any(|(p, _)| *p == pid) {
                         Reply::Done
@@ -219,7 +219,7 @@ impl Launcher {
                 fds,
             } => match self.launch(&binary, &targets, &args, fds) {
                 Ok((pid, pidfd)) => {
-                    self.live.insert(pid, ());
+                    self.live.insert(pid);
                     Reply::Launched { pid, pidfd }
                 }
                 Err(why) => Reply::Error(why),
@@ -352,7 +352,10 @@ impl Launcher {
             let err = match prepared {
                 Ok((exe, w)) => {
                     drop(std::mem::replace(&mut status_w, std::fs::File::from(w)));
-                    self.child(exe.as_raw_fd(), targets, &fds, argv, supervisor)
+                    match self.child_steps(exe.as_raw_fd(), targets, &fds, argv, supervisor) {
+                        Ok(never) => match never {},
+                        Err(e) => e,
+                    }
                 }
                 Err(e) => e,
             };
@@ -361,20 +364,6 @@ impl Launcher {
     }
 
     /// In the child: the device cell, then exec. Returns only on failure.
-    fn child(
-        &self,
-        exe: RawFd,
-        targets: &[RawFd],
-        fds: &[OwnedFd],
-        argv: &[CString],
-        supervisor: libc::pid_t,
-    ) -> JailError {
-        match self.child_steps(exe, targets, fds, argv, supervisor) {
-            Ok(never) => match never {},
-            Err(e) => e,
-        }
-    }
-
     fn child_steps(
         &self,
         exe: RawFd,

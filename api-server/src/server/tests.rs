@@ -233,7 +233,11 @@ impl TestServer {
         let metrics = Arc::new(ApiMetrics::new());
         let handle = ApiServer::from_listener(listener, socket.clone())
             .with_limits(limits)
-            .spawn(tx, EventFd::new(EFD_NONBLOCK).unwrap(), metrics.clone())
+            .spawn(
+                tx,
+                EventFd::new(EFD_NONBLOCK | vmm_sys_util::eventfd::EFD_CLOEXEC).unwrap(),
+                metrics.clone(),
+            )
             .unwrap();
         thread::spawn(move || vmm(rx));
         TestServer {

@@ -69,7 +69,8 @@ impl Harness {
         let socket = dir.join("api.sock");
         let server = bind(&socket).expect("bind the API socket");
         let (tx, rx) = channel();
-        let wake = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let wake =
+            EventFd::new(EFD_NONBLOCK | vmm_sys_util::eventfd::EFD_CLOEXEC).expect("eventfd");
         let metrics = Arc::new(ApiMetrics::new());
         let handle = server
             .spawn(tx, wake.try_clone().expect("dup eventfd"), metrics.clone())
