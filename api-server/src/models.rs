@@ -6,6 +6,12 @@
 
 use serde::{Deserialize, Serialize};
 
+mod snapshot;
+pub use snapshot::{
+    MemBackend, MemBackendType, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType,
+};
+
 /// Errors in a configuration document.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelsError {

@@ -4,8 +4,8 @@
 
 use crate::models::{
     BootSource, DeviceUpgrade, Drive, InstanceActionInfo, Logger, MachineConfig,
-    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, Vm,
-    VmUpgrade,
+    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
+    SnapshotCreateParams, SnapshotLoadParams, Vm, VmUpgrade,
 };
 
 /// A parsed, routed request.
@@ -51,6 +51,10 @@ pub enum ApiRequest {
     UpgradeDevice(String, DeviceUpgrade),
     /// `PUT /skiff/upgrade`
     UpgradeAll(VmUpgrade),
+    /// `PUT /snapshot/create`
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// A successful answer.

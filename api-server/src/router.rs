@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::models::{
     BootSource, DeviceUpgrade, Drive, InstanceActionInfo, Logger, MachineConfig,
     MachineConfigUpdate, Metrics, ModelsError, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, Vm, VmUpgrade,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm, VmUpgrade,
 };
 use crate::request::{ApiFault, ApiRequest};
 
@@ -179,13 +179,22 @@ pub const ROUTES: &[Route] = &[
         };
         Ok(ApiRequest::UpgradeAll(u))
     }),
+    r("PUT", "/snapshot/create", "snapshot_create", |_, b| {
+        let c: SnapshotCreateParams = json(b, "snapshot-create")?;
+        c.check_supported().map_err(unsupported)?;
+        Ok(ApiRequest::CreateSnapshot(c))
+    }),
+    r("PUT", "/snapshot/load", "snapshot_load", |_, b| {
+        let l: SnapshotLoadParams = json(b, "snapshot-load")?;
+        l.mem_file().map_err(unsupported)?;
+        Ok(ApiRequest::LoadSnapshot(l))
+    }),
 ];
 
 /// Firecracker endpoints skiff lacks: first path segment and the feature's name. The
 /// endpoint and every path below it answer 400, whatever the method.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("mmds", "MMDS (the microVM metadata service)"),
-    ("snapshot", "snapshots"),
     ("vsock", "vsock"),
     ("balloon", "the balloon device"),
     ("entropy", "the entropy device"),

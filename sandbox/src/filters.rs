@@ -20,7 +20,9 @@ const W: u64 = 1;
 const R: u64 = 2;
 
 /// KVM ioctls (linux/kvm.h; sizes of kvm_regs 144, kvm_sregs 312, kvm_msrs 8,
-/// kvm_vcpu_events 64, kvm_clock_data 48). `vmm`'s tests check them against kvm-bindings.
+/// kvm_vcpu_events 64, kvm_clock_data 48, kvm_mp_state 4, kvm_xsave 4096, kvm_xcrs 392,
+/// kvm_debugregs 128, kvm_lapic_state 1024, kvm_cpuid2 8, kvm_irqchip 520,
+/// kvm_pit_state2 112). `vmm`'s tests check them against kvm-bindings.
 pub mod kvm {
     use super::{ioc, NONE, R, W};
     const KVMIO: u64 = 0xae;
@@ -44,6 +46,24 @@ pub mod kvm {
     pub const SET_CLOCK: u64 = ioc(W, KVMIO, 0x7b, 48);
     /// KVM_GET_CLOCK.
     pub const GET_CLOCK: u64 = ioc(R, KVMIO, 0x7c, 48);
+    /// KVM_GET_MP_STATE (a parked vCPU saving its state, as the rest of this group).
+    pub const GET_MP_STATE: u64 = ioc(R, KVMIO, 0x98, 4);
+    /// KVM_GET_XSAVE.
+    pub const GET_XSAVE: u64 = ioc(R, KVMIO, 0xa4, 4096);
+    /// KVM_GET_XCRS.
+    pub const GET_XCRS: u64 = ioc(R, KVMIO, 0xa6, 392);
+    /// KVM_GET_DEBUGREGS.
+    pub const GET_DEBUGREGS: u64 = ioc(R, KVMIO, 0xa1, 128);
+    /// KVM_GET_LAPIC.
+    pub const GET_LAPIC: u64 = ioc(R, KVMIO, 0x8e, 1024);
+    /// KVM_GET_TSC_KHZ.
+    pub const GET_TSC_KHZ: u64 = ioc(NONE, KVMIO, 0xa3, 0);
+    /// KVM_GET_CPUID2.
+    pub const GET_CPUID2: u64 = ioc(R | W, KVMIO, 0x91, 8);
+    /// KVM_GET_IRQCHIP (the event loop saving the VM's state, with KVM_GET_PIT2).
+    pub const GET_IRQCHIP: u64 = ioc(R | W, KVMIO, 0x62, 520);
+    /// KVM_GET_PIT2.
+    pub const GET_PIT2: u64 = ioc(R, KVMIO, 0x9f, 112);
 }
 
 /// TUN/TAP ioctls (linux/if_tun.h).
@@ -297,6 +317,13 @@ pub fn vcpu() -> AllowList {
             kvm::GET_VCPU_EVENTS,
             kvm::GET_MSRS,
             kvm::SET_MSRS,
+            kvm::GET_MP_STATE,
+            kvm::GET_XSAVE,
+            kvm::GET_XCRS,
+            kvm::GET_DEBUGREGS,
+            kvm::GET_LAPIC,
+            kvm::GET_TSC_KHZ,
+            kvm::GET_CPUID2,
         ]))
         .union(&unix_sockets_connected())
         .any(&[
@@ -370,8 +397,9 @@ pub fn reaper() -> AllowList {
 
 /// The VMM's event loop's own calls after InstanceStart: API requests, pause/resume (the
 /// clock, the vCPU kick signal), device upgrades and crash restarts (negotiating with the
-/// new process; asking skiff-jailer's launcher for it under the jailer), metrics, the
-/// console, teardown.
+/// new process; asking skiff-jailer's launcher for it under the jailer), snapshots (the
+/// irqchip and PIT; the state and memory files: the memory is copied in the kernel, or
+/// with pread/pwrite, holes skipped with lseek), metrics, the console, teardown.
 fn vmm_own() -> AllowList {
     base()
         .union(&thread_start())
@@ -409,6 +437,9 @@ fn vmm_own() -> AllowList {
             libc::SYS_rt_sigaction,
             libc::SYS_setsockopt,
             libc::SYS_getsockopt,
+            libc::SYS_copy_file_range,
+            libc::SYS_pwrite64,
+            libc::SYS_fsync,
         ])
         .union(&fcntl(&[
             libc::F_GETFD,
@@ -422,6 +453,8 @@ fn vmm_own() -> AllowList {
         .union(&ioctl(&[
             kvm::GET_CLOCK,
             kvm::SET_CLOCK,
+            kvm::GET_IRQCHIP,
+            kvm::GET_PIT2,
             tty::TCGETS,
             tty::TCSETS,
             libc::FIONBIO,

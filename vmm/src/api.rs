@@ -243,6 +243,14 @@ impl Vmm {
                 }
                 json(&UpgradeReports { devices: reports })
             }
+            ApiRequest::CreateSnapshot(p) => {
+                self.create_snapshot(&p)?;
+                Ok(ApiReply::NoContent)
+            }
+            ApiRequest::LoadSnapshot(p) => {
+                self.load_snapshot(&p)?;
+                Ok(ApiReply::NoContent)
+            }
             ApiRequest::GetSkiffMetrics => {
                 Ok(ApiReply::Prometheus(Snapshot::take(self).prometheus()))
             }

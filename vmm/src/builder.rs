@@ -2,13 +2,12 @@
 //! devices, kernel, boot information and vCPUs.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -19,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{cpuid, loader, mptable, regs};
 use crate::config::{ConsoleConfig, DriveBackend, VmConfig};
-use crate::device_binary::{BinaryDir, DeviceBinary, DeviceBinaryError};
+use crate::device_binary::{BinaryDir, DeviceBinaryError};
 use crate::device_process::{DeviceProcess, DeviceProcessError};
 use crate::devices::bus::IoBus;
 use crate::devices::i8042::I8042;
@@ -35,8 +34,13 @@ use crate::exit::VmExit;
 use crate::layout::*;
 use crate::memory::{create_guest_ram, GuestRam, MemoryError};
 use crate::metrics::{SerialMetrics, VcpuMetrics};
+use crate::state::VmState;
 use crate::tap::{TapError, TapFd};
 use crate::vcpu::{Vcpu, VcpuGate};
+
+mod spawn;
+pub use spawn::DeviceSeccomp;
+pub(crate) use spawn::{blk_args, negotiate, net_args, spawn_connected, BACKEND_TIMEOUT};
 
 /// Errors building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +94,12 @@ pub enum BuildError {
     /// A device's metrics page.
     #[error(transparent)]
     MetricsPage(#[from] MetricsPageError),
+    /// A saved state does not fit, or cannot be put back.
+    #[error("cannot restore the saved state: {0}")]
+    Restore(String),
+    /// KVM refused a saved vCPU or VM state.
+    #[error("cannot restore the saved state")]
+    KvmState(#[from] crate::state::KvmStateError),
     /// The console file.
     #[error("cannot open console file {0}")]
     ConsoleFile(String, #[source] std::io::Error),
@@ -186,47 +196,6 @@ pub struct BuildOptions {
     pub filters: sandbox::ThreadFilters,
 }
 
-/// The seccomp choice as device processes get it: `--seccomp-filter FILE` becomes an fd
-/// skiff opened at start (`--seccomp-filter /proc/self/fd/N`, N inherited), so that a
-/// device process in a cell of its own, where no path of skiff's is visible, reads the same
-/// file, and a file replaced later changes nothing.
-pub struct DeviceSeccomp {
-    choice: sandbox::SeccompChoice,
-    file: Option<File>,
-}
-
-impl DeviceSeccomp {
-    /// From skiff's own choice; opens the filter file.
-    pub fn new(choice: &sandbox::SeccompChoice) -> std::io::Result<Self> {
-        Ok(match choice {
-            sandbox::SeccompChoice::File(path) => {
-                let file = File::open(path)?;
-                DeviceSeccomp {
-                    choice: sandbox::SeccompChoice::File(PathBuf::from(format!(
-                        "/proc/self/fd/{}",
-                        file.as_raw_fd()
-                    ))),
-                    file: Some(file),
-                }
-            }
-            other => DeviceSeccomp {
-                choice: other.clone(),
-                file: None,
-            },
-        })
-    }
-
-    /// The device process's arguments.
-    pub fn args(&self) -> Vec<String> {
-        self.choice.to_args()
-    }
-
-    /// The fd the device process must inherit, if any.
-    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
-        self.file.as_ref().map(|f| f.as_fd())
-    }
-}
-
 /// How the VMM reaches a device's backend.
 enum Link {
     /// A device process skiff started ([`BuiltVm::processes`] index), connected over a
@@ -249,131 +218,6 @@ struct PendingDevice {
     tap: Option<Arc<TapFd>>,
     mac: Option<String>,
     image: Option<Arc<File>>,
-}
-
-/// How long a backend may take to answer one vhost-user request (and an external one to
-/// accept the connection).
-pub(crate) const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a device process whose connection failed may take to be seen ended: its end
-/// of the socketpair closes as it exits, a moment before it can be reaped.
-const ENDED_GRACE: Duration = Duration::from_millis(500);
-
-/// Starts device process `name` (`bin args...` with `fds` inherited) connected to the VMM
-/// over a socketpair (AF_UNIX, SOCK_STREAM, close-on-exec): the child inherits one end as
-/// `--socket-fd N`, appended to `args`, and the VMM closes its copy of that end once the
-/// child runs; the other end is returned, with [`BACKEND_TIMEOUT`] on reads and writes as
-/// on every vhost-user connection of skiff (the vhost crate retries a read or write that
-/// timed out, though, so they do not end a request a live backend never answers). No
-/// socket path is shared with the child and there is no connect to retry: the first
-/// request waits until the child serves, or fails when it died (see [`negotiate`]).
-pub(crate) fn spawn_connected(
-    name: String,
-    bin: &DeviceBinary,
-    args: &[String],
-    fds: &[BorrowedFd<'_>],
-) -> Result<(DeviceProcess, UnixStream), BuildError> {
-    let (ours, theirs) = UnixStream::pair()
-        .map_err(|e| BuildError::Host("the socketpair of a device process", e))?;
-    let mut args = args.to_vec();
-    args.push("--socket-fd".into());
-    args.push(theirs.as_raw_fd().to_string());
-    let mut inherit = fds.to_vec();
-    inherit.push(theirs.as_fd());
-    // No socket path: DeviceProcess keeps one for processes that listen on a path.
-    let process = DeviceProcess::spawn_with_fds(name, bin, &args, &inherit)?;
-    // Only the child holds its end now, so its exit shows as the end of the connection.
-    drop(theirs);
-    for set in [UnixStream::set_read_timeout, UnixStream::set_write_timeout] {
-        set(&ours, Some(BACKEND_TIMEOUT))
-            .map_err(|e| BuildError::Host("the timeouts of a device connection", e))?;
-    }
-    Ok((process, ours))
-}
-
-/// Negotiates with device process `process` over `stream`, its connection from
-/// [`spawn_connected`]. When that fails because the process ended (it exited before or
-/// while answering), the error says so and how it ended ([`DeviceProcess::check_alive`]).
-pub(crate) fn negotiate(
-    process: &mut DeviceProcess,
-    kind: DeviceKind,
-    stream: UnixStream,
-    max_queues: usize,
-    mem: vm_memory::GuestMemoryMmap,
-) -> Result<VhostUserDevice, BuildError> {
-    // Kept open while a failure is looked into: a live process that refused a request must
-    // not exit because its connection closed and then be reported as ended.
-    let hold = stream.try_clone().ok();
-    match VhostUserDevice::new(kind, stream, max_queues, mem) {
-        Ok(dev) => Ok(dev),
-        Err(e) => {
-            let ended = ended_within(process, ENDED_GRACE);
-            drop(hold);
-            Err(match ended {
-                Some(why) => BuildError::Ended(why, e),
-                None => BuildError::Backend(
-                    format!("{}: vhost-user negotiation failed", process.name),
-                    e,
-                ),
-            })
-        }
-    }
-}
-
-/// How `p` ended, if it has or does within `grace` (its pidfd becomes readable).
-fn ended_within(p: &mut DeviceProcess, grace: Duration) -> Option<String> {
-    let mut pfd = libc::pollfd {
-        fd: p.pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(grace.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: poll reads and writes the one pollfd, which lives across the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) };
-    p.check_alive().err()
-}
-
-/// skiff-blk's arguments for serving the image open on `image`, counting in `page` (the
-/// connection, `--socket-fd`, is added by [`spawn_connected`]).
-pub(crate) fn blk_args(
-    image: &File,
-    read_only: bool,
-    page: &MetricsPage,
-    seccomp: &DeviceSeccomp,
-) -> Vec<String> {
-    let mut args = vec![
-        "--image-fd".to_string(),
-        image.as_raw_fd().to_string(),
-        "--metrics-fd".to_string(),
-        page.fd().as_raw_fd().to_string(),
-    ];
-    if read_only {
-        args.push("--read-only".into());
-    }
-    args.extend(seccomp.args());
-    args
-}
-
-/// skiff-net's arguments for serving the TAP `tap`, counting in `page` (the connection,
-/// `--socket-fd`, is added by [`spawn_connected`]).
-pub(crate) fn net_args(
-    tap: &TapFd,
-    mac: Option<&str>,
-    page: &MetricsPage,
-    seccomp: &DeviceSeccomp,
-) -> Vec<String> {
-    let mut args = vec![
-        "--tap-fd".to_string(),
-        tap.as_fd().as_raw_fd().to_string(),
-        "--metrics-fd".to_string(),
-        page.fd().as_raw_fd().to_string(),
-    ];
-    if let Some(mac) = mac {
-        args.push("--mac".into());
-        args.push(mac.to_string());
-    }
-    args.extend(seccomp.args());
-    args
 }
 
 /// Starts one device process per drive and network interface.
@@ -520,47 +364,91 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine, BuildError> {
     Ok(IrqLine(evt))
 }
 
+/// Where the VM's memory and state come from.
+pub enum Origin<'a> {
+    /// A fresh boot: new RAM, the kernel loaded into it, vCPU 0 at the kernel's entry.
+    Boot,
+    /// A saved state, with RAM that already holds the guest (a snapshot's memory).
+    Restore {
+        /// The state.
+        state: &'a VmState,
+        /// Guest RAM.
+        ram: GuestRam,
+    },
+}
+
 /// Builds the VM. On error everything created so far is released by the caller through
 /// the returned partial state in `processes` (device processes are reaped).
 pub fn build(
     cfg: &VmConfig,
     opts: &BuildOptions,
     processes: &mut Vec<DeviceProcess>,
+    origin: Origin<'_>,
 ) -> Result<BuiltVm, BuildError> {
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
-    cfg.validate(kvm.get_max_vcpus(), crate::host::host_memory_bytes())?;
+    cfg.validate_machine(kvm.get_max_vcpus(), crate::host::host_memory_bytes())?;
+    // A restored guest is in its memory already: its kernel need not be around.
+    if matches!(origin, Origin::Boot) {
+        cfg.validate_boot()?;
+    }
+    cfg.validate_devices()?;
     let n_dev = cfg.drives.len() + cfg.nets.len();
     if n_dev > (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize {
         return Err(BuildError::TooManyDevices(n_dev));
     }
+    let mem_bytes = cfg.mem_mib << 20;
+    let (saved, ram) = match origin {
+        Origin::Boot => (None, None),
+        Origin::Restore { state, ram } => {
+            check_restorable(cfg, state, mem_bytes)?;
+            (Some(state), Some(ram))
+        }
+    };
 
     // Device processes start first so that their start-up overlaps the kernel load.
     let pending = start_device_processes(cfg, opts, processes)?;
 
-    let mem_bytes = cfg.mem_mib << 20;
-    let ram = create_guest_ram(mem_bytes)?;
+    let ram = match ram {
+        Some(r) => r,
+        None => create_guest_ram(mem_bytes)?,
+    };
     let vm = create_vm(&kvm, &ram)?;
-    let kernel = loader::load_kernel(&ram.mem, &cfg.kernel, cfg.initrd.as_deref())?;
+    let kernel = match saved {
+        None => Some(loader::load_kernel(
+            &ram.mem,
+            &cfg.kernel,
+            cfg.initrd.as_deref(),
+        )?),
+        Some(_) => None,
+    };
 
     let exit = Arc::new(VmExit::new().map_err(|e| BuildError::Host("the exit eventfd", e))?);
     let panic = Arc::new(Mutex::new(None));
     let console_flush = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(|e| BuildError::Host("the console eventfd", e))?;
     let serial_metrics = Arc::new(SerialMetrics::default());
-    let serial = SerialDevice::new(
-        irq_line(&vm, SERIAL_IRQ)?,
-        ConsoleOut::new(
-            console_sink(&cfg.console, opts.console_file_limit)?,
-            panic.clone(),
-            Some(
-                console_flush
-                    .try_clone()
-                    .map_err(|e| BuildError::Host("the console eventfd", e))?,
-            ),
-        )
-        .with_metrics(serial_metrics.clone()),
-    );
-    let i8042 = I8042::new(irq_line(&vm, 1)?);
+    let console = ConsoleOut::new(
+        console_sink(&cfg.console, opts.console_file_limit)?,
+        panic.clone(),
+        Some(
+            console_flush
+                .try_clone()
+                .map_err(|e| BuildError::Host("the console eventfd", e))?,
+        ),
+    )
+    .with_metrics(serial_metrics.clone());
+    let serial_irq = irq_line(&vm, SERIAL_IRQ)?;
+    let serial = match saved {
+        None => SerialDevice::new(serial_irq, console),
+        Some(s) => s
+            .serial
+            .build(serial_irq, console)
+            .map_err(|e| BuildError::Restore(format!("the serial port: {e}")))?,
+    };
+    let i8042 = match saved {
+        None => I8042::new(irq_line(&vm, 1)?),
+        Some(s) => I8042::from_state(irq_line(&vm, 1)?, &s.i8042),
+    };
 
     let ram_ranges = RamRanges(
         ram.mem
@@ -572,7 +460,7 @@ pub fn build(
     let mut mmio_args = Vec::new();
     let mut devices = Vec::new();
     for (i, p) in pending.into_iter().enumerate() {
-        let (dev, process, socket) = match p.link {
+        let (mut dev, process, socket) = match p.link {
             Link::Process(idx, stream) => {
                 let proc = &mut processes[idx];
                 let dev = negotiate(proc, p.kind, stream, p.max_queues, ram.mem.clone())?;
@@ -592,6 +480,17 @@ pub fn build(
                 (dev, None, Some(socket))
             }
         };
+        let saved_dev = saved.map(|s| &s.devices[i]);
+        if let Some(d) = saved_dev {
+            d.check_same_device(dev.config_space())
+                .map_err(BuildError::Restore)?;
+            if d.transport.active {
+                dev.start_at(d.transport.acked_features, &d.transport.queues, &d.rings)
+                    .map_err(|e| {
+                        BuildError::Backend(format!("{}: cannot restart its rings", p.name), e)
+                    })?;
+            }
+        }
         let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
         let gsi = VIRTIO_IRQ_BASE + i as u32;
         vm.register_irqfd(dev.call_fd(), gsi)
@@ -605,11 +504,13 @@ pub fn build(
             .map_err(|e| BuildError::KvmVm("register a virtio ioeventfd", e))?;
         }
         mmio_args.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
-        transports.push(Mutex::new(MmioTransport::new(
-            Box::new(dev),
-            p.name.clone(),
-            ram_ranges.clone(),
-        )));
+        let mut transport = MmioTransport::new(Box::new(dev), p.name.clone(), ram_ranges.clone());
+        if let Some(d) = saved_dev {
+            transport
+                .restore(&d.transport)
+                .map_err(BuildError::Restore)?;
+        }
+        transports.push(Mutex::new(transport));
         devices.push(DeviceSlot {
             id: p.id,
             kind: p.kind,
@@ -630,11 +531,13 @@ pub fn build(
         });
     }
 
-    let cmdline = cfg.cmdline(&mmio_args);
-    log::debug!("kernel command line: {cmdline}");
-    loader::load_cmdline(&ram.mem, &cmdline)?;
-    loader::write_boot_info(&ram.mem, &kernel, cmdline.len(), mem_bytes)?;
-    mptable::setup(&ram.mem, cfg.vcpus as u8)?;
+    if let Some(kernel) = &kernel {
+        let cmdline = cfg.cmdline(&mmio_args);
+        log::debug!("kernel command line: {cmdline}");
+        loader::load_cmdline(&ram.mem, &cmdline)?;
+        loader::write_boot_info(&ram.mem, kernel, cmdline.len(), mem_bytes)?;
+        mptable::setup(&ram.mem, cfg.vcpus as u8)?;
+    }
 
     let bus = Arc::new(IoBus {
         serial: Mutex::new(serial),
@@ -648,21 +551,31 @@ pub fn build(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| BuildError::KvmVm("report its supported CPUID", e))?;
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+    let msr_list = Arc::new(
+        kvm.get_msr_index_list()
+            .map_err(|e| BuildError::KvmVm("list the MSRs it saves", e))?
+            .as_slice()
+            .to_vec(),
+    );
     let mut vcpus = Vec::new();
     for i in 0..cfg.vcpus as u8 {
         let fd = vm
             .create_vcpu(u64::from(i))
             .map_err(|e| BuildError::KvmVm("create a vCPU", e))?;
-        let mut c = supported.clone();
-        cpuid::configure(&mut c, i, cfg.vcpus as u8, tsc_deadline);
-        fd.set_cpuid2(&c)
-            .map_err(|e| BuildError::KvmVm("set CPUID", e))?;
-        regs::setup_msrs(&fd)?;
-        regs::setup_fpu(&fd)?;
-        regs::setup_lapic(&fd)?;
-        if i == 0 {
-            regs::setup_sregs(&ram.mem, &fd, kernel.entry)?;
-            regs::setup_regs(&fd, kernel.entry)?;
+        if let Some(s) = saved {
+            s.vcpus[usize::from(i)].restore(&fd)?;
+        } else if let Some(kernel) = &kernel {
+            let mut c = supported.clone();
+            cpuid::configure(&mut c, i, cfg.vcpus as u8, tsc_deadline);
+            fd.set_cpuid2(&c)
+                .map_err(|e| BuildError::KvmVm("set CPUID", e))?;
+            regs::setup_msrs(&fd)?;
+            regs::setup_fpu(&fd)?;
+            regs::setup_lapic(&fd)?;
+            if i == 0 {
+                regs::setup_sregs(&ram.mem, &fd, kernel.entry)?;
+                regs::setup_regs(&fd, kernel.entry)?;
+            }
         }
         let metrics = Arc::new(VcpuMetrics::default());
         vcpu_metrics.push(metrics.clone());
@@ -674,7 +587,11 @@ pub fn build(
             stop: stop.clone(),
             gate: gate.clone(),
             metrics,
+            msr_list: msr_list.clone(),
         });
+    }
+    if let Some(s) = saved {
+        s.kvm.restore(&vm)?;
     }
     Ok(BuiltVm {
         vm,
@@ -693,78 +610,46 @@ pub fn build(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sh() -> DeviceBinary {
-        let dir = BinaryDir::open(Some(Path::new("/bin"))).expect("/bin");
-        dir.resolve(Path::new("sh")).expect("sh")
+/// Checks that `state` fits the VM `cfg` describes (the snapshot's own configuration):
+/// memory, vCPUs and devices, by id and kind, in transport order.
+fn check_restorable(cfg: &VmConfig, state: &VmState, mem_bytes: u64) -> Result<(), BuildError> {
+    let bad = |m: String| Err(BuildError::Restore(m));
+    if state.mem_bytes != mem_bytes {
+        return bad(format!(
+            "the state has {} bytes of RAM, the configuration {mem_bytes}",
+            state.mem_bytes
+        ));
     }
-
-    fn start(script: &str) -> (DeviceProcess, UnixStream) {
-        let args = vec!["-c".to_string(), script.to_string()];
-        spawn_connected("sh for a test".into(), &sh(), &args, &[]).expect("spawn")
+    if state.vcpus.len() != cfg.vcpus as usize {
+        return bad(format!(
+            "the state has {} vCPUs, the configuration {}",
+            state.vcpus.len(),
+            cfg.vcpus
+        ));
     }
-
-    #[test]
-    fn the_child_inherits_its_end_as_socket_fd_and_the_vmm_keeps_the_other() {
-        // `sh -c script --socket-fd N`: $0 and $1 are the appended option; fd N is a socket
-        // in the child, and the only one besides stdio.
-        let (mut p, ours) = start(
-            r#"[ "$0" = --socket-fd ] && [ -S /proc/self/fd/$1 ] && echo up >&$1 && read x <&$1 && [ "$x" = go ]"#,
-        );
-        use std::io::{BufRead, BufReader, Write};
-        let mut line = String::new();
-        BufReader::new(&ours).read_line(&mut line).expect("read");
-        assert_eq!(line, "up\n");
-        (&ours).write_all(b"go\n").expect("write");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while p.check_alive().is_ok() {
-            assert!(std::time::Instant::now() < deadline, "sh did not exit");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(p.ended_how().as_deref(), Some("exited with status 0"));
-        // The VMM's end is close-on-exec and has the request timeouts.
-        // SAFETY: F_GETFD on an fd the test owns.
-        let flags = unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_GETFD) };
-        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
-        assert_eq!(ours.read_timeout().expect("timeout"), Some(BACKEND_TIMEOUT));
+    if let Some((i, v)) = state
+        .vcpus
+        .iter()
+        .enumerate()
+        .find(|(i, v)| usize::from(v.index) != *i)
+    {
+        return bad(format!("vCPU state {i} is vCPU {}'s", v.index));
     }
-
-    #[test]
-    fn a_process_that_ends_before_answering_is_named_with_how_it_ended() {
-        let (mut p, ours) = start("exit 3");
-        let pid = p.pid();
-        let mem = vm_memory::GuestMemoryMmap::new();
-        let e = match negotiate(&mut p, DeviceKind::Block, ours, 1, mem) {
-            Ok(_) => panic!("negotiated with sh"),
-            Err(e) => e,
-        };
-        assert!(matches!(e, BuildError::Ended(..)), "{e:?}");
-        let chain = crate::error_chain(&e);
-        assert!(
-            chain.starts_with(&format!(
-                "sh for a test (pid {pid}) exited with status 3 before it answered: vhost-user "
-            )),
-            "{chain}"
-        );
+    let configured: Vec<(&str, DeviceKind)> = cfg
+        .drives
+        .iter()
+        .map(|d| (d.id.as_str(), DeviceKind::Block))
+        .chain(cfg.nets.iter().map(|n| (n.id.as_str(), DeviceKind::Net)))
+        .collect();
+    let saved: Vec<(&str, DeviceKind)> = state
+        .devices
+        .iter()
+        .map(|d| (d.id.as_str(), d.kind))
+        .collect();
+    if configured != saved {
+        return bad(format!(
+            "the state's devices {saved:?} are not the configuration's {configured:?}"
+        ));
     }
-
-    #[test]
-    fn a_live_process_that_hangs_up_is_not_said_to_have_ended() {
-        // It closes its end without answering, and lives on.
-        let (mut p, ours) = start(r#"eval "exec $1>&-"; sleep 5"#);
-        let mem = vm_memory::GuestMemoryMmap::new();
-        let e = match negotiate(&mut p, DeviceKind::Block, ours, 1, mem) {
-            Ok(_) => panic!("negotiated with sh"),
-            Err(e) => e,
-        };
-        assert!(matches!(e, BuildError::Backend(..)), "{e:?}");
-        assert!(
-            crate::error_chain(&e).starts_with("sh for a test: vhost-user negotiation failed"),
-            "{e}"
-        );
-        p.stop(Duration::ZERO);
-    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::devices::bus::{BusAction, IoBus};
 use crate::exit::{ExitReason, VmExit};
 use crate::metrics::VcpuMetrics;
+use crate::state::VcpuState;
 
 const MSR_IA32_TSC: u32 = 0x10;
 
@@ -32,6 +33,10 @@ struct GateState {
     parked: usize,
     /// The pause was given up: parked vCPUs must not restore their saved TSC.
     aborted: bool,
+    /// vCPUs asked to save their state (parked vCPUs answer).
+    save_requests: Vec<u8>,
+    /// Their answers.
+    saved: Vec<(u8, Result<VcpuState, String>)>,
 }
 
 impl VcpuGate {
@@ -71,6 +76,41 @@ impl VcpuGate {
         true
     }
 
+    /// Asks the `n` parked vCPUs for their state and waits for every answer, at most
+    /// `timeout`. The VM must be paused ([`VcpuGate::wait_parked`] returned true). Each
+    /// state's TSC is the one the vCPU saved as it parked, so every vCPU's clock stands
+    /// where the pause stopped it.
+    pub fn save_all(&self, n: u8, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        if !st.want_pause || (st.parked as u64) < u64::from(n) {
+            return Err("the vCPUs are not all parked".into());
+        }
+        st.saved.clear();
+        st.save_requests = (0..n).collect();
+        self.cv.notify_all();
+        while st.saved.len() < n as usize {
+            let now = Instant::now();
+            if now >= deadline {
+                st.save_requests.clear();
+                return Err(format!(
+                    "{} of {n} vCPUs saved their state within {} ms",
+                    st.saved.len(),
+                    timeout.as_millis()
+                ));
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        let mut saved = std::mem::take(&mut st.saved);
+        drop(st);
+        saved.sort_by_key(|(i, _)| *i);
+        saved.into_iter().map(|(_, r)| r).collect()
+    }
+
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
         self.release(false);
@@ -90,7 +130,7 @@ impl VcpuGate {
         self.cv.notify_all();
     }
 
-    fn park(&self, fd: &VcpuFd, index: u8) {
+    fn park(&self, fd: &VcpuFd, index: u8, msr_list: &[u32]) {
         let mut st = self.lock();
         if !st.want_pause {
             return;
@@ -102,6 +142,15 @@ impl VcpuGate {
         st.parked += 1;
         self.cv.notify_all();
         while st.want_pause {
+            if let Some(pos) = st.save_requests.iter().position(|&i| i == index) {
+                st.save_requests.swap_remove(pos);
+                drop(st);
+                let r = save_parked(fd, index, msr_list, tsc.as_ref().ok().copied());
+                st = self.lock();
+                st.saved.push((index, r));
+                self.cv.notify_all();
+                continue;
+            }
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.parked -= 1;
@@ -116,6 +165,22 @@ impl VcpuGate {
             }
         }
     }
+}
+
+/// The state of a parked vCPU, with the TSC it had when it parked.
+fn save_parked(
+    fd: &VcpuFd,
+    index: u8,
+    msr_list: &[u32],
+    parked_tsc: Option<u64>,
+) -> Result<VcpuState, String> {
+    let mut state = VcpuState::save(fd, index, msr_list).map_err(|e| crate::error_chain(&e))?;
+    if let Some(tsc) = parked_tsc {
+        for m in state.msrs.iter_mut().filter(|m| m.index == MSR_IA32_TSC) {
+            m.data = tsc;
+        }
+    }
+    Ok(state)
 }
 
 fn read_tsc(fd: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
@@ -167,6 +232,8 @@ pub struct Vcpu {
     pub gate: Arc<VcpuGate>,
     /// Exit counters.
     pub metrics: Arc<VcpuMetrics>,
+    /// The MSRs a saved state holds (KVM_GET_MSR_INDEX_LIST).
+    pub msr_list: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -176,7 +243,7 @@ impl Vcpu {
         let inc = VcpuMetrics::inc;
         while !self.stop.load(Ordering::Acquire) {
             if self.gate.paused.load(Ordering::Acquire) {
-                self.gate.park(&self.fd, self.index);
+                self.gate.park(&self.fd, self.index, &self.msr_list);
                 continue;
             }
             match self.fd.run() {

@@ -18,14 +18,13 @@ use api_server::server::ApiCall;
 use kvm_bindings::kvm_clock_data;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::Killable;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::builder::{build, BuildError, BuildOptions, BuiltVm};
+use crate::builder::{BuildError, BuildOptions, BuiltVm};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::exit::ExitReason;
+use crate::lifecycle::teardown;
 use crate::metrics::VmMetrics;
-use crate::vcpu::{install_kick_handler, kick_signal};
 
 /// Errors running the VMM.
 #[derive(Debug, thiserror::Error)]
@@ -47,18 +46,18 @@ pub enum VmmError {
     Seccomp(#[from] sandbox::SandboxError),
 }
 
-const TOKEN_EXIT: u64 = 0;
+pub(crate) const TOKEN_EXIT: u64 = 0;
 const TOKEN_SIGNAL: u64 = 1;
-const TOKEN_STDIN: u64 = 2;
-const TOKEN_CONSOLE: u64 = 3;
+pub(crate) const TOKEN_STDIN: u64 = 2;
+pub(crate) const TOKEN_CONSOLE: u64 = 3;
 const TOKEN_API: u64 = 4;
 const TOKEN_METRICS_TIMER: u64 = 5;
 /// `TOKEN_RING_ERR + i`: the ring-error eventfd of virtio transport `i` (fewer than 50).
-const TOKEN_RING_ERR: u64 = 50;
+pub(crate) const TOKEN_RING_ERR: u64 = 50;
 pub(crate) const TOKEN_PROCESS: u64 = 100;
 
 /// How long a pause may take to stop every vCPU.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Firecracker flushes metrics every minute once a metrics file is set.
 const METRICS_PERIOD: Duration = Duration::from_secs(60);
 
@@ -108,10 +107,10 @@ pub(crate) struct RunningVm {
 }
 
 /// Where console input stands.
-struct Stdin {
-    open: bool,
-    watched: bool,
-    pending: VecDeque<u8>,
+pub(crate) struct Stdin {
+    pub(crate) open: bool,
+    pub(crate) watched: bool,
+    pub(crate) pending: VecDeque<u8>,
 }
 
 /// Where metrics lines go.
@@ -138,13 +137,13 @@ pub struct Vmm {
     pub(crate) metrics_out: Option<MetricsOut>,
     metrics_timer: Option<TimerFd>,
     pub(crate) logger: Option<Logger>,
-    stdin: Stdin,
+    pub(crate) stdin: Stdin,
     /// A reason the VMM must end for (a signal before the VM started).
     pending_exit: Option<ExitReason>,
     /// The guest kernel's panic line, kept past teardown.
     panic_seen: Option<String>,
     /// The terminal in raw mode while the guest owns the console.
-    raw_terminal: Option<crate::terminal::RawTerminal>,
+    pub(crate) raw_terminal: Option<crate::terminal::RawTerminal>,
     /// When each device's process was last restarted after dying.
     pub(crate) restart_log: std::collections::HashMap<usize, VecDeque<Instant>>,
 }
@@ -278,231 +277,6 @@ impl Vmm {
             Some(vm) => vm.built.panic.lock().map(|p| p.clone()).unwrap_or(None),
             None => self.panic_seen.clone(),
         }
-    }
-
-    /// Builds and starts the VM (InstanceStart). On failure nothing is left running and
-    /// the VMM stays Not started.
-    pub fn start(&mut self) -> Result<(), VmmError> {
-        if self.lifecycle != Lifecycle::NotStarted {
-            return Err(VmmError::State(format!(
-                "the VM is already started (state: {})",
-                self.lifecycle.as_str()
-            )));
-        }
-        if self.spec.boot_source.kernel_image_path.is_empty() {
-            return Err(VmmError::State(
-                "no kernel configured: PUT /boot-source before InstanceStart".into(),
-            ));
-        }
-        let cfg = self.vm_config();
-        let mut processes = Vec::new();
-        let built = match build(&cfg, &self.opts, &mut processes) {
-            Ok(b) => b,
-            Err(e) => {
-                for p in processes {
-                    p.stop(Duration::from_millis(500));
-                }
-                return Err(e.into());
-            }
-        };
-        let mut vm = RunningVm {
-            built,
-            handles: Vec::new(),
-            started: Instant::now(),
-            paused_since: None,
-            paused_total: Duration::ZERO,
-            clock: None,
-        };
-        if let Err(e) = self.launch(&mut vm) {
-            if self.stdin.watched {
-                let _ = ctl(
-                    &self.epoll,
-                    ControlOperation::Delete,
-                    libc::STDIN_FILENO,
-                    TOKEN_STDIN,
-                );
-            }
-            self.stdin = Stdin {
-                open: false,
-                watched: false,
-                pending: VecDeque::new(),
-            };
-            teardown(vm);
-            return Err(e);
-        }
-        if self.console == ConsoleConfig::Stdio {
-            self.raw_terminal = crate::terminal::RawTerminal::enter();
-        }
-        self.vm = Some(vm);
-        self.lifecycle = Lifecycle::Running;
-        log::info!("VM started: {} vCPU(s), {} MiB", cfg.vcpus, cfg.mem_mib);
-        Ok(())
-    }
-
-    /// Registers the VM's fds with the event loop and starts the vCPU threads.
-    fn launch(&mut self, vm: &mut RunningVm) -> Result<(), VmmError> {
-        let b = &mut vm.built;
-        ctl(
-            &self.epoll,
-            ControlOperation::Add,
-            b.exit.evt.as_raw_fd(),
-            TOKEN_EXIT,
-        )?;
-        ctl(
-            &self.epoll,
-            ControlOperation::Add,
-            b.console_flush.as_raw_fd(),
-            TOKEN_CONSOLE,
-        )?;
-        for (i, p) in b.processes.iter().enumerate() {
-            ctl(
-                &self.epoll,
-                ControlOperation::Add,
-                p.pidfd.as_raw_fd(),
-                TOKEN_PROCESS + i as u64,
-            )?;
-        }
-        for (i, t) in b.bus.virtio.iter().enumerate() {
-            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(dev) = t.device_mut().as_vhost_user() {
-                ctl(
-                    &self.epoll,
-                    ControlOperation::Add,
-                    dev.err_fd().as_raw_fd(),
-                    TOKEN_RING_ERR + i as u64,
-                )?;
-            }
-        }
-        if self.console == ConsoleConfig::Stdio {
-            // stdin that is a regular file or /dev/null cannot be watched: no console input.
-            self.stdin.open = ctl(
-                &self.epoll,
-                ControlOperation::Add,
-                libc::STDIN_FILENO,
-                TOKEN_STDIN,
-            )
-            .is_ok();
-            self.stdin.watched = self.stdin.open;
-        }
-        install_kick_handler().map_err(|e| {
-            VmmError::EventLoop(
-                "the vCPU kick signal",
-                std::io::Error::from_raw_os_error(e.errno()),
-            )
-        })?;
-        // Each vCPU thread installs its filter before its first KVM_RUN and reports back;
-        // one that cannot never runs the guest.
-        let (installed_tx, installed) = std::sync::mpsc::channel();
-        let count = b.vcpus.len();
-        for vcpu in b.vcpus.drain(..) {
-            let filters = self.opts.filters.clone();
-            let installed_tx = installed_tx.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.index))
-                .spawn(move || {
-                    let r = filters.install("vcpu");
-                    let ok = r.is_ok();
-                    let _ = installed_tx.send(r);
-                    if ok {
-                        vcpu.run()
-                    }
-                })
-                .map_err(|e| VmmError::EventLoop("a vCPU thread", e))?;
-            vm.handles.push(h);
-        }
-        for _ in 0..count {
-            match installed.recv() {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(VmmError::State(
-                        "a vCPU thread ended before installing its seccomp filter".into(),
-                    ))
-                }
-            }
-        }
-        // The event loop's own filter, now that the VM is built: the reaper threads and the
-        // device processes it starts from now on keep it. Under skiff-jailer the launcher
-        // starts the device processes: no fork or exec at all.
-        let kind = if self.opts.device_bins.launched() {
-            "vmm_launched"
-        } else {
-            "vmm"
-        };
-        self.opts.filters.install(kind)?;
-        let _ = crate::replace::REAPER_FILTERS.set(self.opts.filters.clone());
-        Ok(())
-    }
-
-    /// Stops the vCPUs and the guest clock.
-    pub fn pause(&mut self) -> Result<(), VmmError> {
-        let vm = match (self.lifecycle, self.vm.as_mut()) {
-            (Lifecycle::Paused, _) => return Ok(()),
-            (Lifecycle::Running, Some(vm)) => vm,
-            (state, _) => {
-                return Err(VmmError::State(format!(
-                    "the VM cannot be paused in state {}",
-                    state.as_str()
-                )))
-            }
-        };
-        let gate = vm.built.gate.clone();
-        gate.request_pause();
-        let handles = &vm.handles;
-        // A vCPU thread that has ended (it panicked) can never park.
-        let live = handles.iter().filter(|h| !h.is_finished()).count();
-        let parked = gate.wait_parked(live, PAUSE_TIMEOUT, || {
-            for h in handles.iter().filter(|h| !h.is_finished()) {
-                let _ = h.kill(kick_signal());
-            }
-        });
-        if !parked {
-            gate.abort();
-            return Err(VmmError::State(format!(
-                "the vCPUs did not stop within {} s; the VM keeps running",
-                PAUSE_TIMEOUT.as_secs()
-            )));
-        }
-        match vm.built.vm.get_clock() {
-            Ok(c) => vm.clock = Some(c),
-            Err(e) => log::warn!("KVM_GET_CLOCK failed ({e}); the guest clock will jump"),
-        }
-        vm.paused_since = Some(Instant::now());
-        self.lifecycle = Lifecycle::Paused;
-        self.vm_metrics.pauses.fetch_add(1, Ordering::Relaxed);
-        log::info!("VM paused");
-        Ok(())
-    }
-
-    /// Runs the vCPUs again, with the guest clock where it stopped.
-    pub fn resume(&mut self) -> Result<(), VmmError> {
-        let vm = match (self.lifecycle, self.vm.as_mut()) {
-            (Lifecycle::Running, _) => return Ok(()),
-            (Lifecycle::Paused, Some(vm)) => vm,
-            (state, _) => {
-                return Err(VmmError::State(format!(
-                    "the VM cannot be resumed in state {}",
-                    state.as_str()
-                )))
-            }
-        };
-        if let Some(c) = vm.clock.take() {
-            // flags 0: not KVM_CLOCK_REALTIME, which would add the time spent paused.
-            let data = kvm_clock_data {
-                clock: c.clock,
-                ..Default::default()
-            };
-            if let Err(e) = vm.built.vm.set_clock(&data) {
-                log::warn!("KVM_SET_CLOCK failed ({e}); the guest clock jumps by the pause");
-            }
-        }
-        if let Some(since) = vm.paused_since.take() {
-            vm.paused_total += since.elapsed();
-        }
-        vm.built.gate.resume();
-        self.lifecycle = Lifecycle::Running;
-        self.vm_metrics.resumes.fetch_add(1, Ordering::Relaxed);
-        log::info!("VM resumed");
-        Ok(())
     }
 
     /// Applies a logger configuration (config file or `PUT /logger`).
@@ -773,50 +547,4 @@ impl Vmm {
         self.vm_metrics.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
-}
-
-fn teardown(vm: RunningVm) {
-    let RunningVm { built, handles, .. } = vm;
-    built.stop.store(true, Ordering::Release);
-    // Parked vCPUs must wake to see the stop flag.
-    built.gate.resume();
-    // Kick every vCPU out of KVM_RUN until its thread has finished.
-    loop {
-        let running: Vec<&JoinHandle<()>> = handles.iter().filter(|h| !h.is_finished()).collect();
-        if running.is_empty() {
-            break;
-        }
-        for h in running {
-            let _ = h.kill(kick_signal());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    for h in handles {
-        if h.join().is_err() {
-            log::error!("a vCPU thread panicked");
-        }
-    }
-    let BuiltVm {
-        vm: vm_fd,
-        bus,
-        processes,
-        ram,
-        ..
-    } = built;
-    if let Err(e) = bus
-        .serial
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .writer_mut()
-        .drain()
-    {
-        log::warn!("console output: {e}");
-    }
-    // Closing the vhost-user connections tells the device processes to exit.
-    drop(bus);
-    for p in processes {
-        p.stop(Duration::from_secs(2));
-    }
-    drop(vm_fd);
-    drop(ram);
 }

@@ -1,7 +1,10 @@
 //! The KVM ioctl numbers the seccomp filters name (sandbox, which must not depend on
 //! kvm-bindings) are KVM's own.
 
-use kvm_bindings::{kvm_clock_data, kvm_msrs, kvm_regs, kvm_sregs, kvm_vcpu_events, KVMIO};
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+};
 use sandbox::filters::kvm;
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -15,6 +18,15 @@ ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
 ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
 ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
 ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 
 #[test]
 fn kvm_ioctl_numbers_match_kvm_bindings() {
@@ -28,4 +40,13 @@ fn kvm_ioctl_numbers_match_kvm_bindings() {
     assert_eq!(kvm::SET_MSRS, KVM_SET_MSRS());
     assert_eq!(kvm::SET_CLOCK, KVM_SET_CLOCK());
     assert_eq!(kvm::GET_CLOCK, KVM_GET_CLOCK());
+    assert_eq!(kvm::GET_MP_STATE, KVM_GET_MP_STATE());
+    assert_eq!(kvm::GET_XSAVE, KVM_GET_XSAVE());
+    assert_eq!(kvm::GET_XCRS, KVM_GET_XCRS());
+    assert_eq!(kvm::GET_DEBUGREGS, KVM_GET_DEBUGREGS());
+    assert_eq!(kvm::GET_LAPIC, KVM_GET_LAPIC());
+    assert_eq!(kvm::GET_TSC_KHZ, KVM_GET_TSC_KHZ());
+    assert_eq!(kvm::GET_CPUID2, KVM_GET_CPUID2());
+    assert_eq!(kvm::GET_IRQCHIP, KVM_GET_IRQCHIP());
+    assert_eq!(kvm::GET_PIT2, KVM_GET_PIT2());
 }

@@ -400,8 +400,6 @@ fn unsupported_endpoints() {
     for (path, feature) in [
         ("/mmds", "MMDS"),
         ("/mmds/config", "MMDS"),
-        ("/snapshot/create", "snapshots"),
-        ("/snapshot/load", "snapshots"),
         ("/vsock", "vsock"),
         ("/balloon", "balloon"),
         ("/balloon/statistics", "balloon"),

@@ -55,7 +55,7 @@ const KBD_SET_RATE: u8 = 0xf3;
 /// Offset of the status/command port from the data port (0x64 - 0x60).
 pub const COMMAND_OFFSET: u8 = 4;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Expect {
     Command,
     CtrByte,
@@ -74,7 +74,37 @@ pub struct I8042 {
     overflowed: bool,
 }
 
+/// The controller's state as data (snapshots, live upgrade).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    ctr: u8,
+    status: u8,
+    out: Vec<u8>,
+    expect: Expect,
+}
+
 impl I8042 {
+    /// The controller's state.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            status: self.status,
+            out: self.out.iter().copied().collect(),
+            expect: self.expect,
+        }
+    }
+
+    /// A controller in `state` (at most [`OUT_LIMIT`] unread bytes are kept) raising
+    /// `kbd_irq`.
+    pub fn from_state(kbd_irq: IrqLine, state: &I8042State) -> Self {
+        let mut c = I8042::new(kbd_irq);
+        c.ctr = state.ctr;
+        c.status = state.status;
+        c.out = state.out.iter().take(OUT_LIMIT).copied().collect();
+        c.expect = state.expect;
+        c
+    }
+
     /// A controller that raises `kbd_irq` (IRQ 1); a reset is reported by [`I8042::write`].
     pub fn new(kbd_irq: IrqLine) -> Self {
         I8042 {
@@ -221,6 +251,26 @@ mod tests {
             d.read(0);
         }
         d.press_ctrl_alt_del().unwrap();
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (mut c, _evt) = dev();
+        c.write(COMMAND_OFFSET, CMD_WRITE_CTR);
+        c.write(0, CTR_KBD_INT | CTR_TRANSLATE);
+        c.write(COMMAND_OFFSET, CMD_SELF_TEST);
+        c.write(0, KBD_SET_LEDS);
+        let st = c.state();
+        let json = serde_json::to_string(&st).unwrap();
+        let back: I8042State = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, st);
+        let mut d = I8042::from_state(IrqLine(EventFd::new(0).unwrap()), &back);
+        assert_eq!(d.state(), st);
+        // The pending argument of SET_LEDS is still expected: the next write is acked.
+        assert_eq!(d.read(0), 0x55);
+        assert_eq!(d.read(0), KBD_ACK);
+        d.write(0, 0);
+        assert_eq!(d.read(0), KBD_ACK);
     }
 
     #[test]

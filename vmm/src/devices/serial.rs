@@ -212,6 +212,64 @@ impl Write for ConsoleOut {
 /// The guest's COM1.
 pub type SerialDevice = Serial<IrqLine, NoEvents, ConsoleOut>;
 
+/// vm-superio's receive FIFO (its `FIFO_SIZE`, not exported).
+const UART_FIFO: usize = 64;
+
+/// The UART's registers and unread input, as data (vm-superio's `SerialState`, which
+/// has no serde support of its own).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialRegs {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl SerialRegs {
+    /// The state of `serial`.
+    pub fn of(serial: &SerialDevice) -> Self {
+        let s = serial.state();
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in this state, raising `irq` and writing to `out`. Unread input beyond the
+    /// FIFO's size is dropped (vm-superio refuses it).
+    pub fn build(&self, irq: IrqLine, out: ConsoleOut) -> Result<SerialDevice, String> {
+        let mut in_buffer = self.in_buffer.clone();
+        in_buffer.truncate(UART_FIFO);
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: self.baud_divisor_low,
+            baud_divisor_high: self.baud_divisor_high,
+            interrupt_enable: self.interrupt_enable,
+            interrupt_identification: self.interrupt_identification,
+            line_control: self.line_control,
+            line_status: self.line_status,
+            modem_control: self.modem_control,
+            modem_status: self.modem_status,
+            scratch: self.scratch,
+            in_buffer,
+        };
+        Serial::from_state(&state, irq, NoEvents, out).map_err(|e| format!("{e:?}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -65,6 +65,24 @@ pub struct MmioTransport {
     ram: RamRanges,
 }
 
+/// A transport's registers as data (snapshots, live upgrade). The device behind it keeps
+/// its own state.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioState {
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    /// Features the driver acknowledged.
+    pub acked_features: u64,
+    queue_sel: u32,
+    /// The queues as the driver configured them.
+    pub queues: Vec<QueueConfig>,
+    status: u32,
+    config_generation: u32,
+    /// The device processes its queues (DRIVER_OK was accepted).
+    pub active: bool,
+    config_changed: bool,
+}
+
 /// Guest accesses that broke the virtio-mmio rules, in all transports.
 static GUEST_MISUSE: LogThrottle = LogThrottle::new();
 
@@ -105,6 +123,65 @@ impl MmioTransport {
             config_changed: false,
             ram,
         }
+    }
+
+    /// The registers' state.
+    pub fn state(&self) -> MmioState {
+        MmioState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+            status: self.status,
+            config_generation: self.config_generation,
+            active: self.active,
+            config_changed: self.config_changed,
+        }
+    }
+
+    /// Puts the registers back as `state` has them, over a device the caller already set up
+    /// to match (an active one runs its rings where the state left them). Refused when the
+    /// device has fewer queues, smaller ones, or lacks features the driver acknowledged.
+    pub fn restore(&mut self, state: &MmioState) -> Result<(), String> {
+        if state.queues.len() > self.queues.len() {
+            return Err(format!(
+                "{}: the saved state has {} queues, the device {}",
+                self.name,
+                state.queues.len(),
+                self.queues.len()
+            ));
+        }
+        for (i, (saved, q)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.size > q.max_size {
+                return Err(format!(
+                    "{}: queue {i} was {} entries, the device takes at most {}",
+                    self.name, saved.size, q.max_size
+                ));
+            }
+        }
+        let missing = state.acked_features & !self.device.features();
+        if missing != 0 {
+            return Err(format!(
+                "{}: the device lacks features {missing:#x} the driver uses",
+                self.name
+            ));
+        }
+        for (q, saved) in self.queues.iter_mut().zip(&state.queues) {
+            *q = QueueConfig {
+                max_size: q.max_size,
+                ..*saved
+            };
+        }
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        self.active = state.active;
+        self.config_changed = state.config_changed;
+        Ok(())
     }
 
     /// The device behind the transport.

@@ -4,7 +4,7 @@ pub mod mmio;
 pub mod vhost_user;
 
 /// What the driver configured for one virtqueue.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueConfig {
     /// Maximum size the device supports.
     pub max_size: u16,

@@ -29,6 +29,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{QueueConfig, VirtioDevice, VirtioError};
 
+mod positions;
+pub use positions::RingPosition;
+
 /// Errors talking to a vhost-user backend.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
@@ -79,7 +82,7 @@ pub struct InflightFd {
 }
 
 /// virtio device kinds skiff fronts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeviceKind {
     /// virtio-net (id 1).
     Net,
