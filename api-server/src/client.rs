@@ -13,8 +13,8 @@ use serde::Serialize;
 use crate::models::{
     ActionType, BootSource, DeviceUpgrade, Drive, InstanceActionInfo, InstanceInfo, Logger,
     MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, SkiffDevices, SkiffVmState, UpgradeReport, UpgradeReports, Version,
-    Vm, VmStateChange, VmUpgrade,
+    PartialNetworkInterface, SkiffDevices, SkiffVmState, SnapshotCreateParams, SnapshotLoadParams,
+    UpgradeReport, UpgradeReports, Version, Vm, VmStateChange, VmUpgrade,
 };
 
 /// Largest response head (status line and headers) accepted.
@@ -486,6 +486,26 @@ impl ApiClient {
     /// Waits up to [`slow_timeout`](Self::slow_timeout).
     pub fn upgrade_all(&mut self, upgrade: &VmUpgrade) -> Result<UpgradeReports, ClientError> {
         self.send_slow("PUT", "/skiff/upgrade", upgrade)
+    }
+
+    /// `PUT /snapshot/create`: the paused VM's state and memory to files. Waits up to
+    /// [`slow_timeout`](Self::slow_timeout).
+    pub fn create_snapshot(&mut self, params: &SnapshotCreateParams) -> Result<(), ClientError> {
+        let usual = self.timeout;
+        self.timeout = self.slow_timeout();
+        let r = self.send("PUT", "/snapshot/create", params);
+        self.timeout = usual;
+        r
+    }
+
+    /// `PUT /snapshot/load`: a VM from a snapshot, in a skiff that has not started one.
+    /// Waits up to [`slow_timeout`](Self::slow_timeout).
+    pub fn load_snapshot(&mut self, params: &SnapshotLoadParams) -> Result<(), ClientError> {
+        let usual = self.timeout;
+        self.timeout = self.slow_timeout();
+        let r = self.send("PUT", "/snapshot/load", params);
+        self.timeout = usual;
+        r
     }
 
     /// `GET /skiff/metrics` (Prometheus text).

@@ -237,6 +237,7 @@ fn run_once(names: &[String], ignored: bool, only_guest: bool) -> Result<Attempt
         "SKIFF_KEEP_TMP",
         "SKIFF_FC_PYTHON",
         "SKIFF_TEST_TIMEOUT",
+        "SKIFF_STATE_FIXTURE",
         "RUST_LOG",
     ] {
         if let Ok(v) = std::env::var(var) {

@@ -13,6 +13,7 @@ mod attack;
 mod interop;
 mod jail;
 mod rig;
+mod snapshot;
 mod upgrade;
 
 use api::*;
@@ -20,6 +21,7 @@ use attack::*;
 use interop::*;
 use jail::*;
 use rig::*;
+use snapshot::*;
 use tests::runner::{self, Kind, Test};
 use tests::{ensure, guest_artifacts, host, DriveSpec, NetSpec, Result, TestDir, TestVm, VmConfig};
 use upgrade::*;
@@ -69,6 +71,7 @@ fn main() {
         Guest false api_firecracker_python_client,
         Guest false api_bad_requests_keep_vm_running,
         Guest false api_config_file_keeps_api,
+        Guest true snapshot_load_twice_and_bad_loads,
         Soak false upgrade_blk_100_under_fio,
         Soak true upgrade_net_100_under_tcp,
         Guest false upgrade_failures_keep_old_process,

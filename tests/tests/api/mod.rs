@@ -452,7 +452,7 @@ pub fn api_patch_drive_changes_media() -> Result {
 }
 
 /// Where the Firecracker client library from PyPI is installed (.ci/run puts it there).
-fn fc_python() -> Result<PathBuf> {
+pub fn fc_python() -> Result<PathBuf> {
     let p = std::env::var_os("SKIFF_FC_PYTHON")
         .map(PathBuf::from)
         .or_else(|| {

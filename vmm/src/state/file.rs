@@ -191,17 +191,23 @@ pub fn read(path: &std::path::Path) -> Result<VmState, StateFileError> {
 mod tests {
     use super::*;
 
-    /// A state file written by this version's code from a real (PVM) KVM vCPU, kept so that
-    /// every later skiff is tested against it (see `tests::fixture_of_version_1_still_reads`).
+    /// A state file of version 1: a snapshot of a running 2-vCPU, 256 MiB guest with a
+    /// drive and a network interface, taken by the guest test
+    /// `snapshot_load_twice_and_bad_loads` in the nested test host (SKIFF_STATE_FIXTURE).
+    /// Every later skiff must read it.
     pub(crate) const FIXTURE_V1: &[u8] = include_bytes!("../../tests/fixtures/state-v1.bin");
 
     #[test]
     fn fixture_of_version_1_still_reads() {
         let s = decode(FIXTURE_V1).expect("version 1 fixture");
         assert_eq!(s.vcpus.len(), 2);
-        assert_eq!(s.mem_bytes, 128 << 20);
-        assert_eq!(s.devices.len(), 1);
-        assert_eq!(s.devices[0].id, "rootfs");
+        assert_eq!(s.mem_bytes, 256 << 20);
+        let ids: Vec<&str> = s.devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["rootfs", "eth0"]);
+        assert!(s
+            .devices
+            .iter()
+            .all(|d| d.transport.active && !d.rings.is_empty()));
         assert!(!s.vcpus[0].msrs.is_empty());
         assert_eq!(s.vcpus[1].index, 1);
     }
