@@ -32,6 +32,10 @@ const FIRECRACKER_SCHEMAS: &[&str] = &[
     "FirecrackerVersion",
     "FullVmConfiguration",
     "Error",
+    "SnapshotCreateParams",
+    "SnapshotLoadParams",
+    "MemoryBackend",
+    "NetworkOverride",
 ];
 
 fn document() -> String {

@@ -187,6 +187,21 @@ fn run(
                 render::upgrades(&r)
             }))
         }
+        Op::CreateSnapshot(p) => {
+            c.create_snapshot(&p)?;
+            done(format!(
+                "snapshot written: state {}, memory {}",
+                p.snapshot_path, p.mem_file_path
+            ))
+        }
+        Op::LoadSnapshot(p) => {
+            c.load_snapshot(&p)?;
+            done(format!(
+                "snapshot {} loaded ({})",
+                p.snapshot_path,
+                if p.resume_vm { "running" } else { "paused" }
+            ))
+        }
         Op::Raw { method, path, body } => {
             let body = match body {
                 RawBody::None => None,
