@@ -360,7 +360,7 @@ impl Vmm {
                         .as_ref()
                         .map(|s| s.display().to_string())
                         .unwrap_or_default(),
-                    pid: d.process.and_then(|i| b.processes.get(i)).map(|p| p.pid()),
+                    pid: d.process.as_ref().map(|p| p.pid()),
                     binary: d.binary.as_ref().map(|p| p.display().to_string()),
                     backing: d.backing.clone(),
                     restarts: d.restarts,

@@ -115,8 +115,6 @@ pub struct BuiltVm {
     pub bus: Arc<IoBus>,
     /// vCPUs, ready to run.
     pub vcpus: Vec<Vcpu>,
-    /// Device processes skiff started.
-    pub processes: Vec<DeviceProcess>,
     /// The VM's end latch.
     pub exit: Arc<VmExit>,
     /// Set to stop the vCPUs.
@@ -131,8 +129,16 @@ pub struct BuiltVm {
     pub vcpu_metrics: Vec<Arc<VcpuMetrics>>,
     /// Console counters.
     pub serial_metrics: Arc<SerialMetrics>,
-    /// The virtio devices, drives first, in transport order.
+    /// The virtio devices, drives first, in transport order: each with its transport, its
+    /// device process and what it hands that process.
     pub devices: Vec<DeviceSlot>,
+}
+
+impl BuiltVm {
+    /// The device `id`'s index in [`BuiltVm::devices`] (= its transport's in the bus).
+    pub fn device_index(&self, id: &str) -> Option<usize> {
+        self.devices.iter().position(|d| d.id == id)
+    }
 }
 
 /// One virtio device of a built VM.
@@ -143,8 +149,8 @@ pub struct DeviceSlot {
     pub kind: DeviceKind,
     /// Index into [`IoBus::virtio`].
     pub transport: usize,
-    /// Index into [`BuiltVm::processes`] (None for an externally started backend).
-    pub process: Option<usize>,
+    /// The device process skiff started (None for an externally started backend).
+    pub process: Option<DeviceProcess>,
     /// The vhost-user socket of an externally started backend (None for a device process
     /// skiff started: its connection is a socketpair, see [`spawn_connected`]).
     pub socket: Option<PathBuf>,
@@ -459,8 +465,11 @@ pub fn build(
     let mut transports = Vec::new();
     let mut mmio_args = Vec::new();
     let mut devices = Vec::new();
+    // Which of `processes` serves each device (moved into its slot at the end, so that a
+    // failure before then still finds every process in `processes`).
+    let mut owner: Vec<Option<usize>> = Vec::new();
     for (i, p) in pending.into_iter().enumerate() {
-        let (mut dev, process, socket) = match p.link {
+        let (mut dev, proc_idx, socket) = match p.link {
             Link::Process(idx, stream) => {
                 let proc = &mut processes[idx];
                 let dev = negotiate(proc, p.kind, stream, p.max_queues, ram.mem.clone())?;
@@ -511,11 +520,12 @@ pub fn build(
                 .map_err(BuildError::Restore)?;
         }
         transports.push(Mutex::new(transport));
+        owner.push(proc_idx);
         devices.push(DeviceSlot {
             id: p.id,
             kind: p.kind,
             transport: i,
-            process,
+            process: None,
             socket,
             binary: p.binary,
             backing: p.backing,
@@ -593,12 +603,15 @@ pub fn build(
     if let Some(s) = saved {
         s.kvm.restore(&vm)?;
     }
+    let mut started: Vec<Option<DeviceProcess>> = processes.drain(..).map(Some).collect();
+    for (slot, idx) in devices.iter_mut().zip(owner) {
+        slot.process = idx.and_then(|i| started.get_mut(i).and_then(Option::take));
+    }
     Ok(BuiltVm {
         vm,
         ram,
         bus,
         vcpus,
-        processes: std::mem::take(processes),
         exit,
         stop,
         console_flush,

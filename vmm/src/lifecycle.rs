@@ -126,13 +126,15 @@ impl Vmm {
             b.console_flush.as_raw_fd(),
             TOKEN_CONSOLE,
         )?;
-        for (i, p) in b.processes.iter().enumerate() {
-            ctl(
-                &self.epoll,
-                ControlOperation::Add,
-                p.pidfd.as_raw_fd(),
-                TOKEN_PROCESS + i as u64,
-            )?;
+        for (i, d) in b.devices.iter().enumerate() {
+            if let Some(p) = &d.process {
+                ctl(
+                    &self.epoll,
+                    ControlOperation::Add,
+                    p.pidfd.as_raw_fd(),
+                    TOKEN_PROCESS + i as u64,
+                )?;
+            }
         }
         for (i, t) in b.bus.virtio.iter().enumerate() {
             let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
@@ -302,7 +304,7 @@ pub(crate) fn teardown(vm: RunningVm) {
     let BuiltVm {
         vm: vm_fd,
         bus,
-        processes,
+        devices,
         ram,
         ..
     } = built;
@@ -317,7 +319,7 @@ pub(crate) fn teardown(vm: RunningVm) {
     }
     // Closing the vhost-user connections tells the device processes to exit.
     drop(bus);
-    for p in processes {
+    for p in devices.into_iter().filter_map(|d| d.process) {
         p.stop(Duration::from_secs(2));
     }
     drop(vm_fd);

@@ -52,14 +52,17 @@ impl Vmm {
         }
     }
 
-    /// Device process `idx` may have died (its pidfd is readable): restart it with
-    /// back-off and reconnect its rings, or end the VM with the cause when that fails or
-    /// it died too often.
-    pub(crate) fn device_process_died(&mut self, idx: usize) -> Result<(), VmmError> {
+    /// The process of device `slot_idx` may have died (its pidfd is readable): restart it
+    /// with back-off and reconnect its rings, or end the VM with the cause when that fails
+    /// or it died too often.
+    pub(crate) fn device_process_died(&mut self, slot_idx: usize) -> Result<(), VmmError> {
         let Some(vm) = &mut self.vm else {
             return Ok(());
         };
-        let Some(p) = vm.built.processes.get_mut(idx) else {
+        let Some(d) = vm.built.devices.get_mut(slot_idx) else {
+            return Ok(());
+        };
+        let Some(p) = d.process.as_mut() else {
             return Ok(());
         };
         // A pidfd is readable only once its process has exited; an event for a live
@@ -71,14 +74,11 @@ impl Vmm {
             &self.epoll,
             ControlOperation::Delete,
             p.pidfd.as_raw_fd(),
-            TOKEN_PROCESS + idx as u64,
+            TOKEN_PROCESS + slot_idx as u64,
         )?;
         let how = p.ended_how();
-        let slot = vm.built.devices.iter().position(|d| d.process == Some(idx));
-        if let Some(d) = slot.and_then(|s| vm.built.devices.get_mut(s)) {
-            d.crashes += 1;
-            d.last_exit = how.clone();
-        }
+        d.crashes += 1;
+        d.last_exit = how.clone();
         if how.as_deref() == Some("killed by seccomp (SIGSYS)") {
             log::error!(
                 "{why}: it made a system call its seccomp filter forbids (its own line on \
@@ -87,23 +87,21 @@ impl Vmm {
         } else {
             log::warn!("{why}");
         }
-        if let Some(slot_idx) = slot {
-            match self.restart_allowed(slot_idx) {
-                Ok(()) => {
-                    for (attempt, backoff_ms) in RESTART_BACKOFF_MS.iter().enumerate() {
-                        std::thread::sleep(Duration::from_millis(*backoff_ms));
-                        match self.recover_device(slot_idx, &why) {
-                            Ok(()) => return Ok(()),
-                            Err(e) => log::warn!(
-                                "restart attempt {} of {} failed: {e}",
-                                attempt + 1,
-                                RESTART_BACKOFF_MS.len()
-                            ),
-                        }
+        match self.restart_allowed(slot_idx) {
+            Ok(()) => {
+                for (attempt, backoff_ms) in RESTART_BACKOFF_MS.iter().enumerate() {
+                    std::thread::sleep(Duration::from_millis(*backoff_ms));
+                    match self.recover_device(slot_idx, &why) {
+                        Ok(()) => return Ok(()),
+                        Err(e) => log::warn!(
+                            "restart attempt {} of {} failed: {e}",
+                            attempt + 1,
+                            RESTART_BACKOFF_MS.len()
+                        ),
                     }
                 }
-                Err(e) => log::error!("{e}"),
             }
+            Err(e) => log::error!("{e}"),
         }
         if let Some(vm) = &self.vm {
             vm.built.exit.report(ExitReason::DeviceFailure(why));

@@ -70,7 +70,6 @@ fn driver_state(t: &mut MmioTransport) -> DriverState {
 struct Replacement {
     id: String,
     kind: DeviceKind,
-    proc_idx: usize,
     transport: usize,
     process: DeviceProcess,
     /// Taken when it becomes the device's backend.
@@ -94,9 +93,7 @@ impl Vmm {
             ))
         })?;
         vm.built
-            .devices
-            .iter()
-            .position(|d| d.id == id)
+            .device_index(id)
             .ok_or_else(|| bad(format!("no device '{id}'")))
     }
 
@@ -116,7 +113,7 @@ impl Vmm {
         let b = &mut vm.built;
         let slot = &b.devices[slot_idx];
         let id = slot.id.clone();
-        let (Some(proc_idx), Some(current_binary)) = (slot.process, slot.binary.clone()) else {
+        let (Some(current), Some(current_binary)) = (&slot.process, slot.binary.clone()) else {
             return Err(bad(format!(
                 "device '{id}' is served by an external vhost-user backend ({}); skiff \
                  cannot replace it",
@@ -137,7 +134,7 @@ impl Vmm {
                 ))
             })?;
         let binary = exe.path().to_path_buf();
-        let name = b.processes[proc_idx].name.clone();
+        let name = current.name.clone();
         let backing = image.map(str::to_string).unwrap_or(slot.backing.clone());
         // A new image is opened and locked here; otherwise the drive's own open image is
         // handed over.
@@ -201,7 +198,6 @@ impl Vmm {
             Ok(next) => Ok(Replacement {
                 id,
                 kind: slot.kind,
-                proc_idx,
                 transport: slot.transport,
                 process,
                 next: Some(next),
@@ -228,21 +224,24 @@ impl Vmm {
     }
 
     /// Puts the replacement's process in the device's place and returns the old one.
-    fn install(&mut self, slot_idx: usize, r: Replacement) -> (DeviceProcess, Option<PathBuf>) {
+    fn install(
+        &mut self,
+        slot_idx: usize,
+        r: Replacement,
+    ) -> (Option<DeviceProcess>, Option<PathBuf>) {
         let Some(vm) = self.vm.as_mut() else {
-            return (r.process, None);
+            return (Some(r.process), None);
         };
-        let b = &mut vm.built;
-        let old = std::mem::replace(&mut b.processes[r.proc_idx], r.process);
-        let old_pidfd = old.pidfd.as_raw_fd();
-        let slot = &mut b.devices[slot_idx];
+        let slot = &mut vm.built.devices[slot_idx];
+        let old = slot.process.replace(r.process);
         let old_binary = slot.binary.replace(r.binary);
         if r.image.is_some() {
             slot.image = r.image;
         }
         slot.backing = r.backing;
         slot.restarts += 1;
-        if let Err(e) = self.rewatch_process(r.proc_idx, old_pidfd) {
+        let old_pidfd = old.as_ref().map_or(-1, |p| p.pidfd.as_raw_fd());
+        if let Err(e) = self.rewatch_process(slot_idx, old_pidfd) {
             log::error!(
                 "device '{}': cannot watch the new device process: {}",
                 r.id,
@@ -271,7 +270,10 @@ impl Vmm {
             stop_in_background(r.process);
             return Err(bad("the VM is not running"));
         };
-        let old_pid = vm.built.processes[r.proc_idx].pid();
+        let Some(old_pid) = vm.built.devices[slot_idx].process.as_ref().map(|p| p.pid()) else {
+            stop_in_background(r.process);
+            return Err(ApiFault::internal("the device has no process"));
+        };
         let new_pid = r.process.pid();
         let id = r.id.clone();
         let transport = &vm.built.bus.virtio[r.transport];
@@ -342,7 +344,9 @@ impl Vmm {
         let (old, old_binary) = self.install(slot_idx, r);
         // The old connection is closed; the old process exits on its own and is reaped off
         // the event loop.
-        stop_in_background(old);
+        if let Some(old) = old {
+            stop_in_background(old);
+        }
         self.vm_metrics.switch_pause.record(timings.pause_us);
         let report = UpgradeReport {
             id: id.clone(),
@@ -405,8 +409,9 @@ impl Vmm {
             }
         };
         let new_pid = r.process.pid();
-        let (old, _) = self.install(slot_idx, r);
-        stop_in_background(old);
+        if let (Some(old), _) = self.install(slot_idx, r) {
+            stop_in_background(old);
+        }
         self.vm_metrics
             .crash_restarts
             .fetch_add(1, Ordering::Relaxed);

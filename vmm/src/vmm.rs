@@ -321,18 +321,21 @@ impl Vmm {
         Ok(())
     }
 
-    /// Re-points the pidfd watch of device process `idx` (after it was replaced).
+    /// Re-points the pidfd watch of device `idx`'s process (after it was replaced; `old`
+    /// is the previous pidfd, or -1).
     pub(crate) fn rewatch_process(&mut self, idx: usize, old: i32) -> Result<(), VmmError> {
-        let _ = ctl(
-            &self.epoll,
-            ControlOperation::Delete,
-            old,
-            TOKEN_PROCESS + idx as u64,
-        );
+        if old >= 0 {
+            let _ = ctl(
+                &self.epoll,
+                ControlOperation::Delete,
+                old,
+                TOKEN_PROCESS + idx as u64,
+            );
+        }
         let Some(vm) = &self.vm else {
             return Ok(());
         };
-        if let Some(p) = vm.built.processes.get(idx) {
+        if let Some(p) = vm.built.devices.get(idx).and_then(|d| d.process.as_ref()) {
             ctl(
                 &self.epoll,
                 ControlOperation::Add,
