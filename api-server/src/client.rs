@@ -14,7 +14,8 @@ use crate::models::{
     ActionType, BootSource, DeviceUpgrade, Drive, InstanceActionInfo, InstanceInfo, Logger,
     MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive,
     PartialNetworkInterface, SkiffDevices, SkiffVmState, SnapshotCreateParams, SnapshotLoadParams,
-    UpgradeReport, UpgradeReports, Version, Vm, VmStateChange, VmUpgrade,
+    UpgradeReport, UpgradeReports, Version, Vm, VmStateChange, VmUpgrade, VmmUpgrade,
+    VmmUpgradeReport,
 };
 
 /// Largest response head (status line and headers) accepted.
@@ -486,6 +487,15 @@ impl ApiClient {
     /// Waits up to [`slow_timeout`](Self::slow_timeout).
     pub fn upgrade_all(&mut self, upgrade: &VmUpgrade) -> Result<UpgradeReports, ClientError> {
         self.send_slow("PUT", "/skiff/upgrade", upgrade)
+    }
+
+    /// `PUT /skiff/vmm/upgrade`: a new VMM process (of `binary`, default the running one)
+    /// takes the guest over. Waits up to [`slow_timeout`](Self::slow_timeout).
+    pub fn upgrade_vmm(&mut self, binary: Option<&str>) -> Result<VmmUpgradeReport, ClientError> {
+        let body = VmmUpgrade {
+            binary: binary.map(str::to_owned),
+        };
+        self.send_slow("PUT", "/skiff/vmm/upgrade", &body)
     }
 
     /// `PUT /snapshot/create`: the paused VM's state and memory to files. Waits up to

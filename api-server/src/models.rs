@@ -7,10 +7,12 @@
 use serde::{Deserialize, Serialize};
 
 mod snapshot;
+mod vmm_upgrade;
 pub use snapshot::{
     MemBackend, MemBackendType, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
     SnapshotType,
 };
+pub use vmm_upgrade::{VmmUpgrade, VmmUpgradeReport};
 
 /// Errors in a configuration document.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 use crate::models::{
     BootSource, DeviceUpgrade, Drive, InstanceActionInfo, Logger, MachineConfig,
     MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    SnapshotCreateParams, SnapshotLoadParams, Vm, VmUpgrade,
+    SnapshotCreateParams, SnapshotLoadParams, Vm, VmUpgrade, VmmUpgrade,
 };
 
 /// A parsed, routed request.
@@ -51,6 +51,8 @@ pub enum ApiRequest {
     UpgradeDevice(String, DeviceUpgrade),
     /// `PUT /skiff/upgrade`
     UpgradeAll(VmUpgrade),
+    /// `PUT /skiff/vmm/upgrade`
+    UpgradeVmm(VmmUpgrade),
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`

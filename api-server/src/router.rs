@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::models::{
     BootSource, DeviceUpgrade, Drive, InstanceActionInfo, Logger, MachineConfig,
     MachineConfigUpdate, Metrics, ModelsError, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm, VmUpgrade,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm, VmUpgrade, VmmUpgrade,
 };
 use crate::request::{ApiFault, ApiRequest};
 
@@ -178,6 +178,14 @@ pub const ROUTES: &[Route] = &[
             json(b, "upgrade")?
         };
         Ok(ApiRequest::UpgradeAll(u))
+    }),
+    r("PUT", "/skiff/vmm/upgrade", "skiff_vmm_upgrade", |_, b| {
+        let u: VmmUpgrade = if b.iter().all(u8::is_ascii_whitespace) {
+            VmmUpgrade::default()
+        } else {
+            json(b, "upgrade")?
+        };
+        Ok(ApiRequest::UpgradeVmm(u))
     }),
     r("PUT", "/snapshot/create", "snapshot_create", |_, b| {
         let c: SnapshotCreateParams = json(b, "snapshot-create")?;

@@ -400,6 +400,14 @@ impl ApiServerHandle {
         self.stop();
     }
 
+    /// As [`ApiServerHandle::shutdown`], but the socket file stays: another process (the
+    /// VMM that replaced this one) accepts on the same listening socket, inherited.
+    /// Answers already sent are written out first.
+    pub fn release(mut self) {
+        self.identity = None;
+        self.stop();
+    }
+
     fn stop(&mut self) {
         let deadline = Instant::now() + JOIN_LIMIT;
         self.shared.stopping.store(true, Ordering::Release);

@@ -13,6 +13,16 @@ use crate::args::Plan;
 
 /// The fd number skiff finds its end of the launcher socket at (`--launcher-fd`).
 pub const LAUNCHER_FD: RawFd = 3;
+/// Where a skiff started for a live upgrade finds its hand-over socket (`--handover-fd`).
+pub const HANDOVER_FD: RawFd = 4;
+
+/// A skiff started to take the VM over from the running one (the VMM's live upgrade).
+pub struct Successor<'a> {
+    /// Its program, relative to the cell's /bin (checked by the launcher).
+    pub binary: &'a str,
+    /// Its end of the hand-over socket.
+    pub handover: &'a OwnedFd,
+}
 
 /// Errors of the child's steps (reported to the supervisor through a pipe).
 #[derive(Debug, thiserror::Error)]
@@ -397,8 +407,17 @@ pub fn enter(
     netns: Option<&OwnedFd>,
     launcher: &OwnedFd,
     supervisor: libc::pid_t,
+    successor: Option<Successor<'_>>,
 ) -> JailError {
-    match steps(plan, root, cgroup_procs, netns, launcher, supervisor) {
+    match steps(
+        plan,
+        root,
+        cgroup_procs,
+        netns,
+        launcher,
+        supervisor,
+        successor,
+    ) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -411,6 +430,7 @@ fn steps(
     netns: Option<&OwnedFd>,
     launcher: &OwnedFd,
     supervisor: libc::pid_t,
+    successor: Option<Successor<'_>>,
 ) -> Result<std::convert::Infallible, JailError> {
     // (Only where clone3 could not start this process in the cgroup.)
     if let Some(procs) = cgroup_procs {
@@ -429,7 +449,10 @@ fn steps(
     sys("unshare(CLONE_NEWNS)", rc.into())?;
     pivot_into(root)?;
     rlimits(plan.no_file, plan.fsize)?;
-    let exe = cstr(format!("/bin/{}", plan.exec_name))?;
+    let binary = successor
+        .as_ref()
+        .map_or(plan.exec_name.as_str(), |s| s.binary);
+    let exe = cstr(format!("/bin/{binary}"))?;
     // `--id` last: skiff's global flags go after a subcommand (`skiff run ... --id ID`).
     let mut argv = vec![cstr(plan.exec_name.clone())?];
     for a in &plan.skiff_args {
@@ -439,8 +462,26 @@ fn steps(
     argv.push(cstr(LAUNCHER_FD.to_string())?);
     argv.push(cstr("--id")?);
     argv.push(cstr(plan.id.clone())?);
-    // The launcher socket at LAUNCHER_FD; every other fd past stdio (the supervisor's
-    // status pipe included) closes at exec.
-    place_fds(std::slice::from_ref(launcher), &[LAUNCHER_FD])?;
+    // The launcher socket at LAUNCHER_FD (and a successor's hand-over socket at
+    // HANDOVER_FD); every other fd past stdio (the supervisor's status pipe included)
+    // closes at exec.
+    match &successor {
+        Some(s) => {
+            argv.push(cstr("--handover-fd")?);
+            argv.push(cstr(HANDOVER_FD.to_string())?);
+            let fds = [
+                launcher.try_clone().map_err(|source| JailError::Sys {
+                    step: "dup of the launcher socket",
+                    source,
+                })?,
+                s.handover.try_clone().map_err(|source| JailError::Sys {
+                    step: "dup of the hand-over socket",
+                    source,
+                })?,
+            ];
+            place_fds(&fds, &[LAUNCHER_FD, HANDOVER_FD])?;
+        }
+        None => place_fds(std::slice::from_ref(launcher), &[LAUNCHER_FD])?,
+    }
     drop_and_exec(plan.uid, plan.gid, Program::Path(exe), &argv, supervisor)
 }

@@ -97,6 +97,20 @@ impl OperatorSeccomp {
     }
 }
 
+/// A request about the VMM itself, for the supervisor.
+pub enum VmmRequest {
+    /// Start a skiff from `binary` (checked: relative to the cell's /bin) to take the VM
+    /// over through `handover`.
+    Start {
+        /// The program, relative to the cell's /bin.
+        binary: String,
+        /// Its end of the hand-over socket.
+        handover: OwnedFd,
+    },
+    /// The skiff `pid` has taken the VM over.
+    Commit(u32),
+}
+
 /// How long a device process may take from clone to exec before it is killed.
 const START_LIMIT_MS: libc::c_int = 10_000;
 
@@ -149,20 +163,51 @@ impl Launcher {
         self.open.then(|| self.sock.as_raw_fd())
     }
 
-    /// Reads and answers one request.
-    pub fn serve_one(&mut self) {
+    /// Reads and answers one request; a request about the VMM itself (its live upgrade) is
+    /// returned instead, for the supervisor to carry out and answer with [`Launcher::reply`].
+    pub fn serve_one(&mut self) -> Option<VmmRequest> {
         let reply = match launch::read_request(self.sock.as_fd()) {
             Ok(None) => {
                 self.open = false;
-                return;
+                return None;
             }
+            Ok(Some(Request::StartVmm { binary, handover })) => {
+                // Named as skiff sees the directory: the host path of the cell is not its
+                // business.
+                let host_dir = self.bins.path().display().to_string();
+                match self.bins.resolve(&binary) {
+                    Ok(bin) => {
+                        return Some(VmmRequest::Start {
+                            binary: bin.relative().display().to_string(),
+                            handover,
+                        })
+                    }
+                    Err(e) => Reply::Error(crate::chain(&e).replace(&host_dir, "/bin")),
+                }
+            }
+            Ok(Some(Request::Commit(pid))) => return Some(VmmRequest::Commit(pid)),
             Ok(Some(req)) => self.handle(req),
             Err(e) => Reply::Error(crate::chain(&e)),
         };
-        if let Err(e) = launch::write_reply(self.sock.as_fd(), &reply) {
+        self.reply(&reply);
+        None
+    }
+
+    /// Answers the request [`Launcher::serve_one`] returned.
+    pub fn reply(&mut self, reply: &Reply) {
+        if let Err(e) = launch::write_reply(self.sock.as_fd(), reply) {
             eprintln!("skiff-jailer: launcher: {}", crate::chain(&e));
             self.open = false;
         }
+    }
+
+    /// Serves `sock`, the launcher socket of the skiff that took the VM over, from now on
+    /// (`peer`: its other end's device and inode); the device processes stay its to ask
+    /// about.
+    pub fn switch_to(&mut self, sock: OwnedFd, peer: (u64, u64)) {
+        self.sock = sock;
+        self.plan.peer = peer;
+        self.open = true;
     }
 
     /// Notes that child `pid` ended with `status`; false if it is not a device process.
@@ -179,6 +224,9 @@ impl Launcher {
 
     fn handle(&mut self, req: Request) -> Reply {
         match req {
+            Request::StartVmm { .. } | Request::Commit(_) => {
+                Reply::Error("a VMM request reached the device launcher".into())
+            }
             Request::Status(pid) => {
                 // skiff asks when the pidfd says the process ended, maybe before SIGCHLD
                 // reached the supervisor's loop: reap it now.

@@ -2,14 +2,15 @@
 //! removes the cell and the cgroup when it has ended.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use crate::args::Plan;
 use crate::cell::Cell;
 use crate::cgroup::Cgroup;
 use crate::jail;
-use crate::launcher::{DevicePlan, Launcher, OperatorSeccomp};
+use crate::launcher::{DevicePlan, Launcher, OperatorSeccomp, VmmRequest};
+use sandbox::launch::Reply;
 
 /// Signals passed on to skiff.
 const FORWARDED: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
@@ -199,6 +200,131 @@ fn daemonize() -> Result<std::fs::File, SuperviseError> {
     }
 }
 
+/// Starts skiff in the cell and the cgroup with `skiff_end` as its launcher socket (and,
+/// for a live upgrade, as `successor`); returns its pid once it has exec'd.
+fn start_skiff(
+    plan: &Plan,
+    cell: &Cell,
+    cgroup: &Cgroup,
+    skiff_end: &OwnedFd,
+    successor: Option<jail::Successor<'_>>,
+) -> Result<libc::pid_t, SuperviseError> {
+    let (mut status_r, mut status_w) = pipe()?;
+    let procs = cgroup.procs();
+    let supervisor = std::process::id() as libc::pid_t;
+    let (pid, in_cgroup) = spawn(&cgroup.path, plan.new_pid_ns)?;
+    if pid == 0 {
+        drop(status_r);
+        let join = (!in_cgroup).then_some(procs.as_path());
+        // The status pipe stays open when the launcher and hand-over sockets are placed at
+        // their numbers.
+        let err = match status_w
+            .try_clone()
+            .map_err(|source| jail::JailError::Sys {
+                step: "dup of the pipe",
+                source,
+            })
+            .and_then(|w| jail::lift(OwnedFd::from(w), jail::HANDOVER_FD + 1))
+        {
+            Ok(w) => {
+                drop(std::mem::replace(&mut status_w, std::fs::File::from(w)));
+                jail::enter(
+                    plan,
+                    &cell.root,
+                    join,
+                    plan.netns.as_ref(),
+                    skiff_end,
+                    if plan.new_pid_ns { 0 } else { supervisor },
+                    successor,
+                )
+            }
+            Err(e) => e,
+        };
+        let _ = write!(status_w, "{}", crate::chain(&err));
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(126) };
+    }
+    drop(status_w);
+    // EOF without a word: exec succeeded (the pipe was close-on-exec).
+    let mut why = String::new();
+    let _ = status_r.read_to_string(&mut why);
+    if !why.is_empty() {
+        let mut st = 0;
+        // SAFETY: reaps our own child.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+        return Err(SuperviseError::Child(why));
+    }
+    Ok(pid)
+}
+
+/// A skiff started to take the VM over (the VMM's live upgrade).
+struct Next {
+    pid: libc::pid_t,
+    /// The launcher's end of its launcher socket.
+    launcher_end: OwnedFd,
+    /// Its end's device and inode (never passed to a device process).
+    peer: (u64, u64),
+    /// The running skiff said it has handed the VM over.
+    committed: bool,
+}
+
+/// Starts a skiff from `binary` that takes the VM over through `handover`, with a launcher
+/// socket of its own. Returns it and a pidfd of it.
+fn start_successor(
+    plan: &Plan,
+    cell: &Cell,
+    cgroup: &Cgroup,
+    binary: &str,
+    handover: OwnedFd,
+) -> Result<(Next, OwnedFd), SuperviseError> {
+    use std::os::unix::fs::MetadataExt;
+    let (launcher_end, skiff_end) =
+        sandbox::launch::socket_pair().map_err(|source| SuperviseError::Sys {
+            step: "socketpair (launcher)",
+            source,
+        })?;
+    let m = std::fs::File::from(
+        skiff_end
+            .try_clone()
+            .map_err(|source| SuperviseError::Sys {
+                step: "dup of the new skiff's launcher end",
+                source,
+            })?,
+    )
+    .metadata()
+    .map_err(|source| SuperviseError::Sys {
+        step: "fstat of the new skiff's launcher end",
+        source,
+    })?;
+    let successor = jail::Successor {
+        binary,
+        handover: &handover,
+    };
+    let pid = start_skiff(plan, cell, cgroup, &skiff_end, Some(successor))?;
+    // SAFETY: pidfd_open on our own child, not yet reaped; returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let source = std::io::Error::last_os_error();
+        // SAFETY: kill on our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        return Err(SuperviseError::Sys {
+            step: "pidfd_open",
+            source,
+        });
+    }
+    // SAFETY: a fresh fd owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    Ok((
+        Next {
+            pid,
+            launcher_end,
+            peer: (m.dev(), m.ino()),
+            committed: false,
+        },
+        pidfd,
+    ))
+}
+
 /// Starts skiff in `cell` and `cgroup`, waits for it, removes both (unless --keep-cell).
 /// Returns skiff's exit code.
 pub fn run(
@@ -248,7 +374,6 @@ fn supervise(
     if unsafe { libc::sigprocmask(libc::SIG_BLOCK, &waited, std::ptr::null_mut()) } != 0 {
         return Err(fail(&mut report, last("sigprocmask")));
     }
-    let (mut status_r, mut status_w) = pipe().map_err(|e| fail(&mut report, e))?;
     let (launcher_end, skiff_end) = sandbox::launch::socket_pair().map_err(|source| {
         fail(
             &mut report,
@@ -296,50 +421,9 @@ fn supervise(
         },
     )
     .map_err(|e| fail(&mut report, e.into()))?;
-    let procs = cgroup.procs();
-    let supervisor = std::process::id() as libc::pid_t;
-    let (pid, in_cgroup) =
-        spawn(&cgroup.path, plan.new_pid_ns).map_err(|e| fail(&mut report, e))?;
-    if pid == 0 {
-        drop(status_r);
-        let join = (!in_cgroup).then_some(procs.as_path());
-        // The status pipe stays open when the launcher socket is placed at its number.
-        let err = match status_w
-            .try_clone()
-            .map_err(|source| jail::JailError::Sys {
-                step: "dup of the pipe",
-                source,
-            })
-            .and_then(|w| jail::lift(OwnedFd::from(w), jail::LAUNCHER_FD + 1))
-        {
-            Ok(w) => {
-                drop(std::mem::replace(&mut status_w, std::fs::File::from(w)));
-                jail::enter(
-                    plan,
-                    &cell.root,
-                    join,
-                    plan.netns.as_ref(),
-                    &skiff_end,
-                    if plan.new_pid_ns { 0 } else { supervisor },
-                )
-            }
-            Err(e) => e,
-        };
-        let _ = write!(status_w, "{}", crate::chain(&err));
-        // SAFETY: ends the child without running the parent's destructors.
-        unsafe { libc::_exit(126) };
-    }
-    drop(status_w);
+    let pid =
+        start_skiff(plan, cell, cgroup, &skiff_end, None).map_err(|e| fail(&mut report, e))?;
     drop(skiff_end);
-    // EOF without a word: exec succeeded (the pipe was close-on-exec).
-    let mut why = String::new();
-    let _ = status_r.read_to_string(&mut why);
-    if !why.is_empty() {
-        let mut st = 0;
-        // SAFETY: reaps our own child.
-        unsafe { libc::waitpid(pid, &mut st, 0) };
-        return Err(fail(&mut report, SuperviseError::Child(why)));
-    }
     let _ = std::fs::write(
         cell.root.join(format!("{}.pid", plan.exec_name)),
         format!("{pid}\n"),
@@ -359,6 +443,9 @@ fn supervise(
         None => eprint!("{line}"),
     }
     drop(report);
+    let mut pid = pid;
+    // A skiff started for a live upgrade, until it takes over or ends.
+    let mut next: Option<Next> = None;
     // Signals and the launcher socket, in one poll.
     // SAFETY: `waited` is initialised; signalfd returns a new fd or -1.
     let sfd = unsafe { libc::signalfd(-1, &waited, libc::SFD_CLOEXEC) };
@@ -385,7 +472,35 @@ fn supervise(
             continue; // EINTR
         }
         if pfd[1].revents != 0 {
-            launcher.serve_one();
+            if let Some(req) = launcher.serve_one() {
+                let reply = match req {
+                    VmmRequest::Start { binary, handover } => {
+                        if next.is_some() {
+                            Reply::Error("a live upgrade of the VMM is under way already".into())
+                        } else {
+                            match start_successor(plan, cell, cgroup, &binary, handover) {
+                                Ok((n, pidfd)) => {
+                                    let reply = Reply::Launched {
+                                        pid: n.pid as u32,
+                                        pidfd,
+                                    };
+                                    next = Some(n);
+                                    reply
+                                }
+                                Err(e) => Reply::Error(crate::chain(&e)),
+                            }
+                        }
+                    }
+                    VmmRequest::Commit(p) => match next.as_mut() {
+                        Some(n) if n.pid as u32 == p => {
+                            n.committed = true;
+                            Reply::Done
+                        }
+                        _ => Reply::Error(format!("pid {p} is not a VMM this launcher started")),
+                    },
+                };
+                launcher.reply(&reply);
+            }
         }
         if pfd[0].revents == 0 {
             continue;
@@ -414,7 +529,34 @@ fn supervise(
                     break;
                 }
                 if r == pid {
+                    match next.take() {
+                        // The new skiff took over: it is the VM's VMM from now on.
+                        Some(n) if n.committed => {
+                            pid = n.pid;
+                            launcher.switch_to(n.launcher_end, n.peer);
+                            let _ = std::fs::write(
+                                cell.root.join(format!("{}.pid", plan.exec_name)),
+                                format!("{pid}\n"),
+                            );
+                            eprintln!(
+                                "skiff-jailer: VM {}: skiff pid {pid} took over (live upgrade)",
+                                plan.id
+                            );
+                            continue;
+                        }
+                        Some(n) => {
+                            // SAFETY: kill on our own child, not yet reaped.
+                            unsafe { libc::kill(n.pid, libc::SIGKILL) };
+                        }
+                        None => {}
+                    }
                     return Ok(exit_code(st));
+                }
+                if next.as_ref().is_some_and(|n| n.pid == r) {
+                    // The new skiff ended before the old one: the old one finds out on the
+                    // hand-over socket and keeps the VM (or, after committing, ends too).
+                    next = None;
+                    continue;
                 }
                 launcher.reaped(r as u32, st);
             }

@@ -160,6 +160,11 @@ impl BinaryDir {
         self.launcher.is_some()
     }
 
+    /// The launcher that starts programs of this directory, if any.
+    pub fn launcher(&self) -> Option<&Arc<LauncherClient>> {
+        self.launcher.as_ref()
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path

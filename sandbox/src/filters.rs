@@ -22,7 +22,7 @@ const R: u64 = 2;
 /// KVM ioctls (linux/kvm.h; sizes of kvm_regs 144, kvm_sregs 312, kvm_msrs 8,
 /// kvm_vcpu_events 64, kvm_clock_data 48, kvm_mp_state 4, kvm_xsave 4096, kvm_xcrs 392,
 /// kvm_debugregs 128, kvm_lapic_state 1024, kvm_cpuid2 8, kvm_irqchip 520,
-/// kvm_pit_state2 112). `vmm`'s tests check them against kvm-bindings.
+/// kvm_pit_state2 112, kvm_irqfd 32). `vmm`'s tests check them against kvm-bindings.
 pub mod kvm {
     use super::{ioc, NONE, R, W};
     const KVMIO: u64 = 0xae;
@@ -64,6 +64,9 @@ pub mod kvm {
     pub const GET_IRQCHIP: u64 = ioc(R | W, KVMIO, 0x62, 520);
     /// KVM_GET_PIT2.
     pub const GET_PIT2: u64 = ioc(R, KVMIO, 0x9f, 112);
+    /// KVM_IRQFD (a VMM handing its VM over detaches the devices' interrupts from its KVM
+    /// VM, and attaches them again if the hand-over fails).
+    pub const IRQFD: u64 = ioc(W, KVMIO, 0x76, 32);
 }
 
 /// TUN/TAP ioctls (linux/if_tun.h).
@@ -455,6 +458,7 @@ fn vmm_own() -> AllowList {
             kvm::SET_CLOCK,
             kvm::GET_IRQCHIP,
             kvm::GET_PIT2,
+            kvm::IRQFD,
             tty::TCGETS,
             tty::TCSETS,
             libc::FIONBIO,

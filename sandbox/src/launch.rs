@@ -12,11 +12,19 @@
 //! | launch | `L` binary `\0` targets `\0` arg `\0` arg ... | one per target |
 //! | status | `S` pid | |
 //! | kill   | `K` pid | |
+//! | start a VMM | `V` binary | the hand-over socket |
+//! | commit | `C` pid | |
 //!
 //! `binary` is a name relative to the cell's binary directory; `targets` are the fd numbers,
 //! comma-separated, at which the device process finds the passed fds (the arguments name
 //! them). Replies are `O` text (launch: the pid, with a pidfd; status: `running` or `exited
 //! STATUS`, the raw wait status; kill: empty) or `E` and a message.
+//!
+//! `V` starts a new skiff (`binary` from the cell's binary directory) in a cell like the
+//! requester's, with the arguments it was started with, its own launcher socket and the
+//! hand-over socket (`--handover-fd`): the VMM's live upgrade. `C` pid tells the launcher
+//! that this new skiff has taken the VM over: from the requester's end on, the launcher
+//! serves and follows it instead (until then, the requester's end ends both).
 //!
 //! The launcher trusts nothing in a request: skiff runs the guest and may be compromised.
 //! Sizes, counts and numbers are bounded here; what the launcher runs, and where, is its
@@ -80,6 +88,15 @@ pub enum Request {
     Status(u32),
     /// SIGKILL this process.
     Kill(u32),
+    /// Start a new VMM from `binary`, handing it `handover`.
+    StartVmm {
+        /// Name relative to the binary directory.
+        binary: PathBuf,
+        /// The new VMM's end of the hand-over socket.
+        handover: OwnedFd,
+    },
+    /// The new VMM `pid` has taken the VM over.
+    Commit(u32),
 }
 
 /// A reply, as the launcher sends it.
@@ -104,47 +121,7 @@ fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd], flags: libc::c_int) ->
     if fds.len() > MAX_FDS || data.len() > MAX_MESSAGE {
         return Err(io::Error::other("message too large"));
     }
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // u64s for the alignment cmsghdr needs; room for MAX_FDS.
-    let mut cbuf = [0u64; 8];
-    // SAFETY: msghdr is plain data; all zeroes is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let bytes = std::mem::size_of_val(fds) as u32;
-        // SAFETY: CMSG_SPACE is arithmetic on its argument.
-        let space = unsafe { libc::CMSG_SPACE(bytes) } as usize;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        // SAFETY: msg_control points at `cbuf`, which holds `space` bytes (at most 56 for
-        // 8 fds, the buffer has 64); the header and data written stay inside it.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(c),
-                bytes as usize,
-            );
-        }
-    }
-    loop {
-        // SAFETY: `msg` points at `iov` (over `data`) and `cbuf`, both alive for the call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | flags) };
-        if n >= 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    crate::fdpass::send(sock, data, fds, flags).map(drop)
 }
 
 /// A datagram's bytes and the fds it carried.
@@ -153,54 +130,16 @@ type Datagram = (Vec<u8>, Vec<OwnedFd>);
 /// One datagram and its fds (close-on-exec); `None` at end of stream (or an empty datagram,
 /// which neither side sends: a launcher that gets one stops serving that skiff).
 fn recv(sock: BorrowedFd<'_>) -> Result<Option<Datagram>, LaunchError> {
-    let mut data = vec![0u8; MAX_MESSAGE];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
-    let mut cbuf = [0u64; 8];
-    // SAFETY: msghdr is plain data; all zeroes is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf);
-    let n = loop {
-        // SAFETY: `msg` points at `iov` (over `data`) and `cbuf`, both alive for the call.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(LaunchError::Io(e));
-        }
-    };
-    let mut fds = Vec::new();
-    // SAFETY: the kernel filled `cbuf` with `msg_controllen` bytes of cmsghdrs; the walk
-    // stays inside them, and each SCM_RIGHTS payload holds whole fds now owned by us.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let p = libc::CMSG_DATA(c).cast::<RawFd>();
-                for i in 0..len / std::mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p.add(i))));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+    let (data, fds, truncated) =
+        crate::fdpass::recv(sock, MAX_MESSAGE, MAX_FDS).map_err(LaunchError::Io)?;
+    if truncated {
         return Err(LaunchError::Malformed(format!(
             "a message larger than {MAX_MESSAGE} bytes or with more than {MAX_FDS} fds"
         )));
     }
-    if n == 0 {
+    if data.is_empty() {
         return Ok(None);
     }
-    data.truncate(n);
     Ok(Some((data, fds)))
 }
 
@@ -221,11 +160,26 @@ pub fn read_request(sock: BorrowedFd<'_>) -> Result<Option<Request>, LaunchError
         .split_first()
         .ok_or_else(|| LaunchError::Malformed("empty".into()))?;
     let req = match kind {
-        b'S' | b'K' if !fds.is_empty() => {
-            return Err(LaunchError::Malformed("fds with a status or kill".into()))
+        b'S' | b'K' | b'C' if !fds.is_empty() => {
+            return Err(LaunchError::Malformed(
+                "fds with a status, kill or commit".into(),
+            ))
         }
         b'S' => Request::Status(parse_pid(body)?),
         b'K' => Request::Kill(parse_pid(body)?),
+        b'C' => Request::Commit(parse_pid(body)?),
+        b'V' => {
+            let [handover]: [OwnedFd; 1] = fds
+                .try_into()
+                .map_err(|_| LaunchError::Malformed("a VMM start without one fd".into()))?;
+            if body.is_empty() || body.contains(&0) {
+                return Err(LaunchError::Malformed("no binary".into()));
+            }
+            Request::StartVmm {
+                binary: PathBuf::from(OsString::from_vec(body.to_vec())),
+                handover,
+            }
+        }
         b'L' => {
             let mut fields = body.split(|b| *b == 0);
             let binary = fields.next().unwrap_or_default();
@@ -449,6 +403,30 @@ impl LauncherClient {
     /// SIGKILLs `pid`.
     pub fn kill(&self, pid: u32) -> Result<(), LaunchError> {
         self.call(format!("K{pid}").as_bytes(), &[]).map(|_| ())
+    }
+
+    /// Starts a new skiff from `binary` (relative to the cell's binary directory) that
+    /// takes `handover` as its hand-over socket. Returns its pid and a pidfd.
+    pub fn start_vmm(
+        &self,
+        binary: &Path,
+        handover: BorrowedFd<'_>,
+    ) -> Result<(u32, OwnedFd), LaunchError> {
+        let mut data = vec![b'V'];
+        data.extend_from_slice(binary.as_os_str().as_bytes());
+        let (text, mut got) = self.call(&data, &[handover.as_raw_fd()])?;
+        let pid = parse_pid(text.as_bytes())?;
+        if got.len() != 1 {
+            return Err(LaunchError::Malformed(
+                "a VMM start reply without its pidfd".into(),
+            ));
+        }
+        Ok((pid, got.remove(0)))
+    }
+
+    /// Tells the launcher that the new skiff `pid` has taken the VM over.
+    pub fn commit_vmm(&self, pid: u32) -> Result<(), LaunchError> {
+        self.call(format!("C{pid}").as_bytes(), &[]).map(|_| ())
     }
 }
 

@@ -13,6 +13,7 @@
 
 pub mod allow;
 pub mod binary;
+pub mod fdpass;
 pub mod filters;
 pub mod launch;
 pub mod syscalls;

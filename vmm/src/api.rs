@@ -243,6 +243,7 @@ impl Vmm {
                 }
                 json(&UpgradeReports { devices: reports })
             }
+            ApiRequest::UpgradeVmm(u) => json(&self.upgrade_vmm(u.binary)?),
             ApiRequest::CreateSnapshot(p) => {
                 self.create_snapshot(&p)?;
                 Ok(ApiReply::NoContent)

@@ -38,7 +38,9 @@ use crate::state::VmState;
 use crate::tap::{TapError, TapFd};
 use crate::vcpu::{Vcpu, VcpuGate};
 
+mod adopt;
 mod spawn;
+pub use adopt::adopt;
 pub use spawn::DeviceSeccomp;
 pub(crate) use spawn::{blk_args, negotiate, net_args, spawn_connected, BACKEND_TIMEOUT};
 
@@ -370,6 +372,29 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine, BuildError> {
     Ok(IrqLine(evt))
 }
 
+/// Connects device `i`'s eventfds to KVM: its call eventfd as the irqfd of its GSI, each
+/// kick eventfd as an ioeventfd on QueueNotify with the queue's index. Returns the
+/// transport's base address and GSI.
+pub(crate) fn wire_device(
+    vm: &VmFd,
+    dev: &VhostUserDevice,
+    i: usize,
+) -> Result<(u64, u32), BuildError> {
+    let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
+    let gsi = VIRTIO_IRQ_BASE + i as u32;
+    vm.register_irqfd(dev.call_fd(), gsi)
+        .map_err(|e| BuildError::KvmVm("register a virtio irqfd", e))?;
+    for (q, kick) in dev.kick_fds().iter().enumerate() {
+        vm.register_ioevent(
+            kick,
+            &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+            q as u32,
+        )
+        .map_err(|e| BuildError::KvmVm("register a virtio ioeventfd", e))?;
+    }
+    Ok((base, gsi))
+}
+
 /// Where the VM's memory and state come from.
 pub enum Origin<'a> {
     /// A fresh boot: new RAM, the kernel loaded into it, vCPU 0 at the kernel's entry.
@@ -428,33 +453,7 @@ pub fn build(
         Some(_) => None,
     };
 
-    let exit = Arc::new(VmExit::new().map_err(|e| BuildError::Host("the exit eventfd", e))?);
-    let panic = Arc::new(Mutex::new(None));
-    let console_flush = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-        .map_err(|e| BuildError::Host("the console eventfd", e))?;
-    let serial_metrics = Arc::new(SerialMetrics::default());
-    let console = ConsoleOut::new(
-        console_sink(&cfg.console, opts.console_file_limit)?,
-        panic.clone(),
-        Some(
-            console_flush
-                .try_clone()
-                .map_err(|e| BuildError::Host("the console eventfd", e))?,
-        ),
-    )
-    .with_metrics(serial_metrics.clone());
-    let serial_irq = irq_line(&vm, SERIAL_IRQ)?;
-    let serial = match saved {
-        None => SerialDevice::new(serial_irq, console),
-        Some(s) => s
-            .serial
-            .build(serial_irq, console)
-            .map_err(|e| BuildError::Restore(format!("the serial port: {e}")))?,
-    };
-    let i8042 = match saved {
-        None => I8042::new(irq_line(&vm, 1)?),
-        Some(s) => I8042::from_state(irq_line(&vm, 1)?, &s.i8042),
-    };
+    let legacy = legacy_devices(&vm, cfg, opts, saved)?;
 
     let ram_ranges = RamRanges(
         ram.mem
@@ -500,18 +499,7 @@ pub fn build(
                     })?;
             }
         }
-        let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
-        let gsi = VIRTIO_IRQ_BASE + i as u32;
-        vm.register_irqfd(dev.call_fd(), gsi)
-            .map_err(|e| BuildError::KvmVm("register a virtio irqfd", e))?;
-        for (q, kick) in dev.kick_fds().iter().enumerate() {
-            vm.register_ioevent(
-                kick,
-                &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
-                q as u32,
-            )
-            .map_err(|e| BuildError::KvmVm("register a virtio ioeventfd", e))?;
-        }
+        let (base, gsi) = wire_device(&vm, &dev, i)?;
         mmio_args.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
         let mut transport = MmioTransport::new(Box::new(dev), p.name.clone(), ram_ranges.clone());
         if let Some(d) = saved_dev {
@@ -549,6 +537,126 @@ pub fn build(
         mptable::setup(&ram.mem, cfg.vcpus as u8)?;
     }
 
+    let mut started: Vec<Option<DeviceProcess>> = processes.drain(..).map(Some).collect();
+    for (slot, idx) in devices.iter_mut().zip(owner) {
+        slot.process = idx.and_then(|i| started.get_mut(i).and_then(Option::take));
+    }
+    finish(
+        &kvm,
+        Parts {
+            vm,
+            ram,
+            legacy,
+            transports,
+            devices,
+        },
+        cfg,
+        match (saved, kernel) {
+            (Some(s), _) => Vcpus::Restore(s),
+            (None, Some(k)) => Vcpus::Boot(k.entry),
+            (None, None) => {
+                return Err(BuildError::Restore(
+                    "neither a kernel nor a saved state".into(),
+                ))
+            }
+        },
+    )
+}
+
+/// The VM's own devices (COM1, the i8042) and the console and exit plumbing around them.
+pub(crate) struct Legacy {
+    serial: SerialDevice,
+    i8042: I8042,
+    exit: Arc<VmExit>,
+    panic: Arc<Mutex<Option<String>>>,
+    console_flush: EventFd,
+    serial_metrics: Arc<SerialMetrics>,
+}
+
+/// Builds [`Legacy`], fresh or as `saved` left it.
+pub(crate) fn legacy_devices(
+    vm: &VmFd,
+    cfg: &VmConfig,
+    opts: &BuildOptions,
+    saved: Option<&VmState>,
+) -> Result<Legacy, BuildError> {
+    let exit = Arc::new(VmExit::new().map_err(|e| BuildError::Host("the exit eventfd", e))?);
+    let panic = Arc::new(Mutex::new(None));
+    let console_flush = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| BuildError::Host("the console eventfd", e))?;
+    let serial_metrics = Arc::new(SerialMetrics::default());
+    let console = ConsoleOut::new(
+        console_sink(&cfg.console, opts.console_file_limit)?,
+        panic.clone(),
+        Some(
+            console_flush
+                .try_clone()
+                .map_err(|e| BuildError::Host("the console eventfd", e))?,
+        ),
+    )
+    .with_metrics(serial_metrics.clone());
+    let serial_irq = irq_line(vm, SERIAL_IRQ)?;
+    let serial = match saved {
+        None => SerialDevice::new(serial_irq, console),
+        Some(s) => s
+            .serial
+            .build(serial_irq, console)
+            .map_err(|e| BuildError::Restore(format!("the serial port: {e}")))?,
+    };
+    let i8042 = match saved {
+        None => I8042::new(irq_line(vm, 1)?),
+        Some(s) => I8042::from_state(irq_line(vm, 1)?, &s.i8042),
+    };
+
+    Ok(Legacy {
+        serial,
+        i8042,
+        exit,
+        panic,
+        console_flush,
+        serial_metrics,
+    })
+}
+
+/// A VM's parts before its vCPUs exist.
+pub(crate) struct Parts {
+    vm: VmFd,
+    ram: GuestRam,
+    legacy: Legacy,
+    transports: Vec<Mutex<MmioTransport>>,
+    devices: Vec<DeviceSlot>,
+}
+
+/// How the vCPUs begin.
+pub(crate) enum Vcpus<'a> {
+    /// vCPU 0 at the kernel's entry, the others waiting for their start-up IPI.
+    Boot(crate::boot::loader::BootEntry),
+    /// As the state has them (and the VM's irqchip and PIT too).
+    Restore(&'a VmState),
+}
+
+/// Creates the vCPUs and puts the VM together.
+pub(crate) fn finish(
+    kvm: &Kvm,
+    parts: Parts,
+    cfg: &VmConfig,
+    how: Vcpus<'_>,
+) -> Result<BuiltVm, BuildError> {
+    let Parts {
+        vm,
+        ram,
+        legacy,
+        transports,
+        devices,
+    } = parts;
+    let Legacy {
+        serial,
+        i8042,
+        exit,
+        panic,
+        console_flush,
+        serial_metrics,
+    } = legacy;
     let bus = Arc::new(IoBus {
         serial: Mutex::new(serial),
         i8042: Mutex::new(i8042),
@@ -572,19 +680,20 @@ pub fn build(
         let fd = vm
             .create_vcpu(u64::from(i))
             .map_err(|e| BuildError::KvmVm("create a vCPU", e))?;
-        if let Some(s) = saved {
-            s.vcpus[usize::from(i)].restore(&fd)?;
-        } else if let Some(kernel) = &kernel {
-            let mut c = supported.clone();
-            cpuid::configure(&mut c, i, cfg.vcpus as u8, tsc_deadline);
-            fd.set_cpuid2(&c)
-                .map_err(|e| BuildError::KvmVm("set CPUID", e))?;
-            regs::setup_msrs(&fd)?;
-            regs::setup_fpu(&fd)?;
-            regs::setup_lapic(&fd)?;
-            if i == 0 {
-                regs::setup_sregs(&ram.mem, &fd, kernel.entry)?;
-                regs::setup_regs(&fd, kernel.entry)?;
+        match &how {
+            Vcpus::Restore(s) => s.vcpus[usize::from(i)].restore(&fd)?,
+            Vcpus::Boot(entry) => {
+                let mut c = supported.clone();
+                cpuid::configure(&mut c, i, cfg.vcpus as u8, tsc_deadline);
+                fd.set_cpuid2(&c)
+                    .map_err(|e| BuildError::KvmVm("set CPUID", e))?;
+                regs::setup_msrs(&fd)?;
+                regs::setup_fpu(&fd)?;
+                regs::setup_lapic(&fd)?;
+                if i == 0 {
+                    regs::setup_sregs(&ram.mem, &fd, *entry)?;
+                    regs::setup_regs(&fd, *entry)?;
+                }
             }
         }
         let metrics = Arc::new(VcpuMetrics::default());
@@ -600,12 +709,8 @@ pub fn build(
             msr_list: msr_list.clone(),
         });
     }
-    if let Some(s) = saved {
+    if let Vcpus::Restore(s) = how {
         s.kvm.restore(&vm)?;
-    }
-    let mut started: Vec<Option<DeviceProcess>> = processes.drain(..).map(Some).collect();
-    for (slot, idx) in devices.iter_mut().zip(owner) {
-        slot.process = idx.and_then(|i| started.get_mut(i).and_then(Option::take));
     }
     Ok(BuiltVm {
         vm,

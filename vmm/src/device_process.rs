@@ -114,6 +114,30 @@ pub struct DeviceProcess {
 }
 
 impl DeviceProcess {
+    /// The device process `pid`, started by `launcher` for the VMM this one replaces;
+    /// `pidfd` handed over.
+    pub fn adopt_launched(
+        name: String,
+        pid: u32,
+        pidfd: OwnedFd,
+        launcher: Arc<LauncherClient>,
+    ) -> DeviceProcess {
+        DeviceProcess {
+            name,
+            child: Proc::Launched {
+                pid,
+                launcher,
+                ended: None,
+            },
+            pidfd,
+        }
+    }
+
+    /// Whether the launcher started it (a VMM that replaces this one can take it over).
+    pub fn launched(&self) -> bool {
+        matches!(self.child, Proc::Launched { .. })
+    }
+
     /// Starts `bin args...` (its vhost-user connection is one of the fds it is given).
     pub fn spawn(
         name: String,

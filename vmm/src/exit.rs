@@ -19,6 +19,8 @@ pub enum ExitReason {
     DeviceFailure(String),
     /// SIGTERM or SIGINT.
     Signal(i32),
+    /// A new VMM process (this pid) took the VM over: a live upgrade.
+    HandedOver(u32),
 }
 
 /// The shared "VM is over" latch.

@@ -10,6 +10,7 @@ pub use sandbox::binary as device_binary;
 pub mod device_process;
 pub mod devices;
 pub mod exit;
+pub mod handover;
 pub mod host;
 pub mod image;
 pub mod layout;
@@ -24,6 +25,7 @@ mod snapshot;
 pub mod state;
 pub mod tap;
 pub mod terminal;
+pub mod upgrade;
 pub mod vcpu;
 pub mod vmm;
 

@@ -280,7 +280,8 @@ impl Vmm {
     }
 }
 
-pub(crate) fn teardown(vm: RunningVm) {
+/// Stops the vCPU threads of `vm` and waits for them; returns what is left.
+fn join_vcpus(vm: RunningVm) -> BuiltVm {
     let RunningVm { built, handles, .. } = vm;
     built.stop.store(true, Ordering::Release);
     // Parked vCPUs must wake to see the stop flag.
@@ -301,6 +302,21 @@ pub(crate) fn teardown(vm: RunningVm) {
             log::error!("a vCPU thread panicked");
         }
     }
+    built
+}
+
+/// Stops the vCPU threads of a VM another VMM process took over (a live upgrade) and
+/// nothing else: the device processes, their connections and the guest RAM are the new
+/// VMM's; this process's copies of the fds close as it exits.
+pub(crate) fn stop_vcpus(vm: RunningVm) {
+    let built = join_vcpus(vm);
+    // Closing the vhost-user connections here sends nothing: the new VMM holds them too.
+    drop(built);
+}
+
+/// Stops the vCPUs, writes out the console, ends the device processes, frees the VM.
+pub(crate) fn teardown(vm: RunningVm) {
+    let built = join_vcpus(vm);
     let BuiltVm {
         vm: vm_fd,
         bus,

@@ -72,6 +72,11 @@ struct Common {
     /// another uid, instead of starting them itself (docs/confinement.md).
     #[arg(long, value_name = "N", global = true)]
     launcher_fd: Option<i32>,
+    /// Set by skiff-jailer for a live upgrade of the VMM (`PUT /skiff/vmm/upgrade`): the
+    /// fd of a socket to the running VMM, which hands this process its VM (its state,
+    /// guest RAM, device connections and API socket) instead of booting one.
+    #[arg(long, value_name = "N", global = true, requires = "launcher_fd")]
+    handover_fd: Option<i32>,
     /// Instance id, reported by GET / and in log lines.
     #[arg(long, default_value = "anonymous-instance", global = true)]
     id: String,
@@ -209,6 +214,33 @@ fn config_from_run(a: RunArgs, console: ConsoleConfig) -> Result<VmConfig, Strin
     })
 }
 
+/// Says hello on the hand-over socket at `fd` and reads the hand-over.
+fn receive_handover(
+    fd: i32,
+) -> Result<
+    (
+        std::os::unix::net::UnixStream,
+        vmm::handover::Handover,
+        Vec<std::os::fd::OwnedFd>,
+    ),
+    String,
+> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_GETFD on a number; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("--handover-fd {fd} is not open"));
+    }
+    // SAFETY: the fd is open and skiff-jailer handed it to this process to own.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let stream = std::os::unix::net::UnixStream::from(owned);
+    vmm::handover::send_line(&stream, &vmm::upgrade::hello()).map_err(|e| error_chain(&e))?;
+    let (h, fds) = vmm::handover::recv(&stream, std::time::Duration::from_secs(60))
+        .map_err(|e| error_chain(&e))?;
+    Ok((stream, h, fds))
+}
+
 fn fail(msg: &str) -> ExitCode {
     eprintln!("skiff: error: {msg}");
     ExitCode::from(1)
@@ -224,11 +256,33 @@ enum Boot {
     Run(VmConfig),
 }
 
+/// The API thread's link, its handle, and a copy of the listening socket (for a VMM that
+/// replaces this one).
+type Api = (
+    vmm::vmm::ApiLink,
+    api_server::server::ApiServerHandle,
+    std::os::fd::OwnedFd,
+);
+
+/// Serves the API on `path`: binds it, or accepts on `inherited`, the listening socket a
+/// VMM this one replaces handed over.
 fn start_api(
     path: &std::path::Path,
+    inherited: Option<std::os::fd::OwnedFd>,
     filters: &sandbox::ThreadFilters,
-) -> Result<(vmm::vmm::ApiLink, api_server::server::ApiServerHandle), String> {
-    let server = api_server::server::ApiServer::bind(path).map_err(|e| error_chain(&e))?;
+) -> Result<Api, String> {
+    let server = match inherited {
+        Some(fd) => api_server::server::ApiServer::from_listener(
+            std::os::unix::net::UnixListener::from(fd),
+            path.to_path_buf(),
+        ),
+        None => api_server::server::ApiServer::bind(path).map_err(|e| error_chain(&e))?,
+    };
+    let listener = server
+        .listener()
+        .try_clone()
+        .map_err(|e| format!("cannot keep a copy of the API socket: {e}"))?
+        .into();
     let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(|e| format!("cannot create the API eventfd: {e}"))?;
     let wake_api = wake
@@ -242,7 +296,7 @@ fn start_api(
     let handle = server
         .spawn_with_init(tx, wake_api, metrics.clone(), init)
         .map_err(|e| error_chain(&e))?;
-    Ok((vmm::vmm::ApiLink { rx, wake, metrics }, handle))
+    Ok((vmm::vmm::ApiLink { rx, wake, metrics }, handle, listener))
 }
 
 fn main() -> ExitCode {
@@ -302,12 +356,30 @@ fn main() -> ExitCode {
         },
         None => device_bins,
     };
-    let (api, _api_handle) = match &api_sock {
-        Some(p) => match start_api(p, &filters) {
-            Ok((link, handle)) => (Some(link), Some(handle)),
+    // A live upgrade: the running VMM hands this one its VM (after the hello, it pauses
+    // the guest and sends everything).
+    let handover = match cli.common.handover_fd {
+        Some(fd) => match receive_handover(fd) {
+            Ok(h) => Some(h),
+            Err(e) => return fail(&format!("live upgrade: {e}")),
+        },
+        None => None,
+    };
+    let mut handover = handover;
+    let inherited = handover.as_mut().and_then(|(_, h, fds)| {
+        if h.api_listener {
+            h.api_listener = false;
+            fds.pop()
+        } else {
+            None
+        }
+    });
+    let (api, api_handle, api_listener) = match &api_sock {
+        Some(p) => match start_api(p, inherited, &filters) {
+            Ok((link, handle, listener)) => (Some(link), Some(handle), Some(listener)),
             Err(e) => return fail(&e),
         },
-        None => (None, None),
+        None => (None, None, None),
     };
     let device_seccomp = match vmm::builder::DeviceSeccomp::new(&seccomp) {
         Ok(d) => d,
@@ -324,11 +396,21 @@ fn main() -> ExitCode {
         },
         signals,
         api,
+        api_listener,
     }) {
         Ok(v) => v,
         Err(e) => return fail(&error_chain(&e)),
     };
+    if let Some((stream, h, fds)) = handover {
+        if let Err(e) = vmm.take_over(&stream, h, fds) {
+            eprintln!("skiff: error: live upgrade: cannot take the VM over: {e}");
+            // Nothing of the VM's may be stopped or closed in order here: the old VMM
+            // resumes it.
+            std::process::exit(1);
+        }
+    }
     let boot_now = match boot {
+        _ if cli.common.handover_fd.is_some() => false,
         Boot::Later => false,
         Boot::File(spec) => {
             if let Some(l) = &spec.logger {
@@ -383,6 +465,15 @@ fn main() -> ExitCode {
         }
         (Ok(ExitReason::DeviceFailure(why)), None) => {
             fail(&format!("device process failed: {why}"))
+        }
+        (Ok(ExitReason::HandedOver(pid)), _) => {
+            log::info!("the VM is handed over to the new VMM, pid {pid}; exiting");
+            // The answer to the upgrade request goes out; the socket file stays, the new
+            // VMM accepts on it.
+            if let Some(h) = api_handle {
+                h.release();
+            }
+            ExitCode::SUCCESS
         }
         (Ok(ExitReason::Signal(sig)), None) => {
             log::info!("stopped by signal {sig}");

@@ -29,6 +29,9 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    /// A memfd handed over is not guest RAM as skiff makes it.
+    #[error("{0}")]
+    Handed(String),
     /// Regions overlapped or were empty.
     #[error("invalid guest memory layout")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
@@ -83,6 +86,27 @@ pub fn create_guest_ram(size: u64) -> Result<GuestRam, MemoryError> {
     };
     if sealed != 0 {
         return Err(MemoryError::Seal(std::io::Error::last_os_error()));
+    }
+    map_guest_ram(memfd, size)
+}
+
+/// Guest RAM over an existing memfd of `size` bytes (from [`create_guest_ram`], handed over
+/// by the VMM this one replaces): mapped again, never copied. The memfd must be that size
+/// and sealed against resizing, as [`create_guest_ram`] leaves it.
+pub fn map_guest_ram(memfd: File, size: u64) -> Result<GuestRam, MemoryError> {
+    let len = memfd.metadata().map_err(MemoryError::Memfd)?.len();
+    if len != size {
+        return Err(MemoryError::Handed(format!(
+            "the guest RAM memfd is {len} bytes, not {size}"
+        )));
+    }
+    // SAFETY: F_GET_SEALS on a memfd we own; no memory is passed.
+    let seals = unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_GET_SEALS) };
+    let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    if seals < 0 || seals & want != want {
+        return Err(MemoryError::Handed(format!(
+            "the guest RAM memfd is not sealed against resizing (seals {seals:#x})"
+        )));
     }
     let mut regions = Vec::new();
     let mut offset = 0u64;

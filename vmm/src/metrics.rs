@@ -84,6 +84,62 @@ pub struct VmMetrics {
     pub upgrades_failed: AtomicU64,
     /// Device processes restarted after they died.
     pub crash_restarts: AtomicU64,
+    /// VMM live upgrades: the guest-visible pause.
+    pub vmm_upgrade_pause: PauseHistogram,
+}
+
+/// [`VmMetrics`] as data: a VMM that takes the VM over (live upgrade) goes on counting
+/// from where the one before it was.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmCounters {
+    counters: [u64; 7],
+    switch_pause: HistogramData,
+    vmm_upgrade_pause: HistogramData,
+}
+
+/// A [`PauseHistogram`]'s counts (per bucket, not cumulative), sum, count and max.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HistogramData {
+    buckets: Vec<u64>,
+    sum_us: u64,
+    count: u64,
+    max_us: u64,
+}
+
+impl VmMetrics {
+    fn counters(&self) -> [&AtomicU64; 7] {
+        [
+            &self.pauses,
+            &self.resumes,
+            &self.flushes,
+            &self.flushes_missed,
+            &self.media_changes,
+            &self.upgrades_failed,
+            &self.crash_restarts,
+        ]
+    }
+
+    /// The counters as data.
+    pub fn export(&self) -> VmCounters {
+        let mut counters = [0; 7];
+        for (v, c) in counters.iter_mut().zip(self.counters()) {
+            *v = c.load(Ordering::Relaxed);
+        }
+        VmCounters {
+            counters,
+            switch_pause: self.switch_pause.export(),
+            vmm_upgrade_pause: self.vmm_upgrade_pause.export(),
+        }
+    }
+
+    /// Adds `data` (from the VMM this one replaces) to the counters.
+    pub fn import(&self, data: &VmCounters) {
+        for (v, c) in data.counters.iter().zip(self.counters()) {
+            c.fetch_add(*v, Ordering::Relaxed);
+        }
+        self.switch_pause.import(&data.switch_pause);
+        self.vmm_upgrade_pause.import(&data.vmm_upgrade_pause);
+    }
 }
 
 /// Upper bounds of the pause histogram buckets, in microseconds (Prometheus `le`).
@@ -112,6 +168,28 @@ impl PauseHistogram {
         self.sum_us.fetch_add(us, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    fn export(&self) -> HistogramData {
+        HistogramData {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+            count: self.count.load(Ordering::Relaxed),
+            max_us: self.max_us.load(Ordering::Relaxed),
+        }
+    }
+
+    fn import(&self, d: &HistogramData) {
+        for (b, n) in self.buckets.iter().zip(&d.buckets) {
+            b.fetch_add(*n, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(d.sum_us, Ordering::Relaxed);
+        self.count.fetch_add(d.count, Ordering::Relaxed);
+        self.max_us.fetch_max(d.max_us, Ordering::Relaxed);
     }
 
     /// Cumulative counts per bucket bound (the last is +Inf), the sum, the count, the max.
@@ -147,5 +225,23 @@ mod tests {
         assert_eq!(b[4], (Some(1_000), 4));
         assert_eq!(b.last(), Some(&(None, 5)));
         assert_eq!((sum, count, max), (1_001_030, 5, 1_000_000));
+    }
+
+    #[test]
+    fn counters_carry_over_to_the_next_vmm() {
+        let a = VmMetrics::default();
+        a.pauses.fetch_add(3, Ordering::Relaxed);
+        a.vmm_upgrade_pause.record(700);
+        a.switch_pause.record(60);
+        let data: VmCounters =
+            serde_json::from_str(&serde_json::to_string(&a.export()).unwrap()).unwrap();
+        let b = VmMetrics::default();
+        b.vmm_upgrade_pause.record(900);
+        b.import(&data);
+        assert_eq!(b.pauses.load(Ordering::Relaxed), 3);
+        let (buckets, sum, count, max) = b.vmm_upgrade_pause.snapshot();
+        assert_eq!((sum, count, max), (1600, 2, 900));
+        assert_eq!(buckets[4], (Some(1_000), 2));
+        assert_eq!(b.switch_pause.snapshot().2, 1);
     }
 }

@@ -54,11 +54,47 @@ pub struct Snapshot {
     /// Logger: (name, value).
     pub logger: Vec<(&'static str, u64)>,
     /// Device-process switch pauses: cumulative (bound µs, count), sum µs, count, max µs.
-    pub switch_pause: (Vec<(Option<u64>, u64)>, u64, u64, u64),
+    pub switch_pause: Histogram,
+    /// VMM live-upgrade pauses, the same way.
+    pub vmm_upgrade_pause: Histogram,
     /// API requests.
     pub api: Vec<ApiCounter>,
     /// Devices.
     pub devices: Vec<DeviceCounters>,
+}
+
+/// A pause histogram: cumulative (bound µs, count), sum µs, count, max µs.
+pub type Histogram = (Vec<(Option<u64>, u64)>, u64, u64, u64);
+
+fn histogram_json(h: &Histogram) -> serde_json::Value {
+    json!({
+        "count": h.2,
+        "sum": h.1,
+        "max": h.3,
+        "buckets": h.0.iter().map(|(le, n)| {
+            json!({"le": le.map_or("+Inf".to_string(), |v| v.to_string()), "count": n})
+        }).collect::<Vec<_>>(),
+    })
+}
+
+/// The HELP and TYPE lines of family `skiff_NAME`.
+fn family(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP skiff_{name} {help}\n# TYPE skiff_{name} {kind}");
+}
+
+/// One histogram family `skiff_NAME` in seconds.
+fn histogram_prometheus(o: &mut String, name: &str, help: &str, h: &Histogram) {
+    family(o, name, "histogram", help);
+    let (buckets, sum_us, count, _) = h;
+    for (le, n) in buckets {
+        let le = le.map_or("+Inf".to_string(), |us| format!("{}", us as f64 / 1e6));
+        let _ = writeln!(o, "skiff_{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(
+        o,
+        "skiff_{name}_sum {}\nskiff_{name}_count {count}",
+        *sum_us as f64 / 1e6
+    );
 }
 
 impl Snapshot {
@@ -87,6 +123,7 @@ impl Snapshot {
                 ("device_crash_restarts", g(&m.crash_restarts)),
             ],
             switch_pause: m.switch_pause.snapshot(),
+            vmm_upgrade_pause: m.vmm_upgrade_pause.snapshot(),
             logger: vec![
                 ("lines", g(&crate::logger::LINES)),
                 ("missed_lines", g(&crate::logger::MISSED_LINES)),
@@ -183,14 +220,8 @@ impl Snapshot {
             "logger": pairs(&self.logger),
             "api_server": api,
             "devices": devices,
-            "device_switch_pause_us": {
-                "count": self.switch_pause.2,
-                "sum": self.switch_pause.1,
-                "max": self.switch_pause.3,
-                "buckets": self.switch_pause.0.iter().map(|(le, n)| {
-                    json!({"le": le.map_or("+Inf".to_string(), |v| v.to_string()), "count": n})
-                }).collect::<Vec<_>>(),
-            },
+            "device_switch_pause_us": histogram_json(&self.switch_pause),
+            "vmm_upgrade_pause_us": histogram_json(&self.vmm_upgrade_pause),
         });
         format!("{v}\n")
     }
@@ -198,9 +229,6 @@ impl Snapshot {
     /// Prometheus text exposition format (version 0.0.4).
     pub fn prometheus(&self) -> String {
         let mut o = String::new();
-        let family = |o: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(o, "# HELP skiff_{name} {help}\n# TYPE skiff_{name} {kind}");
-        };
         family(
             &mut o,
             "vm_state",
@@ -285,24 +313,17 @@ impl Snapshot {
                 c.method, c.path, c.status, c.count
             );
         }
-        family(
+        histogram_prometheus(
             &mut o,
             "device_switch_pause_seconds",
-            "histogram",
             "Guest-visible pause of device-process switches (upgrades, media changes).",
+            &self.switch_pause,
         );
-        let (buckets, sum_us, count, _) = &self.switch_pause;
-        for (le, n) in buckets {
-            let le = le.map_or("+Inf".to_string(), |us| format!("{}", us as f64 / 1e6));
-            let _ = writeln!(
-                o,
-                "skiff_device_switch_pause_seconds_bucket{{le=\"{le}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            o,
-            "skiff_device_switch_pause_seconds_sum {}\nskiff_device_switch_pause_seconds_count {count}",
-            *sum_us as f64 / 1e6
+        histogram_prometheus(
+            &mut o,
+            "vmm_upgrade_pause_seconds",
+            "Guest-visible pause of live upgrades of the VMM process.",
+            &self.vmm_upgrade_pause,
         );
         family(
             &mut o,

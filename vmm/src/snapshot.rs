@@ -91,7 +91,7 @@ impl Vmm {
     }
 
     /// The paused VM's state; `rings` from [`Vmm::stop_all_rings`].
-    fn save_state(&self, rings: &[Vec<RingPosition>]) -> Result<VmState, String> {
+    pub(crate) fn save_state(&self, rings: &[Vec<RingPosition>]) -> Result<VmState, String> {
         let Some(vm) = &self.vm else {
             return Err("no VM".into());
         };

@@ -84,6 +84,14 @@ impl TapFd {
         })
     }
 
+    /// The TAP `name` that the VMM this one replaces opened, handed over as `file`.
+    pub fn adopt(name: &str, file: File) -> Self {
+        TapFd {
+            file,
+            name: name.to_string(),
+        }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name

@@ -138,8 +138,10 @@ pub struct Vmm {
     metrics_timer: Option<TimerFd>,
     pub(crate) logger: Option<Logger>,
     pub(crate) stdin: Stdin,
-    /// A reason the VMM must end for (a signal before the VM started).
-    pending_exit: Option<ExitReason>,
+    /// A reason the VMM must end for (a signal before the VM started, a live upgrade).
+    pub(crate) pending_exit: Option<ExitReason>,
+    /// A copy of the API's listening socket, for the VMM that replaces this one.
+    pub(crate) api_listener: Option<OwnedFd>,
     /// The guest kernel's panic line, kept past teardown.
     panic_seen: Option<String>,
     /// The terminal in raw mode while the guest owns the console.
@@ -209,6 +211,8 @@ pub struct VmmOptions {
     pub signals: OwnedFd,
     /// The control API, when enabled.
     pub api: Option<ApiLink>,
+    /// A copy of the API's listening socket (handed to a VMM that replaces this one).
+    pub api_listener: Option<OwnedFd>,
 }
 
 impl Vmm {
@@ -251,6 +255,7 @@ impl Vmm {
                 pending: VecDeque::new(),
             },
             pending_exit: None,
+            api_listener: o.api_listener,
             panic_seen: None,
             raw_terminal: None,
             restart_log: Default::default(),
@@ -358,7 +363,12 @@ impl Vmm {
         }
         self.panic_seen = self.panic_line();
         if let Some(vm) = self.vm.take() {
-            teardown(vm);
+            match result {
+                // Everything of the VM's now belongs to the new VMM: only the vCPU threads
+                // stop here; the rest closes with the process.
+                Ok(ExitReason::HandedOver(_)) => crate::lifecycle::stop_vcpus(vm),
+                _ => teardown(vm),
+            }
         }
         self.raw_terminal = None;
         result

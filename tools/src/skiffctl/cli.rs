@@ -7,7 +7,7 @@ use api_server::models::{
     ActionType, BootSource, Drive, LogLevel, Logger, MachineConfig, MachineConfigUpdate,
     MemBackend, MemBackendType, Metrics, NetworkInterface, NetworkOverride, PartialDrive,
     PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmStateChange,
-    VmUpgrade,
+    VmUpgrade, VmmUpgrade,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -115,17 +115,21 @@ pub enum Cmd {
     Devices,
     /// Counters in Prometheus text format (GET /skiff/metrics).
     Metrics,
-    /// Replace a device's process, or every device's, while the guest runs
-    /// (PUT /skiff/devices/{id}/upgrade, PUT /skiff/upgrade).
+    /// Replace a device's process, or every device's, or the VMM's own, while the guest
+    /// runs (PUT /skiff/devices/{id}/upgrade, PUT /skiff/upgrade, PUT /skiff/vmm/upgrade).
     #[command(after_help = "\
 The new process is started and negotiated before the old one is touched; if it fails,
 the old process keeps serving and skiffctl exits 1 with the reason. With --all the
 devices are upgraded one after the other and the first failure stops the run: the
-devices before it stay upgraded.")]
+devices before it stay upgraded. With --vmm (under skiff-jailer) a new skiff takes the
+guest over from the running one; --binary names it, a program of the cell's /bin.")]
     Upgrade {
         /// Device id (drive_id or iface_id).
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        #[arg(required_unless_present_any = ["all", "vmm"], conflicts_with_all = ["all", "vmm"])]
         id: Option<String>,
+        /// Upgrade the VMM process itself.
+        #[arg(long, conflicts_with = "all")]
+        vmm: bool,
         /// Upgrade every device instead of one.
         #[arg(long)]
         all: bool,
@@ -380,6 +384,7 @@ pub enum Op {
         binary: Option<String>,
     },
     UpgradeAll(VmUpgrade),
+    UpgradeVmm(VmmUpgrade),
     CreateSnapshot(SnapshotCreateParams),
     LoadSnapshot(SnapshotLoadParams),
     Raw {
@@ -415,6 +420,7 @@ impl Op {
             Op::SkiffMetrics => ("GET", "/skiff/metrics"),
             Op::UpgradeDevice { .. } => ("PUT", "/skiff/devices/{id}/upgrade"),
             Op::UpgradeAll(_) => ("PUT", "/skiff/upgrade"),
+            Op::UpgradeVmm(_) => ("PUT", "/skiff/vmm/upgrade"),
             Op::CreateSnapshot(_) => ("PUT", "/snapshot/create"),
             Op::LoadSnapshot(_) => ("PUT", "/snapshot/load"),
             Op::Raw { .. } | Op::WaitReady => return None,
@@ -549,10 +555,12 @@ impl Cmd {
             Cmd::Upgrade {
                 id,
                 all,
+                vmm,
                 binary,
                 blk_binary,
                 net_binary,
             } => match (id, all) {
+                _ if vmm => Op::UpgradeVmm(VmmUpgrade { binary }),
                 (None, true) => Op::UpgradeAll(VmUpgrade {
                     blk_binary,
                     net_binary,

@@ -23,6 +23,7 @@ fn body(op: &Op) -> serde_json::Value {
         Op::Action(a) => serde_json::to_value(a),
         Op::PatchVm(s) => serde_json::to_value(s),
         Op::UpgradeAll(b) => serde_json::to_value(b),
+        Op::UpgradeVmm(b) => serde_json::to_value(b),
         Op::CreateSnapshot(b) => serde_json::to_value(b),
         Op::LoadSnapshot(b) => serde_json::to_value(b),
         other => panic!("{other:?} has no body"),
@@ -52,6 +53,7 @@ const EVERY_ROUTE: &[&str] = &[
     "metrics",
     "upgrade rootfs",
     "upgrade --all",
+    "upgrade --vmm",
     "snapshot create --state s --mem m",
     "snapshot load --state s --mem m",
 ];

@@ -187,6 +187,24 @@ fn run(
                 render::upgrades(&r)
             }))
         }
+        Op::UpgradeVmm(u) => {
+            let r = c.upgrade_vmm(u.binary.as_deref())?;
+            Ok(Some(if json {
+                serde_json::to_string(&r).unwrap_or_default()
+            } else {
+                format!(
+                    "VMM upgraded: pid {} -> {} ({}), pause {} us (save {}, restore {}, resume {}), total {} us",
+                    r.old_pid,
+                    r.new_pid,
+                    r.new_binary,
+                    r.pause_us,
+                    r.save_us,
+                    r.restore_us,
+                    r.resume_us,
+                    r.total_us
+                )
+            }))
+        }
         Op::CreateSnapshot(p) => {
             c.create_snapshot(&p)?;
             done(format!(

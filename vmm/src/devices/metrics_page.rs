@@ -119,6 +119,31 @@ impl MetricsPage {
                 io::Error::last_os_error(),
             ));
         }
+        Self::map(id, file)
+    }
+
+    /// The page of device `id` that the VMM this one replaces created ([`MetricsPage::create`]),
+    /// handed over as `file`: checked to be a page sealed against resizing, and mapped.
+    pub fn adopt(id: &str, file: File) -> Result<MetricsPage, MetricsPageError> {
+        let len = file
+            .metadata()
+            .map_err(|e| MetricsPageError::Size(id.to_string(), e))?
+            .len();
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: F_GET_SEALS on a file we own; no memory is passed.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if len != PAGE_SIZE as u64 || seals < 0 || seals & want != want {
+            return Err(MetricsPageError::Seal(
+                id.to_string(),
+                io::Error::other(format!(
+                    "a handed-over page of {len} bytes with seals {seals:#x}"
+                )),
+            ));
+        }
+        Self::map(id, file)
+    }
+
+    fn map(id: &str, file: File) -> Result<MetricsPage, MetricsPageError> {
         // SAFETY: maps PAGE_SIZE bytes of a file of that size at a kernel-chosen address;
         // the result is checked below.
         let addr = unsafe {

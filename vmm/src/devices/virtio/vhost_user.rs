@@ -29,7 +29,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{QueueConfig, VirtioDevice, VirtioError};
 
+mod adopt;
 mod positions;
+pub use adopt::{FrontendFds, FrontendState};
 pub use positions::RingPosition;
 
 /// Errors talking to a vhost-user backend.

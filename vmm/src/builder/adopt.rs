@@ -1,0 +1,155 @@
+//! Rebuilding a running VM from what the VMM process it replaces handed over (the VMM's
+//! live upgrade): the same guest-RAM memfd, mapped again; the same vhost-user connections,
+//! eventfds, inflight areas, metrics pages, TAPs, images and device processes; a new KVM VM
+//! and vCPUs with the saved state.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::Kvm;
+
+use super::{
+    check_restorable, create_vm, finish, legacy_devices, wire_device, BuildError, BuildOptions,
+    BuiltVm, DeviceSlot, Parts, Vcpus,
+};
+use crate::config::VmConfig;
+use crate::device_process::DeviceProcess;
+use crate::devices::metrics_page::MetricsPage;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vhost_user::{FrontendFds, VhostUserDevice};
+use crate::devices::virtio::RamRanges;
+use crate::handover::Handover;
+use crate::memory::map_guest_ram;
+use crate::tap::TapFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+fn short() -> BuildError {
+    BuildError::Restore("the hand-over has fewer fds than it announces".into())
+}
+
+/// The VM `h` describes, over `fds` (in [`Handover::fd_count`]'s order). Returns it and the
+/// API's listening socket when one was handed over.
+pub fn adopt(
+    cfg: &VmConfig,
+    opts: &BuildOptions,
+    h: &Handover,
+    fds: Vec<OwnedFd>,
+) -> Result<(BuiltVm, Option<OwnedFd>), BuildError> {
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    let state = &h.state;
+    let mem_bytes = cfg.mem_mib << 20;
+    check_restorable(cfg, state, mem_bytes)?;
+    if h.devices.len() != state.devices.len() {
+        return Err(BuildError::Restore(format!(
+            "{} devices handed over for {} in the state",
+            h.devices.len(),
+            state.devices.len()
+        )));
+    }
+    let mut fds = fds.into_iter();
+    let ram = map_guest_ram(File::from(fds.next().ok_or_else(short)?), mem_bytes)?;
+    let vm = create_vm(&kvm, &ram)?;
+    let legacy = legacy_devices(&vm, cfg, opts, Some(state))?;
+    let ram_ranges = RamRanges(
+        ram.mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.start_addr().0 + r.len()))
+            .collect(),
+    );
+    let launcher = opts.device_bins.launcher();
+    let mut transports = Vec::new();
+    let mut devices = Vec::new();
+    for (i, (d, saved)) in h.devices.iter().zip(&state.devices).enumerate() {
+        if d.id != saved.id {
+            return Err(BuildError::Restore(format!(
+                "device {i} is '{}' in the hand-over, '{}' in the state",
+                d.id, saved.id
+            )));
+        }
+        let front = FrontendFds::take(&d.frontend, &mut fds)
+            .map_err(|e| BuildError::Backend(format!("device '{}'", d.id), e))?;
+        let mut next = || fds.next().ok_or_else(short);
+        let metrics = match d.metrics {
+            true => Some(Arc::new(MetricsPage::adopt(&d.id, File::from(next()?))?)),
+            false => None,
+        };
+        let tap = match d.tap {
+            true => Some(Arc::new(TapFd::adopt(&d.backing, File::from(next()?)))),
+            false => None,
+        };
+        let image = match d.image {
+            true => Some(Arc::new(File::from(next()?))),
+            false => None,
+        };
+        let process = match &d.process {
+            Some((pid, name)) => {
+                let pidfd = next()?;
+                let Some(l) = launcher else {
+                    return Err(BuildError::Restore(format!(
+                        "device '{}': its process was started by a launcher this VMM lacks",
+                        d.id
+                    )));
+                };
+                Some(DeviceProcess::adopt_launched(
+                    name.clone(),
+                    *pid,
+                    pidfd,
+                    l.clone(),
+                ))
+            }
+            None => None,
+        };
+        let t = &saved.transport;
+        let acked = t.active.then_some(t.acked_features);
+        let dev = VhostUserDevice::adopt(&d.frontend, front, ram.mem.clone(), acked)
+            .map_err(|e| BuildError::Backend(format!("device '{}': cannot take over", d.id), e))?;
+        wire_device(&vm, &dev, i)?;
+        let name = process
+            .as_ref()
+            .map_or_else(|| format!("device '{}'", d.id), |p| p.name.clone());
+        let mut transport = MmioTransport::new(Box::new(dev), name, ram_ranges.clone());
+        transport.restore(t).map_err(BuildError::Restore)?;
+        transports.push(Mutex::new(transport));
+        devices.push(DeviceSlot {
+            id: d.id.clone(),
+            kind: d.frontend.kind,
+            transport: i,
+            process,
+            socket: d.socket.clone(),
+            binary: d.binary.clone(),
+            backing: d.backing.clone(),
+            read_only: d.read_only,
+            restarts: d.restarts,
+            crashes: d.crashes,
+            last_exit: d.last_exit.clone(),
+            metrics,
+            tap,
+            mac: d.mac.clone(),
+            max_queues: d.frontend.max_queues,
+            image,
+        });
+    }
+    let listener = match h.api_listener {
+        true => Some(fds.next().ok_or_else(short)?),
+        false => None,
+    };
+    if fds.next().is_some() {
+        return Err(BuildError::Restore(
+            "the hand-over has more fds than it announces".into(),
+        ));
+    }
+    let built = finish(
+        &kvm,
+        Parts {
+            vm,
+            ram,
+            legacy,
+            transports,
+            devices,
+        },
+        cfg,
+        Vcpus::Restore(state),
+    )?;
+    Ok((built, listener))
+}

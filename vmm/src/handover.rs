@@ -1,0 +1,240 @@
+//! The VMM's live upgrade, as data and on the wire: what the running VMM hands the process
+//! that replaces it ([`Handover`]) and the fds that go with it, over a Unix stream socket
+//! between the two (skiff-jailer's launcher starts the new process with its end).
+//!
+//! The conversation, each line `\n`-terminated ASCII:
+//!
+//! 1. new → old: `SKIFF-HANDOVER MIN MAX`, the state versions the new binary reads. The old
+//!    VMM checks that it writes one of them before it pauses anything.
+//! 2. old → new: the hand-over: 8 bytes of length (little-endian), the [`Handover`] as
+//!    JSON, then its fds in the order [`Handover::fd_count`] counts them, up to
+//!    [`FDS_PER_MESSAGE`] per one-byte message.
+//! 3. new → old: `READY` (the VM is rebuilt, its vCPUs parked) or `ERROR why`.
+//! 4. old → new: `GO US`, once skiff-jailer's supervisor follows the new process, with the
+//!    microseconds since the old VMM stopped its vCPUs; a hang-up before `GO` means abort
+//!    (the old VMM resumes the guest) and one after `READY` with the old VMM gone means go
+//!    on.
+//! 5. new → old: `RUNNING US`, the whole pause: vCPUs stopped there → running here.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use api_server::models::Logger;
+use serde::{Deserialize, Serialize};
+
+use crate::devices::virtio::vhost_user::{FrontendFds, FrontendState};
+use crate::state::VmState;
+
+/// Errors on the hand-over socket.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// Reading or writing the socket.
+    #[error("the hand-over socket failed")]
+    Io(#[source] std::io::Error),
+    /// The other side hung up.
+    #[error("the other VMM process hung up")]
+    Closed,
+    /// No answer in time.
+    #[error("no answer within {0} ms")]
+    Timeout(u128),
+    /// A message broke the protocol.
+    #[error("malformed hand-over message: {0}")]
+    Malformed(String),
+}
+
+/// Fds per message (under the kernel's 253).
+pub const FDS_PER_MESSAGE: usize = 200;
+/// The largest hand-over accepted.
+const MAX_HANDOVER: u64 = crate::state::file::MAX_STATE;
+/// The longest line.
+const MAX_LINE: usize = 4096;
+
+/// Everything of the VM that is not in an fd.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Handover {
+    /// The state version `state` is in.
+    pub version: u32,
+    /// The VM's state (device rings keep running: no positions in it).
+    pub state: VmState,
+    /// Per device, in transport order: what goes with its fds.
+    pub devices: Vec<DeviceHandover>,
+    /// The vCPUs were running (the new VMM resumes them).
+    pub running: bool,
+    /// The logger configuration, if one was set.
+    pub logger: Option<Logger>,
+    /// The metrics file, if one was set (reopened by the new VMM).
+    pub metrics_path: Option<String>,
+    /// The API's listening socket is the last fd.
+    pub api_listener: bool,
+    /// The lifecycle counters and pause histograms, to go on from.
+    pub counters: crate::metrics::VmCounters,
+}
+
+/// One device's part of the hand-over.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeviceHandover {
+    /// drive_id or iface_id.
+    pub id: String,
+    /// The vhost-user front end.
+    pub frontend: FrontendState,
+    /// The device binary skiff started.
+    pub binary: Option<PathBuf>,
+    /// An external backend's socket path.
+    pub socket: Option<PathBuf>,
+    /// Image path or TAP name.
+    pub backing: String,
+    /// Read-only drive.
+    pub read_only: bool,
+    /// Times its process was replaced.
+    pub restarts: u32,
+    /// Times its process died.
+    pub crashes: u32,
+    /// How its process last died.
+    pub last_exit: Option<String>,
+    /// The guest MAC (net).
+    pub mac: Option<String>,
+    /// Its device process: pid and name (its pidfd is handed over).
+    pub process: Option<(u32, String)>,
+    /// Its metrics page is handed over.
+    pub metrics: bool,
+    /// Its TAP is handed over (net).
+    pub tap: bool,
+    /// Its image is handed over (block).
+    pub image: bool,
+}
+
+impl DeviceHandover {
+    /// Fds of this device: the front end's, then metrics page, TAP, image, pidfd.
+    pub fn fd_count(&self) -> usize {
+        FrontendFds::count(&self.frontend)
+            + usize::from(self.metrics)
+            + usize::from(self.tap)
+            + usize::from(self.image)
+            + usize::from(self.process.is_some())
+    }
+}
+
+impl Handover {
+    /// Fds that go with it: the guest RAM memfd, each device's, the API listener.
+    pub fn fd_count(&self) -> usize {
+        1 + self
+            .devices
+            .iter()
+            .map(DeviceHandover::fd_count)
+            .sum::<usize>()
+            + usize::from(self.api_listener)
+    }
+}
+
+fn io(e: std::io::Error) -> HandoverError {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => HandoverError::Timeout(0),
+        _ => HandoverError::Io(e),
+    }
+}
+
+/// Sends one line.
+pub fn send_line(s: &UnixStream, line: &str) -> Result<(), HandoverError> {
+    let mut w = s;
+    w.write_all(format!("{line}\n").as_bytes()).map_err(io)
+}
+
+/// Reads one line, waiting at most `timeout`.
+pub fn read_line(s: &UnixStream, timeout: Duration) -> Result<String, HandoverError> {
+    let deadline = Instant::now() + timeout;
+    let mut line = Vec::new();
+    let mut r = s;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HandoverError::Timeout(timeout.as_millis()));
+        }
+        s.set_read_timeout(Some(left)).map_err(io)?;
+        let mut b = [0u8; 1];
+        match r.read(&mut b) {
+            Ok(0) => return Err(HandoverError::Closed),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => line.push(b[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(match io(e) {
+                    HandoverError::Timeout(_) => HandoverError::Timeout(timeout.as_millis()),
+                    other => other,
+                })
+            }
+        }
+        if line.len() > MAX_LINE {
+            return Err(HandoverError::Malformed("a line too long".into()));
+        }
+    }
+    String::from_utf8(line).map_err(|_| HandoverError::Malformed("not text".into()))
+}
+
+/// Sends the hand-over and its fds.
+pub fn send(s: &UnixStream, h: &Handover, fds: &[RawFd]) -> Result<(), HandoverError> {
+    if fds.len() != h.fd_count() {
+        return Err(HandoverError::Malformed(format!(
+            "{} fds for a hand-over of {}",
+            fds.len(),
+            h.fd_count()
+        )));
+    }
+    let json = serde_json::to_vec(h).map_err(|e| HandoverError::Malformed(e.to_string()))?;
+    let mut w = s;
+    w.write_all(&(json.len() as u64).to_le_bytes())
+        .and_then(|()| w.write_all(&json))
+        .map_err(io)?;
+    for chunk in fds.chunks(FDS_PER_MESSAGE) {
+        let n = sandbox::fdpass::send(s.as_fd(), b"F", chunk, 0).map_err(io)?;
+        if n != 1 {
+            return Err(HandoverError::Malformed(
+                "an fd message was cut short".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Receives the hand-over and its fds, waiting at most `timeout` in all.
+pub fn recv(s: &UnixStream, timeout: Duration) -> Result<(Handover, Vec<OwnedFd>), HandoverError> {
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut r = s;
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => HandoverError::Closed,
+        _ => io(e),
+    })?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HANDOVER {
+        return Err(HandoverError::Malformed(format!(
+            "{len} bytes of hand-over"
+        )));
+    }
+    let mut json = vec![0u8; len as usize];
+    r.read_exact(&mut json).map_err(io)?;
+    let h: Handover =
+        serde_json::from_slice(&json).map_err(|e| HandoverError::Malformed(e.to_string()))?;
+    let want = h.fd_count();
+    let mut fds = Vec::with_capacity(want);
+    while fds.len() < want {
+        let (data, got, truncated) =
+            sandbox::fdpass::recv(s.as_fd(), 1, FDS_PER_MESSAGE).map_err(io)?;
+        if data.is_empty() {
+            return Err(HandoverError::Closed);
+        }
+        if truncated || data != b"F" || got.is_empty() {
+            return Err(HandoverError::Malformed("an fd message".into()));
+        }
+        fds.extend(got);
+    }
+    if fds.len() != want {
+        return Err(HandoverError::Malformed(format!(
+            "{} fds for a hand-over of {want}",
+            fds.len()
+        )));
+    }
+    Ok((h, fds))
+}
