@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Device-process upgrade benchmarks (root):
-#   tools/upgradebench.sh [UPGRADES]           (default 1000) N upgrades each of skiff-blk and
-#       skiff-net under load, timed at native speed on this host with a synthetic front end
-#       (no guest; see the doc comment of tools/src/upgradebench.rs). Needs a TAP in a
-#       private network namespace.
+#   tools/upgradebench.sh [UPGRADES] [OPTIONS]  (default 1000) N upgrades each of skiff-blk
+#       and skiff-net under load, timed at native speed on this host with a synthetic front
+#       end playing the guest, the VMM's side being the VMM's own code (no guest; see the doc
+#       comment of tools/src/upgradebench/main.rs). Creates its TAP in a private network
+#       namespace. OPTIONS go to the program (--crash, --no-seccomp, --devices blk, ...;
+#       `upgradebench --help`).
 #   tools/upgradebench.sh --guest [UPGRADES]   (default 1000) the same in a real guest under
 #       fio and a TCP stream, with the guest-side effect beside a baseline without upgrades
 #       (tools/src/guestupgradebench.rs). Runs directly when this host's KVM boots ordinary
@@ -14,10 +16,11 @@ cd "$(dirname "$0")/.."
 bin=${CARGO_TARGET_DIR:-target}/release
 out=${CARGO_TARGET_DIR:-target}
 if [ "${1:-}" != --guest ]; then
-  upgrades=${1:-1000}
+  upgrades=1000
+  if [[ "${1:-}" =~ ^[0-9]+$ ]]; then upgrades=$1; shift; fi
   cargo build --release -p devices -p tools --bins
-  exec "$bin/upgradebench" --upgrades "$upgrades" --blk-binary "$bin/skiff-blk" \
-    --net-binary "$bin/skiff-net" --out "$out/upgradebench.json"
+  exec "$bin/upgradebench" --upgrades "$upgrades" --device-bin-dir "$bin" \
+    --out "$out/upgradebench.json" "$@"
 fi
 upgrades=${2:-1000}
 cargo build --release -p vmm -p devices -p tools --bins

@@ -24,7 +24,8 @@
 //!
 //! Needs a KVM that boots ordinary guests and root (namespace, TAP): tools/upgradebench.sh
 //! `--guest` runs it, inside the nested test host when this host's KVM cannot (all figures
-//! are then under TCG). tools/src/upgradebench.rs times the switch itself at native speed.
+//! are then under TCG). tools/src/upgradebench/ times the VMM's switch code itself at
+//! native speed.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener};

@@ -41,8 +41,8 @@ use crate::vcpu::{Vcpu, VcpuGate};
 mod adopt;
 mod spawn;
 pub use adopt::adopt;
-pub use spawn::DeviceSeccomp;
-pub(crate) use spawn::{blk_args, negotiate, net_args, spawn_connected, BACKEND_TIMEOUT};
+pub(crate) use spawn::BACKEND_TIMEOUT;
+pub use spawn::{blk_args, negotiate, net_args, spawn_connected, DeviceSeccomp};
 
 /// Errors building the VM.
 #[derive(Debug, thiserror::Error)]

@@ -70,7 +70,7 @@ const ENDED_GRACE: Duration = Duration::from_millis(500);
 /// timed out, though, so they do not end a request a live backend never answers). No
 /// socket path is shared with the child and there is no connect to retry: the first
 /// request waits until the child serves, or fails when it died (see [`negotiate`]).
-pub(crate) fn spawn_connected(
+pub fn spawn_connected(
     name: String,
     bin: &DeviceBinary,
     args: &[String],
@@ -97,7 +97,7 @@ pub(crate) fn spawn_connected(
 /// Negotiates with device process `process` over `stream`, its connection from
 /// [`spawn_connected`]. When that fails because the process ended (it exited before or
 /// while answering), the error says so and how it ended ([`DeviceProcess::check_alive`]).
-pub(crate) fn negotiate(
+pub fn negotiate(
     process: &mut DeviceProcess,
     kind: DeviceKind,
     stream: UnixStream,
@@ -138,7 +138,7 @@ fn ended_within(p: &mut DeviceProcess, grace: Duration) -> Option<String> {
 
 /// skiff-blk's arguments for serving the image open on `image`, counting in `page` (the
 /// connection, `--socket-fd`, is added by [`spawn_connected`]).
-pub(crate) fn blk_args(
+pub fn blk_args(
     image: &File,
     read_only: bool,
     page: &MetricsPage,
@@ -159,7 +159,7 @@ pub(crate) fn blk_args(
 
 /// skiff-net's arguments for serving the TAP `tap`, counting in `page` (the connection,
 /// `--socket-fd`, is added by [`spawn_connected`]).
-pub(crate) fn net_args(
+pub fn net_args(
     tap: &TapFd,
     mac: Option<&str>,
     page: &MetricsPage,
