@@ -127,6 +127,8 @@ pub struct Launcher {
     live: HashSet<u32>,
     /// Ended children not yet asked about: pid → raw wait status, oldest first.
     ended: Vec<(u32, i32)>,
+    /// A skiff started for a live upgrade that has not taken over: skiff may kill it.
+    candidate: Option<u32>,
     open: bool,
 }
 
@@ -154,6 +156,7 @@ impl Launcher {
             plan,
             live: HashSet::new(),
             ended: Vec::new(),
+            candidate: None,
             open: true,
         })
     }
@@ -210,6 +213,22 @@ impl Launcher {
         self.open = true;
     }
 
+    /// Notes the skiff started for a live upgrade (`None` once it took over or ended):
+    /// the running skiff may kill it.
+    pub fn set_candidate(&mut self, pid: Option<u32>) {
+        self.candidate = pid;
+    }
+
+    /// Notes that a skiff started for a live upgrade ended with `status` before taking
+    /// over: the running skiff may ask how.
+    pub fn vmm_ended(&mut self, pid: u32, status: i32) {
+        self.candidate = None;
+        if self.ended.len() >= MAX_ENDED {
+            self.ended.remove(0);
+        }
+        self.ended.push((pid, status));
+    }
+
     /// Notes that child `pid` ended with `status`; false if it is not a device process.
     pub fn reaped(&mut self, pid: u32, status: i32) -> bool {
         if !self.live.remove(&pid) {
@@ -245,6 +264,12 @@ impl Launcher {
                     Some(i) => Reply::Status(Some(self.ended.remove(i).1)),
                     None => Reply::Error(format!("pid {pid} is not a device process of this VM")),
                 }
+            }
+            Request::Kill(pid) if self.candidate == Some(pid) => {
+                // SAFETY: kill on a child of ours not yet reaped (the supervisor clears
+                // `candidate` when it reaps it).
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                Reply::Done
             }
             Request::Kill(pid) => {
                 if !self.live.contains(&pid) {

@@ -257,6 +257,16 @@ fn start_skiff(
     Ok(pid)
 }
 
+/// Writes skiff's pid to `<exec name>.pid` in the cell's root, whole or not at all (a new
+/// file renamed over the old one: a reader never sees it empty).
+fn write_pid_file(plan: &Plan, cell: &Cell, pid: libc::pid_t) {
+    let path = cell.root.join(format!("{}.pid", plan.exec_name));
+    let tmp = cell.root.join(format!(".{}.pid.new", plan.exec_name));
+    if std::fs::write(&tmp, format!("{pid}\n")).is_ok() {
+        let _ = std::fs::rename(&tmp, &path);
+    }
+}
+
 /// A skiff started to take the VM over (the VMM's live upgrade).
 struct Next {
     pid: libc::pid_t,
@@ -424,10 +434,7 @@ fn supervise(
     let pid =
         start_skiff(plan, cell, cgroup, &skiff_end, None).map_err(|e| fail(&mut report, e))?;
     drop(skiff_end);
-    let _ = std::fs::write(
-        cell.root.join(format!("{}.pid", plan.exec_name)),
-        format!("{pid}\n"),
-    );
+    write_pid_file(plan, cell, pid);
     let line = format!(
         "skiff-jailer: VM {} runs: skiff pid {pid}, supervisor pid {}, cell {}, cgroup {}, set up in {} us\n",
         plan.id,
@@ -480,6 +487,7 @@ fn supervise(
                         } else {
                             match start_successor(plan, cell, cgroup, &binary, handover) {
                                 Ok((n, pidfd)) => {
+                                    launcher.set_candidate(Some(n.pid as u32));
                                     let reply = Reply::Launched {
                                         pid: n.pid as u32,
                                         pidfd,
@@ -494,6 +502,7 @@ fn supervise(
                     VmmRequest::Commit(p) => match next.as_mut() {
                         Some(n) if n.pid as u32 == p => {
                             n.committed = true;
+                            launcher.set_candidate(None);
                             Reply::Done
                         }
                         _ => Reply::Error(format!("pid {p} is not a VMM this launcher started")),
@@ -532,12 +541,10 @@ fn supervise(
                     match next.take() {
                         // The new skiff took over: it is the VM's VMM from now on.
                         Some(n) if n.committed => {
+                            launcher.set_candidate(None);
                             pid = n.pid;
                             launcher.switch_to(n.launcher_end, n.peer);
-                            let _ = std::fs::write(
-                                cell.root.join(format!("{}.pid", plan.exec_name)),
-                                format!("{pid}\n"),
-                            );
+                            write_pid_file(plan, cell, pid);
                             eprintln!(
                                 "skiff-jailer: VM {}: skiff pid {pid} took over (live upgrade)",
                                 plan.id
@@ -554,8 +561,10 @@ fn supervise(
                 }
                 if next.as_ref().is_some_and(|n| n.pid == r) {
                     // The new skiff ended before the old one: the old one finds out on the
-                    // hand-over socket and keeps the VM (or, after committing, ends too).
+                    // hand-over socket (and may ask how it ended) and keeps the VM (or,
+                    // after committing, ends too).
                     next = None;
+                    launcher.vmm_ended(r as u32, st);
                     continue;
                 }
                 launcher.reaped(r as u32, st);

@@ -336,6 +336,9 @@ pub struct TestVm {
     cursor: usize,
     status: Option<ExitStatus>,
     token: u64,
+    /// Where the VMM's pid is written when it is not the process started (skiff-jailer's
+    /// `skiff.pid`, which follows a VMM upgrade): the vCPU threads the diagnostics look at.
+    vmm_pid_file: Option<PathBuf>,
 }
 
 impl TestVm {
@@ -397,12 +400,29 @@ impl TestVm {
             cursor: 0,
             status: None,
             token: u64::from(std::process::id()) << 20,
+            vmm_pid_file: None,
         })
     }
 
     /// skiff's pid, which is also the process group of its device processes.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Makes the diagnostics look at the vCPU threads of the pid written in `path` (a VMM
+    /// started by skiff-jailer) instead of the process started.
+    pub fn watch_vmm_pid_file(&mut self, path: &Path) {
+        self.vmm_pid_file = Some(path.to_path_buf());
+    }
+
+    /// The process whose threads are the vCPUs: the pid in the watched pid file, if it
+    /// reads, else the process started.
+    fn vcpu_pid(&self) -> i32 {
+        self.vmm_pid_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| self.pid())
     }
 
     /// Everything the guest printed so far (CRs removed).
@@ -433,7 +453,7 @@ impl TestVm {
         } else {
             let printed = self.console.len();
             let (text, busiest_ms) =
-                crate::hang::thread_activity(self.pid(), Duration::from_secs(1));
+                crate::hang::thread_activity(self.vcpu_pid(), Duration::from_secs(1));
             (text, busiest_ms >= 900 && self.console.len() == printed)
         };
         let spins = if spins {
@@ -463,7 +483,7 @@ impl TestVm {
             return String::new();
         }
         let printed = self.console.len();
-        let (_, busiest_ms) = crate::hang::thread_activity(self.pid(), Duration::from_secs(1));
+        let (_, busiest_ms) = crate::hang::thread_activity(self.vcpu_pid(), Duration::from_secs(1));
         if busiest_ms > 50 || self.console.len() != printed {
             return String::new();
         }

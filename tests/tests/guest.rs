@@ -78,6 +78,7 @@ fn main() {
         Guest true device_processes_hold_only_their_fds,
         Guest true hostile_guest_gets_nowhere,
         Guest true jailed_guest_boots_upgrades_and_recovers,
+        Guest true jailed_vmm_upgrades_under_io,
         Soak false crash_blk_20_kills_under_fio,
         Guest false crash_blk_3_kills_under_dd,
         Guest true crash_net_5_kills_under_tcp,

@@ -71,6 +71,9 @@ pub struct Handover {
     pub api_listener: bool,
     /// The lifecycle counters and pause histograms, to go on from.
     pub counters: crate::metrics::VmCounters,
+    /// Console input read from stdin and not yet taken by the UART.
+    #[serde(default)]
+    pub console_pending: Vec<u8>,
 }
 
 /// One device's part of the hand-over.

@@ -64,15 +64,36 @@ pub fn hello() -> String {
 struct Candidate {
     launcher: Arc<LauncherClient>,
     pid: u32,
+    pidfd: OwnedFd,
     binary: String,
 }
 
 impl Candidate {
+    /// How it ended, once its pidfd says so (within a second) and the launcher has reaped
+    /// it.
+    fn status(&self) -> Option<i32> {
+        let mut pfd = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes the one pollfd, which lives across the call.
+        if unsafe { libc::poll(&mut pfd, 1, 1000) } != 1 {
+            return None;
+        }
+        for _ in 0..20 {
+            if let Ok(Some(st)) = self.launcher.status(self.pid) {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        None
+    }
+
     /// Why it failed, with how it ended if it did.
     fn ended(&self, e: &HandoverError) -> String {
-        std::thread::sleep(Duration::from_millis(100));
-        match self.launcher.status(self.pid) {
-            Ok(Some(st)) => format!(
+        match self.status() {
+            Some(st) => format!(
                 "the new VMM (pid {}, {}) {} ({})",
                 self.pid,
                 self.binary,
@@ -188,6 +209,7 @@ impl Vmm {
                 metrics_path: self.metrics_out.as_ref().map(|m| m.path.clone()),
                 api_listener: api_listener.is_some(),
                 counters: self.vm_metrics.export(),
+                console_pending: self.stdin.pending.iter().copied().collect(),
             },
             fds,
         ))
@@ -197,6 +219,7 @@ impl Vmm {
     /// here.
     fn roll_back(&mut self, c: &Candidate, running: bool, why: String) -> ApiFault {
         c.kill();
+        self.stdin.open = self.stdin_open_before_upgrade;
         if let Err(e) = self.device_irqfds(true) {
             log::error!("after a failed VMM upgrade: {e}");
         }
@@ -247,7 +270,7 @@ impl Vmm {
             .map_err(|e| bad(format!("{}; the VM runs on", error_chain(&e))))?;
         let (ours, theirs) = UnixStream::pair()
             .map_err(|e| ApiFault::internal(format!("the hand-over socketpair: {e}")))?;
-        let (pid, _pidfd) = launcher
+        let (pid, pidfd) = launcher
             .start_vmm(exe.relative(), theirs.as_fd())
             .map_err(|e| {
                 bad(format!(
@@ -259,6 +282,7 @@ impl Vmm {
         let c = Candidate {
             launcher,
             pid,
+            pidfd,
             binary: exe.relative().display().to_string(),
         };
         let hello = match handover::read_line(&ours, HELLO_TIMEOUT) {
@@ -293,12 +317,21 @@ impl Vmm {
         }
         let start_us = micros(t0.elapsed());
 
-        // The pause.
+        // The pause. Console input stops being read here: what was read and not yet taken
+        // by the UART goes to the new VMM, and what is typed from now on is its to read.
         let tp = Instant::now();
+        self.stdin_open_before_upgrade = self.stop_console_input();
         if running {
             if let Err(e) = self.pause() {
                 c.kill();
                 return Err(bad(format!("{}; the VM runs on", error_chain(&e))));
+            }
+        }
+        // Output the guest wrote before the pause (a prompt without its newline) goes out
+        // now, before anything the new VMM writes.
+        if let Some(vm) = &self.vm {
+            if let Err(e) = lock(&vm.built.bus.serial).writer_mut().drain() {
+                log::warn!("console output: {e}");
             }
         }
         if let Err(why) = self.device_irqfds(false) {
@@ -414,6 +447,7 @@ impl Vmm {
 
     fn rebuild(&mut self, h: Handover, fds: Vec<OwnedFd>) -> Result<bool, String> {
         self.vm_metrics.import(&h.counters);
+        self.stdin.pending.extend(&h.console_pending);
         if !(MIN_VERSION..=VERSION).contains(&h.version) {
             return Err(format!(
                 "state version {} (this VMM reads {MIN_VERSION} to {VERSION})",

@@ -130,7 +130,13 @@ impl VcpuGate {
         self.cv.notify_all();
     }
 
-    fn park(&self, fd: &VcpuFd, index: u8, msr_list: &[u32]) {
+    fn park(&self, fd: &mut VcpuFd, index: u8, msr_list: &[u32]) {
+        let st = self.lock();
+        if !st.want_pause {
+            return;
+        }
+        drop(st);
+        complete_pending_exit(fd, index);
         let mut st = self.lock();
         if !st.want_pause {
             return;
@@ -165,6 +171,23 @@ impl VcpuGate {
             }
         }
     }
+}
+
+/// Completes the I/O or MMIO exit this vCPU last returned to userspace for (KVM finishes it
+/// on the next KVM_RUN: an IN's or MMIO read's value goes into the register, RIP moves
+/// past the instruction). Until then its state as KVM reports it is inconsistent, and a
+/// state saved then would repeat or lose the access ("userspace should ensure that the
+/// operation is completed before performing a live migration", KVM's API documentation).
+/// With `immediate_exit` set, KVM_RUN completes it and returns EINTR without running the
+/// guest.
+fn complete_pending_exit(fd: &mut VcpuFd, index: u8) {
+    fd.set_kvm_immediate_exit(1);
+    match fd.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Ok(exit) => log::warn!("vcpu{index}: completing its last exit returned {exit:?}"),
+        Err(e) => log::warn!("vcpu{index}: completing its last exit failed: {e}"),
+    }
+    fd.set_kvm_immediate_exit(0);
 }
 
 /// The state of a parked vCPU, with the TSC it had when it parked.
@@ -243,7 +266,7 @@ impl Vcpu {
         let inc = VcpuMetrics::inc;
         while !self.stop.load(Ordering::Acquire) {
             if self.gate.paused.load(Ordering::Acquire) {
-                self.gate.park(&self.fd, self.index, &self.msr_list);
+                self.gate.park(&mut self.fd, self.index, &self.msr_list);
                 continue;
             }
             match self.fd.run() {

@@ -142,6 +142,9 @@ pub struct Vmm {
     pub(crate) pending_exit: Option<ExitReason>,
     /// A copy of the API's listening socket, for the VMM that replaces this one.
     pub(crate) api_listener: Option<OwnedFd>,
+    /// Whether console input was read before a VMM upgrade stopped reading it (restored
+    /// if the upgrade fails).
+    pub(crate) stdin_open_before_upgrade: bool,
     /// The guest kernel's panic line, kept past teardown.
     panic_seen: Option<String>,
     /// The terminal in raw mode while the guest owns the console.
@@ -256,6 +259,7 @@ impl Vmm {
             },
             pending_exit: None,
             api_listener: o.api_listener,
+            stdin_open_before_upgrade: false,
             panic_seen: None,
             raw_terminal: None,
             restart_log: Default::default(),
@@ -486,7 +490,26 @@ impl Vmm {
         Ok(())
     }
 
+    /// Stops reading console input (a VMM upgrade hands the rest to the new VMM); returns
+    /// whether it was being read.
+    pub(crate) fn stop_console_input(&mut self) -> bool {
+        if self.stdin.watched {
+            let _ = ctl(
+                &self.epoll,
+                ControlOperation::Delete,
+                libc::STDIN_FILENO,
+                TOKEN_STDIN,
+            );
+            self.stdin.watched = false;
+        }
+        std::mem::replace(&mut self.stdin.open, false)
+    }
+
     fn read_stdin(&mut self) -> Result<(), VmmError> {
+        // An event of the same batch as the request that stopped reading (a VMM upgrade).
+        if !self.stdin.watched {
+            return Ok(());
+        }
         let mut buf = [0u8; 256];
         // Straight from the fd: std's buffered stdin would keep bytes that epoll then never
         // reports again.

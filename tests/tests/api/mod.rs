@@ -536,7 +536,21 @@ pub fn api_bad_requests_keep_vm_running() -> Result {
         ("GET", "/no/such/path", "", 404, "/no/such/path"),
         ("DELETE", "/machine-config", "", 405, "delete"),
         ("PUT", "/vsock", "{\"guest_cid\": 3, \"uds_path\": \"/v\"}", 400, "not supported"),
-        ("PUT", "/snapshot/create", "{}", 400, "not supported"),
+        ("PUT", "/snapshot/create", "{}", 400, "snapshot_path"),
+        (
+            "PUT",
+            "/snapshot/create",
+            "{\"snapshot_path\": \"/tmp/s\", \"mem_file_path\": \"/tmp/m\"}",
+            400,
+            "paused vm",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            "{\"snapshot_path\": \"/tmp/s\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"/tmp/m\"}}",
+            400,
+            "has not started a vm",
+        ),
         ("PUT", "/drives/rootfs", "{\"drive_id\": \"other\", \"is_root_device\": false, \"path_on_host\": \"/a\"}", 400, "other"),
     ];
     for (method, path, body, status, word) in cases {

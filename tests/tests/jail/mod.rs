@@ -15,8 +15,10 @@ use tests::{ensure, Result, TestDir};
 
 mod guest;
 mod launcher;
+mod vmm_upgrade;
 pub use guest::*;
 pub use launcher::*;
+pub use vmm_upgrade::*;
 
 /// The unprivileged ids the tests jail skiff as.
 pub const UID: u32 = 10_000;
@@ -125,8 +127,12 @@ fn output(cmd: &mut Command) -> Result<Output> {
 pub struct ParentCgroup(pub String);
 
 impl ParentCgroup {
+    /// Unique per call: a test the runner starts again (after a nested-host fault) gets a
+    /// new one, whatever the failed attempt left behind.
     pub fn new(label: &str) -> ParentCgroup {
-        ParentCgroup(format!("skiff-test-{label}-{}", std::process::id()))
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ParentCgroup(format!("skiff-test-{label}-{}-{n}", std::process::id()))
     }
 }
 

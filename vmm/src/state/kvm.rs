@@ -1,7 +1,7 @@
 //! The KVM side of the VM's state, as data: each vCPU's registers and the VM's interrupt
-//! controllers, PIT and clock. Saved from a stopped vCPU (parked, or never run) and put back
-//! into a fresh one, in the order KVM needs (CPUID before anything that depends on it, the
-//! MSRs after the LAPIC, pending events last).
+//! controllers, PIT and clock. Saved from a stopped vCPU (parked with its last exit
+//! completed, or never run) and put back into a fresh one, CPUID first, then in QEMU's
+//! order.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
@@ -179,36 +179,53 @@ impl VcpuState {
                 fd.set_tsc_khz(khz).map_err(e("set the TSC frequency"))?;
             }
         }
-        fd.set_mp_state(self.mp_state)
-            .map_err(e("set the MP state"))?;
+        // QEMU's order (kvm_arch_put_registers), the one nested KVM sees most: registers,
+        // FPU, control registers, MSRs, pending events, MP state, then the LAPIC.
         fd.set_regs(&self.regs).map_err(e("set the registers"))?;
-        fd.set_sregs(&self.sregs)
-            .map_err(e("set the special registers"))?;
         // SAFETY: the area was read from KVM by `save` (or decoded from a file into the same
         // fixed-size structure); KVM checks what it is given and the legacy 4 KiB area has
         // no trailing part to read past.
         unsafe { fd.set_xsave(&self.xsave) }.map_err(e("set the XSAVE area"))?;
         fd.set_xcrs(&self.xcrs).map_err(e("set the XCRs"))?;
-        fd.set_debug_regs(&self.debug_regs)
-            .map_err(e("set the debug registers"))?;
-        fd.set_lapic(&self.lapic).map_err(e("set the LAPIC"))?;
-        for chunk in self.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
-            let msrs =
-                Msrs::from_entries(chunk).map_err(|_| KvmStateError::TooMany(index, "MSR"))?;
-            let n = fd.set_msrs(&msrs).map_err(e("set MSRs"))?;
-            if n < chunk.len() {
-                return Err(KvmStateError::Msr {
-                    index,
-                    msr: chunk[n].index,
-                    done: n,
-                    total: chunk.len(),
-                });
-            }
-        }
+        fd.set_sregs(&self.sregs)
+            .map_err(e("set the special registers"))?;
+        // The TSC deadline goes in after the LAPIC: KVM_SET_LAPIC rearms the LAPIC timer and
+        // forgets a deadline set before it (QEMU writes it last for the same reason).
+        let (deadline, others): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) = self
+            .msrs
+            .iter()
+            .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+        set_msrs(fd, index, &others)?;
         fd.set_vcpu_events(&self.events)
             .map_err(e("set the vCPU events"))?;
+        fd.set_mp_state(self.mp_state)
+            .map_err(e("set the MP state"))?;
+        fd.set_lapic(&self.lapic).map_err(e("set the LAPIC"))?;
+        fd.set_debug_regs(&self.debug_regs)
+            .map_err(e("set the debug registers"))?;
+        set_msrs(fd, index, &deadline)?;
         Ok(())
     }
+}
+
+/// KVM's TSC-deadline timer MSR.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Writes `entries`, failing on the first one KVM does not take.
+fn set_msrs(fd: &VcpuFd, index: u8, entries: &[kvm_msr_entry]) -> Result<(), KvmStateError> {
+    for chunk in entries.chunks(KVM_MAX_MSR_ENTRIES) {
+        let msrs = Msrs::from_entries(chunk).map_err(|_| KvmStateError::TooMany(index, "MSR"))?;
+        let n = fd.set_msrs(&msrs).map_err(vcpu_err(index, "set MSRs"))?;
+        if n < chunk.len() {
+            return Err(KvmStateError::Msr {
+                index,
+                msr: chunk[n].index,
+                done: n,
+                total: chunk.len(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, KvmStateError> {
