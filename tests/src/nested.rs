@@ -232,6 +232,7 @@ fn run_once(names: &[String], ignored: bool, only_guest: bool) -> Result<Attempt
     // Test knobs reach the tests inside too.
     for var in [
         "SKIFF_UPGRADES",
+        "SKIFF_VMM_UPGRADES",
         "SKIFF_KILLS",
         "SKIFF_TEST_VERBOSE",
         "SKIFF_KEEP_TMP",

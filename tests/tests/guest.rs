@@ -6,6 +6,8 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod api;
@@ -128,6 +130,95 @@ fn connect_guest_nc(vm: &mut TestVm, addr: SocketAddr) -> Result<TcpStream> {
     sock.set_write_timeout(Some(LONG))
         .map_err(|e| e.to_string())?;
     Ok(sock)
+}
+
+/// Streams `data` (whose sha256 is `want`) from the host to a `nc -l -p PORT` started in the
+/// guest, at `addr`, while `count` events happen (`event(vm, n)`), and checks that the guest
+/// received it whole. The sender paces itself (32 KiB per 20 ms) and never runs more than
+/// 1/(count + 1) of the data ahead of the events done, so the stream flows during every
+/// one; it ends the stream after the last. A failed event or a stalled stream ends the
+/// whole with what the guest's kernel saw.
+fn stream_to_guest_across(
+    vm: &mut TestVm,
+    addr: SocketAddr,
+    data: Vec<u8>,
+    want: &str,
+    count: usize,
+    mut event: impl FnMut(&mut TestVm, usize) -> Result,
+) -> Result {
+    // nc in the shell's foreground, so that its end is the command's end.
+    let nc = vm.start_command(&format!(
+        "nc -l -p {} < /dev/null > /tmp/f; sha256sum /tmp/f",
+        addr.port()
+    ))?;
+    let mut sock = connect_guest_nc(vm, addr)?;
+    // A stream stalled this long is a failure; do not wait for LONG.
+    sock.set_write_timeout(Some(CMD))
+        .map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(CMD))
+        .map_err(|e| e.to_string())?;
+    // To stop the sender at once if an event fails.
+    let abort = sock.try_clone().map_err(|e| e.to_string())?;
+    let done = Arc::new(AtomicUsize::new(0));
+    let done_w = done.clone();
+    let sender = std::thread::spawn(move || -> Result {
+        let share = data.len().div_ceil(count + 1);
+        let mut sent = 0;
+        for chunk in data.chunks(32 * 1024) {
+            while sent >= (done_w.load(Ordering::Relaxed) + 1) * share {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            sock.write_all(chunk).map_err(|e| {
+                format!("sending (byte {sent}; the stream stalls after {CMD:?}): {e}")
+            })?;
+            sent += chunk.len();
+            if done_w.load(Ordering::Relaxed) < count {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        while done_w.load(Ordering::Relaxed) < count {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sock.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+        // nc closes its side when it has everything.
+        let mut rest = Vec::new();
+        sock.read_to_end(&mut rest)
+            .map_err(|e| format!("the guest's nc did not close the stream: {e}"))?;
+        Ok(())
+    });
+    let mut failure = None;
+    for n in 0..count {
+        if let Err(e) = event(vm, n) {
+            failure = Some(format!("{e}{}", vm.diagnostics()));
+            break;
+        }
+        done.store(n + 1, Ordering::Relaxed);
+    }
+    done.store(count, Ordering::Relaxed);
+    if failure.is_some() {
+        let _ = abort.shutdown(Shutdown::Both);
+    }
+    let sent = sender
+        .join()
+        .map_err(|_| "the sender panicked".to_string())?;
+    if let Some(f) = failure.or_else(|| sent.err()) {
+        // nc may still wait for the stream: Ctrl-C ends it and its command line, so the
+        // shell takes the next command.
+        drop(nc);
+        let _ = vm.send("\x03");
+        let dmesg = vm
+            .run("dmesg | tail -30; cat /sys/class/net/eth0/operstate", CMD)
+            .map_or_else(|e| e, |(out, _)| out);
+        return Err(format!("{f}\nguest kernel log:\n{dmesg}"));
+    }
+    let (out, code) = vm.finish_command(nc, LONG)?;
+    ensure!(code == 0, "sha256sum of what nc received failed: {out}");
+    let got = host::first_sha256(&out).ok_or_else(|| format!("no sha256 in {out:?}"))?;
+    ensure!(
+        got == want,
+        "the guest received sha256 {got}, the host sent {want}"
+    );
+    Ok(())
 }
 
 fn vmlinux() -> Result<std::path::PathBuf> {

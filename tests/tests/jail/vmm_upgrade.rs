@@ -1,14 +1,21 @@
 //! The VMM's live upgrade under skiff-jailer: a new skiff takes the running guest over, again
-//! and again, while the guest does block and network I/O; the device processes go on
-//! untouched; upgrades that cannot work leave the guest on the old VMM.
+//! and again, while the guest does block and network I/O (a dd write loop across some, a TCP
+//! stream of known content across the last few); the device processes go on
+//! untouched; upgrades that cannot work (a missing binary, one that exits at once, one that
+//! reads only state versions from the future) leave the guest on the old VMM.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use api_server::client::{ApiClient, ClientError};
-use api_server::models::{ActionType, BootSource, Drive, MachineConfig, NetworkInterface};
-use tests::{ensure, host, Result, TestDir, TestVm, DEFAULT_BOOT_ARGS};
+use api_server::models::{
+    ActionType, BootSource, Drive, MachineConfig, NetworkInterface, SnapshotCreateParams,
+    VmStateChange,
+};
+use tests::{ensure, host, runner, Result, TestDir, TestVm, DEFAULT_BOOT_ARGS};
 
-use super::super::{last_line, BOOT, CMD, EXIT, MIB};
+use super::super::{last_line, stream_to_guest_across, BOOT, CMD, EXIT, MIB};
 use super::{check_confined, check_filtered, nothing_left, wait_socket, Jail, ParentCgroup};
 
 /// How many upgrades: 20, or `SKIFF_VMM_UPGRADES` (the soak run: 100).
@@ -72,6 +79,195 @@ fn uptime(vm: &mut TestVm) -> Result<f64> {
     last_line(&out)
         .parse()
         .map_err(|e| format!("uptime {out:?}: {e}"))
+}
+
+/// Where a stalled guest's vCPUs are, for the failure report (the nested test host's stalls
+/// leave one vCPU spinning and the other halted; its kernel has no tracing to ask): the VM is
+/// paused, snapshotted to the cell's /run and resumed, and each vCPU's MP state and
+/// instruction pointer are read from the state file (skiff's format: 8-byte magic, u32
+/// version, u32 flags, u64 length, JSON, CRC-64; `regs` is `kvm_regs` as bytes, rip at 128)
+/// and named from the guest kernel's symbols.
+fn where_stalled(api: &mut ApiClient, cell: &Path, kernel: &Path) -> String {
+    let r = (|| -> Result<String> {
+        api.patch_vm(VmStateChange::Paused)
+            .map_err(|e| format!("pause: {e}"))?;
+        let snap = api.create_snapshot(&SnapshotCreateParams {
+            snapshot_path: "/run/stall.state".into(),
+            mem_file_path: "/run/stall.mem".into(),
+            ..Default::default()
+        });
+        let _ = api.patch_vm(VmStateChange::Resumed);
+        snap.map_err(|e| format!("snapshot: {e}"))?;
+        let _ = std::fs::remove_file(cell.join("run/stall.mem"));
+        let bytes = std::fs::read(cell.join("run/stall.state")).map_err(|e| e.to_string())?;
+        let len = bytes
+            .get(16..24)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or("a short state file")?;
+        let json = usize::try_from(len)
+            .ok()
+            .and_then(|l| bytes.get(24..24 + l))
+            .ok_or("a short state file")?;
+        let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        let syms = kernel_symbols(kernel);
+        let mut out = String::from("\nthe stalled guest's vCPUs (from a snapshot):");
+        for c in v["vcpus"].as_array().into_iter().flatten() {
+            let bytes = |k: &str| -> Vec<u8> {
+                c[k].as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u8)
+                    .collect()
+            };
+            let u = |b: &[u8], at: usize, n: usize| -> u64 {
+                b.get(at..at + n).map_or(0, |b| {
+                    b.iter().rev().fold(0, |acc, &x| (acc << 8) | u64::from(x))
+                })
+            };
+            let (regs, mp) = (bytes("regs"), bytes("mp_state"));
+            let rip = u(&regs, 128, 8);
+            let mp_state = match u(&mp, 0, 4) {
+                0 => "runnable".to_string(),
+                3 => "halted".to_string(),
+                n => format!("mp_state {n}"),
+            };
+            out += &format!(
+                "\n  vCPU {}: {mp_state}, rip {rip:#x} {}",
+                c["index"],
+                symbol(&syms, rip)
+            );
+        }
+        Ok(out)
+    })();
+    r.unwrap_or_else(|e| format!("\n(where the guest stalled is unknown: {e})"))
+}
+
+/// The guest kernel's text symbols, by address (`nm -n`); none if nm is missing.
+fn kernel_symbols(kernel: &Path) -> Vec<(u64, String)> {
+    let Ok(out) = std::process::Command::new("nm")
+        .arg("-n")
+        .arg(kernel)
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+            let kind = f.next()?;
+            let name = f.next()?;
+            matches!(kind, "t" | "T").then(|| (addr, name.to_string()))
+        })
+        .collect()
+}
+
+/// `name+0xoff` for `addr`.
+fn symbol(syms: &[(u64, String)], addr: u64) -> String {
+    match syms.partition_point(|(a, _)| *a <= addr) {
+        0 => String::new(),
+        i => format!("{}+{:#x}", syms[i - 1].1, addr - syms[i - 1].0),
+    }
+}
+
+/// `e`, and where the guest's vCPUs are when it is the nested host's stall.
+fn with_stall(e: String, api: &mut ApiClient, cell: &Path, kernel: &Path) -> String {
+    if e.contains(runner::GUEST_SPINS) {
+        let w = where_stalled(api, cell, kernel);
+        format!("{e}{w}")
+    } else {
+        e
+    }
+}
+
+/// Upgrades during the TCP stream.
+const TCP_UPGRADES: usize = 5;
+
+/// The upgrades of one VM, each checked the same way.
+struct Upgrades {
+    cell: PathBuf,
+    sock: PathBuf,
+    cgroup: String,
+    devices: Vec<(String, Option<u32>)>,
+    /// The VMM now.
+    old: u32,
+    pauses: Vec<u64>,
+}
+
+impl Upgrades {
+    /// Upgrade `i` to the same binary: the report, the supervisor following the new VMM,
+    /// the API answering from it with the same device processes, its confinement. Returns a
+    /// client of the new VMM.
+    fn one(&mut self, i: usize, api: &mut ApiClient, vm: &TestVm) -> Result<ApiClient> {
+        let r = api
+            .upgrade_vmm(None)
+            .map_err(|e| format!("upgrade {i}: {e}{}", vm.diagnostics()))?;
+        let old = self.old;
+        ensure!(
+            r.old_pid == old && r.new_pid != old && r.pause_us <= r.total_us,
+            "upgrade {i}: report {r:?} (old skiff {old})"
+        );
+        self.pauses.push(r.pause_us);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while skiff_pid(&self.cell)? != r.new_pid {
+            ensure!(
+                Instant::now() < deadline,
+                "upgrade {i}: skiff.pid still says {} (want {}){}",
+                skiff_pid(&self.cell)?,
+                r.new_pid,
+                vm.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut api = ApiClient::new(&self.sock);
+        let st = api
+            .skiff_vm()
+            .map_err(|e| format!("after upgrade {i}: {e}"))?;
+        ensure!(
+            st.pid == r.new_pid && st.state == "Running",
+            "after upgrade {i}: GET /skiff/vm says {st:?}"
+        );
+        ensure!(
+            device_pids(&mut api)? == self.devices,
+            "upgrade {i} changed the device processes"
+        );
+        check_confined(r.new_pid, "the upgraded skiff", &self.cell, &self.cgroup)?;
+        check_filtered(r.new_pid, "the upgraded skiff")?;
+        self.old = r.new_pid;
+        Ok(api)
+    }
+}
+
+/// [`TCP_UPGRADES`] upgrades while the host streams 16 MiB of known content to the guest's
+/// `nc` (paced so that it flows during each one): the guest receives it whole.
+fn under_tcp(
+    t: &mut Upgrades,
+    first: usize,
+    api: &mut ApiClient,
+    vm: &mut TestVm,
+    dir: &TestDir,
+) -> Result<ApiClient> {
+    let data = host::pseudo_random((16 * MIB) as usize, u64::from(std::process::id()));
+    let file = dir.join("net.bin");
+    std::fs::write(&file, &data).map_err(|e| e.to_string())?;
+    let want = host::sha256_file(&file, 0, None)?;
+    let addr: SocketAddr = "172.31.8.2:5557".parse().map_err(|e| format!("{e}"))?;
+    let mut client: Option<ApiClient> = None;
+    stream_to_guest_across(vm, addr, data, &want, TCP_UPGRADES, |vm, k| {
+        // Let some of this share flow before the pause.
+        std::thread::sleep(Duration::from_millis(300));
+        let c = match &mut client {
+            Some(c) => t.one(first + k, c, vm),
+            None => t.one(first + k, api, vm),
+        }?;
+        client = Some(c);
+        Ok(())
+    })
+    .map_err(|e| format!("the TCP stream across VMM upgrades: {e}"))?;
+    client.ok_or_else(|| "no upgrade ran".into())
 }
 
 pub fn jailed_vmm_upgrades_under_io() -> Result {
@@ -151,6 +347,15 @@ pub fn jailed_vmm_upgrades_under_io() -> Result {
     refused(api.upgrade_vmm(Some("no-such-skiff")), &["no-such-skiff"])?;
     // skiff-blk starts and exits at once (it is not a VMM).
     refused(api.upgrade_vmm(Some("skiff-blk")), &["skiff-blk", "exited"])?;
+    // A build from the future, put into the cell's /bin as an operator would: it reads no
+    // state version this skiff writes.
+    let future = cell.join("bin/future-skiff");
+    std::fs::copy(tests::binary("future-skiff")?, &future)
+        .map_err(|e| format!("{}: {e}", future.display()))?;
+    refused(
+        api.upgrade_vmm(Some("future-skiff")),
+        &["future-skiff", "reads state versions 90 to 99"],
+    )?;
     ensure!(
         skiff_pid(&cell)? == first,
         "a failed upgrade replaced skiff"
@@ -159,61 +364,39 @@ pub fn jailed_vmm_upgrades_under_io() -> Result {
 
     // Upgrades to the same binary, with I/O between them and a write loop during some.
     let n = upgrades();
-    let mut pauses = Vec::new();
     let mut before = uptime(&mut vm)?;
     let mut t_before = Instant::now();
-    let mut old = first;
+    let mut t = Upgrades {
+        cell: cell.clone(),
+        sock: sock.clone(),
+        cgroup,
+        devices,
+        old: first,
+        pauses: Vec::new(),
+    };
     for i in 0..n {
         let busy = (i % 2 == 1)
             .then(|| vm.start_command("for k in $(seq 1 40); do dd if=/dev/zero of=/dev/vdb bs=4k count=64 seek=$((k*64)) conv=fsync 2>/dev/null || echo DD-FAILED; done; echo LOOP-DONE"))
             .transpose()?;
-        let r = api
-            .upgrade_vmm(None)
-            .map_err(|e| format!("upgrade {i}: {e}{}", vm.diagnostics()))?;
-        ensure!(
-            r.old_pid == old && r.new_pid != old && r.pause_us <= r.total_us,
-            "upgrade {i}: report {r:?} (old skiff {old})"
-        );
-        pauses.push(r.pause_us);
-        // The supervisor follows the new skiff; the API socket answers from it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while skiff_pid(&cell)? != r.new_pid {
-            ensure!(
-                Instant::now() < deadline,
-                "upgrade {i}: skiff.pid still says {} (want {}){}",
-                skiff_pid(&cell)?,
-                r.new_pid,
-                vm.diagnostics()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let mut api2 = ApiClient::new(&sock);
-        let st = api2
-            .skiff_vm()
-            .map_err(|e| format!("after upgrade {i}: {e}"))?;
-        ensure!(
-            st.pid == r.new_pid && st.state == "Running",
-            "after upgrade {i}: GET /skiff/vm says {st:?}"
-        );
-        ensure!(
-            device_pids(&mut api2)? == devices,
-            "upgrade {i} changed the device processes"
-        );
-        check_confined(r.new_pid, "the upgraded skiff", &cell, &cgroup)?;
-        check_filtered(r.new_pid, "the upgraded skiff")?;
+        api = t.one(i, &mut api, &vm)?;
         if let Some(p) = busy {
-            let (out, _) = vm
-                .finish_command(p, CMD)
-                .map_err(|e| format!("the write loop during upgrade {i}: {e}"))?;
+            let (out, _) = vm.finish_command(p, CMD).map_err(|e| {
+                with_stall(
+                    format!("the write loop during upgrade {i}: {e}"),
+                    &mut api,
+                    &cell,
+                    &kernel,
+                )
+            })?;
             ensure!(
                 out.contains("LOOP-DONE") && !out.contains("DD-FAILED"),
                 "the write loop during upgrade {i}: {out:?}"
             );
         }
         guest_io(&mut vm, 32 + (i as u32 % 8) * 16)
-            .map_err(|e| format!("after upgrade {i}: {e}"))?;
+            .map_err(|e| with_stall(format!("after upgrade {i}: {e}"), &mut api, &cell, &kernel))?;
         // The guest's clock went on, by no more than the host's.
-        let now = uptime(&mut vm)?;
+        let now = uptime(&mut vm).map_err(|e| with_stall(e, &mut api, &cell, &kernel))?;
         let host_s = t_before.elapsed().as_secs_f64();
         ensure!(
             now > before && now - before <= host_s + 0.5,
@@ -221,14 +404,15 @@ pub fn jailed_vmm_upgrades_under_io() -> Result {
         );
         before = now;
         t_before = Instant::now();
-        old = r.new_pid;
-        api = api2;
     }
+    api = under_tcp(&mut t, n, &mut api, &mut vm, &dir)?;
+    let n = n + TCP_UPGRADES;
     let metrics = api.skiff_metrics().map_err(|e| e.to_string())?;
     ensure!(
         metrics.contains(&format!("skiff_vmm_upgrade_pause_seconds_count {n}")),
         "the pause histogram did not count {n} upgrades:\n{metrics}"
     );
+    let pauses = &mut t.pauses;
     pauses.sort_unstable();
     println!(
         "{n} VMM upgrades in the nested host: pause p50 {} us, max {} us",

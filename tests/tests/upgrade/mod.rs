@@ -1,10 +1,7 @@
 //! Live upgrades of device processes while the guest does I/O: the guest sees nothing but
 //! short pauses, no I/O error, no lost or corrupted data.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use api_server::client::ClientError;
@@ -12,7 +9,7 @@ use api_server::models::{Drive, NetworkInterface, SkiffDevice, UpgradeReport};
 use tests::{ensure, host, Result, TestDir, TestVm};
 
 use super::api::ApiVm;
-use super::{connect_guest_nc, last_line, CMD, EXIT, LONG, MIB};
+use super::{last_line, stream_to_guest_across, CMD, EXIT, LONG, MIB};
 
 /// The dd loop of the block crash test takes 20-40 s in the nested host. Well under the
 /// test's limit, so that a guest that stalls there (twice seen: vCPU 1 running flat out,
@@ -291,103 +288,29 @@ fn net_stream_under(event: NetEvent, count: usize) -> Result {
             std::fs::write(&file, &data).map_err(|e| e.to_string())?;
             host::sha256_file(&file, 0, None)?
         };
-        let port = 5556;
-        // nc in the shell's foreground, so that its end is the command's end.
-        let nc = a.vm.start_command(&format!(
-            "nc -l -p {port} < /dev/null > /tmp/f; sha256sum /tmp/f"
-        ))?;
-        let addr: SocketAddr = format!("172.29.{x}.2:{port}")
+        let addr: SocketAddr = format!("172.29.{x}.2:5556")
             .parse()
             .map_err(|e| format!("{e}"))?;
-        let mut sock = connect_guest_nc(&mut a.vm, addr)?;
-        // A stream stalled this long is a failure; do not wait for LONG.
-        sock.set_write_timeout(Some(CMD))
-            .map_err(|e| e.to_string())?;
-        sock.set_read_timeout(Some(CMD))
-            .map_err(|e| e.to_string())?;
-        // To stop the sender at once if an upgrade fails.
-        let abort = sock.try_clone().map_err(|e| e.to_string())?;
-        // The sender paces itself (32 KiB per 20 ms) while the events go on, never
-        // running more than 1/count of the data ahead of them, so the stream flows
-        // during every one; it ends the stream after the last one.
-        let done = Arc::new(AtomicUsize::new(0));
-        let done_w = done.clone();
-        let sender = std::thread::spawn(move || -> Result<()> {
-            let n = count;
-            let share = data.len().div_ceil(n + 1);
-            let mut sent = 0;
-            for chunk in data.chunks(32 * 1024) {
-                while sent >= (done_w.load(Ordering::Relaxed) + 1) * share {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                sock.write_all(chunk).map_err(|e| {
-                    format!("sending (byte {sent}; the stream stalls after {CMD:?}): {e}")
-                })?;
-                sent += chunk.len();
-                if done_w.load(Ordering::Relaxed) < n {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-            while done_w.load(Ordering::Relaxed) < n {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            sock.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
-            // nc closes its side when it has everything.
-            let mut rest = Vec::new();
-            sock.read_to_end(&mut rest)
-                .map_err(|e| format!("the guest's nc did not close the stream: {e}"))?;
-            Ok(())
-        });
         let mut pid = device_pid(&mut a.api, 1)?;
         let mut pauses = Vec::new();
-        let mut failure = None;
-        for n in 0..count {
-            let step = match event {
-                NetEvent::Upgrade => a
-                    .api
-                    .upgrade_device("eth0", None)
-                    .map_err(|e| format!("upgrade {n}: {e}"))
-                    .and_then(|r| {
-                        check_report(&r, "eth0", pid)?;
-                        pauses.push(r.pause_us);
-                        Ok(r.new_pid)
-                    }),
+        let api = &mut a.api;
+        stream_to_guest_across(&mut a.vm, addr, data, &want, count, |_, n| {
+            pid = match event {
+                NetEvent::Upgrade => {
+                    let r = api
+                        .upgrade_device("eth0", None)
+                        .map_err(|e| format!("upgrade {n}: {e}"))?;
+                    check_report(&r, "eth0", pid)?;
+                    pauses.push(r.pause_us);
+                    r.new_pid
+                }
                 NetEvent::Kill => {
                     std::thread::sleep(Duration::from_millis(200));
-                    kill_and_wait_restart(&mut a.api, 1, pid, n + 1)
+                    kill_and_wait_restart(api, 1, pid, n + 1)?
                 }
             };
-            match step {
-                Ok(new) => pid = new,
-                Err(e) => {
-                    failure = Some(format!("{e}{}", a.vm.diagnostics()));
-                    break;
-                }
-            }
-            done.store(n + 1, Ordering::Relaxed);
-        }
-        done.store(count, Ordering::Relaxed);
-        if failure.is_some() {
-            let _ = abort.shutdown(Shutdown::Both);
-        }
-        let sent = sender
-            .join()
-            .map_err(|_| "the sender panicked".to_string())?;
-        // A failed upgrade, or a stream that stalled: show what the guest's kernel saw.
-        if let Some(f) = failure.or_else(|| sent.as_ref().err().cloned()) {
-            // nc may still wait for the stream: Ctrl-C ends it and its command line, so the
-            // shell takes the next command.
-            drop(nc);
-            let _ = a.vm.send("\x03");
-            let dmesg =
-                a.vm.run("dmesg | tail -30; cat /sys/class/net/eth0/operstate", CMD)
-                    .map_or_else(|e| e, |(out, _)| out);
-            return Err(format!("{f}\nguest kernel log:\n{dmesg}"));
-        }
-        let (out, code) = a.vm.finish_command(nc, LONG)?;
-        ensure!(code == 0, "sha256sum of what nc received failed: {out}");
-        let got = host::first_sha256(&out).ok_or_else(|| format!("no sha256 in {out:?}"))?;
-        ensure!(got == want, "the guest received sha256 {got}, sent {want}");
+            Ok(())
+        })?;
         let out = a.vm.run_ok(
             &format!("ping -c 1 -W 10 172.29.{x}.1 >/dev/null && echo OK"),
             CMD,
