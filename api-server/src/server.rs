@@ -282,6 +282,8 @@ impl ApiServer {
             EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(ServerError::WakeEvent)?;
         let shared = Arc::new(Shared {
             stopping: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            held_seen: AtomicBool::new(false),
             registry: Arc::new(Registry::new(self.limits, accept_wake)),
             limits: self.limits,
         });
@@ -361,8 +363,49 @@ fn remove_stale(path: &Path) -> Result<(), ServerError> {
 #[derive(Debug)]
 struct Shared {
     stopping: AtomicBool,
+    /// New connections wait in the listening socket's backlog (see [`AcceptGate`]).
+    held: AtomicBool,
+    /// The accept thread saw `held` and takes no connection until it is cleared.
+    held_seen: AtomicBool,
     registry: Arc<Registry>,
     limits: Limits,
+}
+
+/// How long [`AcceptGate::hold`] waits for the accept thread to stop accepting.
+const HOLD_WAIT: Duration = Duration::from_millis(200);
+
+/// Stops and restarts the taking of new connections, which meanwhile wait in the listening
+/// socket's backlog. The VMM holds it while another process (the VMM that replaces this
+/// one, which shares the listening socket) takes the VM over, so that no connection
+/// opened during the hand-over lands on the VMM that is leaving.
+#[derive(Clone, Debug)]
+pub struct AcceptGate {
+    shared: Arc<Shared>,
+}
+
+impl AcceptGate {
+    /// No new connection from now on: returns once the accept thread has seen it (within
+    /// [`HOLD_WAIT`]; false if it did not say so in time, or has stopped).
+    pub fn hold(&self) -> bool {
+        let s = &self.shared;
+        s.held_seen.store(false, Ordering::Release);
+        s.held.store(true, Ordering::Release);
+        s.registry.wake();
+        let deadline = Instant::now() + HOLD_WAIT;
+        while !s.held_seen.load(Ordering::Acquire) {
+            if Instant::now() >= deadline || s.stopping.load(Ordering::Acquire) {
+                return false;
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    /// New connections are taken again.
+    pub fn open(&self) {
+        self.shared.held.store(false, Ordering::Release);
+        self.shared.registry.wake();
+    }
 }
 
 /// What every connection's thread needs.
@@ -391,6 +434,13 @@ impl ApiServerHandle {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The gate that holds new connections back.
+    pub fn accept_gate(&self) -> AcceptGate {
+        AcceptGate {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Stops accepting, closes every connection, and removes the socket file, within

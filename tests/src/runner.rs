@@ -260,7 +260,9 @@ fn run_tests(tests: &[&Test]) -> Counts {
         progress.start(t.name, limit);
         let mut result = run_one(t, deadline);
         // Known issue (see tests/tests/guest.rs `boot`): in the nested test host a guest
-        // occasionally triple-faults (skiff reports KVM_EXIT_SHUTDOWN), cause not yet found.
+        // occasionally triple-faults (skiff reports KVM_EXIT_SHUTDOWN). Evidence for the cause
+        // (2026-12-06, README "Current limits"): a stalled guest's vCPU was found running at
+        // the nested host kernel's own post-VMRUN address, host state put into the guest's.
         // There, and only for that signature, a guest test is run once more, loudly; any
         // other failure, and a second triple fault, fail the test.
         // The same holds for a guest that never reached userspace (a stall during boot) in a

@@ -296,7 +296,17 @@ fn start_api(
     let handle = server
         .spawn_with_init(tx, wake_api, metrics.clone(), init)
         .map_err(|e| error_chain(&e))?;
-    Ok((vmm::vmm::ApiLink { rx, wake, metrics }, handle, listener))
+    let gate = handle.accept_gate();
+    Ok((
+        vmm::vmm::ApiLink {
+            rx,
+            wake,
+            metrics,
+            gate,
+        },
+        handle,
+        listener,
+    ))
 }
 
 fn main() -> ExitCode {

@@ -219,6 +219,7 @@ impl Vmm {
     /// here.
     fn roll_back(&mut self, c: &Candidate, running: bool, why: String) -> ApiFault {
         c.kill();
+        self.hold_api_connections(false);
         self.stdin.open = self.stdin_open_before_upgrade;
         if let Err(e) = self.device_irqfds(true) {
             log::error!("after a failed VMM upgrade: {e}");
@@ -319,11 +320,16 @@ impl Vmm {
 
         // The pause. Console input stops being read here: what was read and not yet taken
         // by the UART goes to the new VMM, and what is typed from now on is its to read.
+        // New API connections wait in the socket's backlog from here on: the new VMM,
+        // which accepts on the same socket, serves them once it runs the guest (or this
+        // one does after a roll back), never this one after it has handed the VM over.
         let tp = Instant::now();
+        self.hold_api_connections(true);
         self.stdin_open_before_upgrade = self.stop_console_input();
         if running {
             if let Err(e) = self.pause() {
                 c.kill();
+                self.hold_api_connections(false);
                 return Err(bad(format!("{}; the VM runs on", error_chain(&e))));
             }
         }

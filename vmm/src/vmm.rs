@@ -94,6 +94,8 @@ pub struct ApiLink {
     pub wake: EventFd,
     /// Request counters kept by the API thread.
     pub metrics: Arc<ApiMetrics>,
+    /// Holds new API connections back while a new VMM takes the VM over.
+    pub gate: api_server::server::AcceptGate,
 }
 
 /// A started VM.
@@ -544,6 +546,17 @@ impl Vmm {
             let result = self.handle(call.request);
             // The API thread may have given up on a client that went away.
             let _ = call.reply.send(result);
+        }
+    }
+
+    /// Holds new API connections back in the socket's backlog (`hold`), or takes them
+    /// again.
+    pub(crate) fn hold_api_connections(&self, hold: bool) {
+        let Some(api) = &self.api else { return };
+        if !hold {
+            api.gate.open();
+        } else if !api.gate.hold() {
+            log::warn!("the API thread did not stop taking connections in time");
         }
     }
 

@@ -89,7 +89,11 @@ pub fn accept_loop(listener: UnixListener, ctx: Arc<Context>, handbacks: Receive
         let grace = limits.wait_grace;
         while room.len() > limits.max_waiting && close_oldest_silent(&mut room, grace) {}
         let full = room.len() >= limits.max_waiting;
-        let accepting = !full || oldest_silent(&room, grace).is_some();
+        let held = shared.held.load(Ordering::Acquire);
+        if held {
+            shared.held_seen.store(true, Ordering::Release);
+        }
+        let accepting = !held && (!full || oldest_silent(&room, grace).is_some());
 
         // Wait for the eventfd, a client, or a waiting connection's client.
         let mut fds = vec![pollin(registry.wake_fd().as_raw_fd())];

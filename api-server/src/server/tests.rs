@@ -559,3 +559,32 @@ fn requests_with_the_vmm_are_not_evicted_and_shutdown_is_prompt() {
     }
     assert!(!srv.socket.exists());
 }
+
+#[test]
+fn held_gate_leaves_new_connections_in_the_backlog() {
+    let srv = TestServer::start("gate", short(), vmm);
+    let gate = srv.handle.as_ref().unwrap().accept_gate();
+    // A connection taken before the hold is served as ever.
+    let mut before = srv.connect();
+    assert!(gate.hold(), "the accept thread did not see the hold");
+    before.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert!(response(&mut before).starts_with("HTTP/1.1 200 "));
+    // A new one waits in the backlog, unaccepted and unanswered.
+    let mut held = srv.connect();
+    held.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    held.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let e = held.read(&mut byte).unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    // Opened again, it is taken and answered.
+    gate.open();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(response(&mut held).starts_with("HTTP/1.1 200 "));
+}

@@ -18,12 +18,12 @@ use tests::{ensure, host, runner, Result, TestDir, TestVm, DEFAULT_BOOT_ARGS};
 use super::super::{last_line, stream_to_guest_across, BOOT, CMD, EXIT, MIB};
 use super::{check_confined, check_filtered, nothing_left, wait_socket, Jail, ParentCgroup};
 
-/// How many upgrades: 20, or `SKIFF_VMM_UPGRADES` (the soak run: 100).
-fn upgrades() -> usize {
+/// Upgrades with the dd loop and block checks: `SKIFF_VMM_UPGRADES`, else `default`.
+fn upgrades(default: usize) -> usize {
     std::env::var("SKIFF_VMM_UPGRADES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
+        .unwrap_or(default)
 }
 
 fn skiff_pid(cell: &std::path::Path) -> Result<u32> {
@@ -98,6 +98,7 @@ fn where_stalled(api: &mut ApiClient, cell: &Path, kernel: &Path) -> String {
         });
         let _ = api.patch_vm(VmStateChange::Resumed);
         snap.map_err(|e| format!("snapshot: {e}"))?;
+        let mem = std::fs::read(cell.join("run/stall.mem")).unwrap_or_default();
         let _ = std::fs::remove_file(cell.join("run/stall.mem"));
         let bytes = std::fs::read(cell.join("run/stall.state")).map_err(|e| e.to_string())?;
         let len = bytes
@@ -133,10 +134,21 @@ fn where_stalled(api: &mut ApiClient, cell: &Path, kernel: &Path) -> String {
                 3 => "halted".to_string(),
                 n => format!("mp_state {n}"),
             };
+            // The kernel image is mapped at __START_KERNEL_map + its physical address, and
+            // the memory file is guest RAM in physical order (the MMIO hole is above it).
+            let code = rip
+                .checked_sub(0xffff_ffff_8000_0000)
+                .and_then(|pa| usize::try_from(pa).ok())
+                .and_then(|pa| mem.get(pa..pa + 16))
+                .map_or_else(String::new, |b| {
+                    let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+                    format!(", code at rip: {}", hex.join(" "))
+                });
             out += &format!(
-                "\n  vCPU {}: {mp_state}, rip {rip:#x} {}",
+                "\n  vCPU {}: {mp_state}, rip {rip:#x} {}, rsp {:#x}{code}",
                 c["index"],
-                symbol(&syms, rip)
+                symbol(&syms, rip),
+                u(&regs, 48, 8)
             );
         }
         Ok(out)
@@ -168,8 +180,12 @@ fn kernel_symbols(kernel: &Path) -> Vec<(u64, String)> {
 /// `name+0xoff` for `addr`.
 fn symbol(syms: &[(u64, String)], addr: u64) -> String {
     match syms.partition_point(|(a, _)| *a <= addr) {
-        0 => String::new(),
-        i => format!("{}+{:#x}", syms[i - 1].1, addr - syms[i - 1].0),
+        // Past 64 KiB from the last symbol is no function's code (padding, or not the
+        // kernel's text at all).
+        i if i > 0 && addr - syms[i - 1].0 < 0x10000 => {
+            format!("{}+{:#x}", syms[i - 1].1, addr - syms[i - 1].0)
+        }
+        _ => "(in no function of the kernel's text)".into(),
     }
 }
 
@@ -270,7 +286,17 @@ fn under_tcp(
     client.ok_or_else(|| "no upgrade ran".into())
 }
 
+/// CI: 15 upgrades under block I/O and 5 under the TCP stream.
 pub fn jailed_vmm_upgrades_under_io() -> Result {
+    vmm_upgrades(upgrades(15))
+}
+
+/// The soak run: 100 upgrades under block I/O, then 5 under the TCP stream.
+pub fn vmm_upgrade_100_soak() -> Result {
+    vmm_upgrades(upgrades(100))
+}
+
+fn vmm_upgrades(n: usize) -> Result {
     let dir = TestDir::new("vmm-upgrade")?;
     let parent = ParentCgroup::new("vmmup");
     let base = dir.join("base");
@@ -363,7 +389,6 @@ pub fn jailed_vmm_upgrades_under_io() -> Result {
     guest_io(&mut vm, 16)?;
 
     // Upgrades to the same binary, with I/O between them and a write loop during some.
-    let n = upgrades();
     let mut before = uptime(&mut vm)?;
     let mut t_before = Instant::now();
     let mut t = Upgrades {
