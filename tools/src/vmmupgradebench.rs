@@ -253,7 +253,9 @@ fn load(a: &Args, id: &str, files: &Path, data: &Path, kernel: &Path) -> Result<
             backend_type: MemBackendType::File,
             backend_path: "/images/vm.mem".into(),
         }),
-        resume_vm: true,
+        // Paused: on a kvm_pvm host the loaded guest's vCPUs would stop at once (and skiff
+        // with them); the load's cost is the same.
+        resume_vm: false,
         ..Default::default()
     });
     let took = t.elapsed();
@@ -261,7 +263,7 @@ fn load(a: &Args, id: &str, files: &Path, data: &Path, kernel: &Path) -> Result<
     j.stop()?;
     r.map_err(|e| format!("PUT /snapshot/load: {e}"))?;
     match state {
-        Ok(s) if s == "Running" => Ok(took),
+        Ok(s) if s == "Paused" => Ok(took),
         other => Err(format!("after the load GET /skiff/vm said {other:?}")),
     }
 }

@@ -471,8 +471,13 @@ impl Vmm {
         cfg.extra_args = h.state.extra_args.clone();
         let (built, _) =
             crate::builder::adopt(&cfg, &self.opts, &h, fds).map_err(|e| error_chain(&e))?;
+        let t = Instant::now();
         self.run_built(built, Some(h.state.kvm.clock))
             .map_err(|e| error_chain(&e))?;
+        log::info!(
+            "vCPU threads started and parked in {} us",
+            micros(t.elapsed())
+        );
         self.spec = h.state.config;
         self.extra_args = h.state.extra_args;
         Ok(h.running)

@@ -12,6 +12,7 @@
 
 use std::time::{Duration, Instant};
 
+use api_server::client::ApiClient;
 use api_server::models::{BootSource, Drive, MachineConfig, NetworkInterface};
 use tests::{ensure, host, Result, TestDir};
 
@@ -97,6 +98,10 @@ pub fn hostile_guest_gets_nowhere() -> Result {
     let guest_ip = format!("172.31.{x}.2");
 
     let mut a = ApiVm::start(&dir, &[])?;
+    // Every API call is bounded: one left unanswered fails the phase, with the diagnostics,
+    // instead of using up the test's limit (a CI run on 2026-12-06 hung 600 s after the
+    // i8042 phase with skiff's threads idle; cause not found, the test alone passes).
+    a.api = ApiClient::new(&a.sock).with_timeout(Duration::from_secs(60));
     a.api
         .put_machine_config(&MachineConfig {
             vcpu_count: 1,
