@@ -1,7 +1,6 @@
 //! The VM's lifecycle: InstanceStart (a boot, or a snapshot's state), the vCPU threads,
 //! pause and resume, and the teardown.
 
-use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
@@ -15,7 +14,7 @@ use crate::builder::{build, BuiltVm, Origin};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::vcpu::{install_kick_handler, kick_signal};
 use crate::vmm::{
-    ctl, Lifecycle, RunningVm, Stdin, Vmm, VmmError, PAUSE_TIMEOUT, TOKEN_CONSOLE, TOKEN_EXIT,
+    ctl, Lifecycle, RunningVm, Vmm, VmmError, PAUSE_TIMEOUT, TOKEN_CONSOLE, TOKEN_EXIT,
     TOKEN_PROCESS, TOKEN_RING_ERR, TOKEN_STDIN,
 };
 
@@ -83,19 +82,8 @@ impl Vmm {
             }
         });
         if let Err(e) = launched {
-            if self.stdin.watched {
-                let _ = ctl(
-                    &self.epoll,
-                    ControlOperation::Delete,
-                    libc::STDIN_FILENO,
-                    TOKEN_STDIN,
-                );
-            }
-            self.stdin = Stdin {
-                open: false,
-                watched: false,
-                pending: VecDeque::new(),
-            };
+            self.stop_console_input();
+            self.stdin.pending.clear();
             teardown(vm);
             return Err(e);
         }

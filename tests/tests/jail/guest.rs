@@ -5,12 +5,11 @@ use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use api_server::client::ApiClient;
-use api_server::models::{
-    ActionType, BootSource, Drive, MachineConfig, NetworkInterface, VmUpgrade,
-};
-use tests::{ensure, host, Result, TestDir, TestVm, DEFAULT_BOOT_ARGS};
+use api_server::models::VmUpgrade;
+use tests::{ensure, host, Result, TestDir, TestVm};
 
-use super::super::{BOOT, CMD, EXIT, MIB};
+use super::super::{EXIT, MIB};
+use super::booted::{boot_guest, guest_io, skiff_pid};
 use super::{
     check_confined, check_device_cell, check_filtered, controller_file, nothing_left,
     some_controller, wait_socket, Jail, ParentCgroup,
@@ -29,23 +28,6 @@ fn devices(api: &mut ApiClient) -> Result<Vec<(String, u32)>> {
             ))
         })
         .collect()
-}
-
-/// The guest writes a pattern to the data drive and reads it back; pings the host's TAP end.
-fn guest_io(vm: &mut TestVm, round: u32) -> Result {
-    let out = vm.run_ok(
-        &format!(
-            "dd if=/dev/urandom of=/tmp/p bs=64k count=16 2>/dev/null && dd if=/tmp/p of=/dev/vdb bs=64k seek={round} count=16 conv=fsync 2>/dev/null && \
-             a=$(sha256sum < /tmp/p) && b=$(dd if=/dev/vdb bs=64k skip={round} count=16 2>/dev/null | sha256sum) && [ \"$a\" = \"$b\" ] && echo BLK-OK; \
-             ping -c 2 -W 5 172.31.7.1 >/dev/null && echo PING-OK"
-        ),
-        CMD,
-    )?;
-    ensure!(
-        out.contains("BLK-OK") && out.contains("PING-OK"),
-        "round {round}: the guest said {out:?}"
-    );
-    Ok(())
 }
 
 fn confined_all(
@@ -116,51 +98,12 @@ pub fn jailed_guest_boots_upgrades_and_recovers() -> Result {
     let cell = base.join("skiff").join(id).join("root");
     let mut api = wait_socket(&cell.join("run/api.sock"), "jailed skiff")
         .map_err(|e| format!("{e}{}", vm.diagnostics()))?;
-    let skiff: u32 = std::fs::read_to_string(cell.join("skiff.pid"))
-        .map_err(|e| e.to_string())?
-        .trim()
-        .parse()
-        .map_err(|e| format!("skiff.pid: {e}"))?;
-    api.put_machine_config(&MachineConfig {
-        vcpu_count: 1,
-        mem_size_mib: 256,
-        ..Default::default()
-    })
-    .map_err(|e| format!("PUT /machine-config: {e}"))?;
-    api.put_boot_source(&BootSource {
-        kernel_image_path: "/images/vmlinux".into(),
-        boot_args: Some(format!(
-            "{DEFAULT_BOOT_ARGS} ip=172.31.7.2::172.31.7.1:255.255.255.0::eth0:off"
-        )),
-        initrd_path: None,
-    })
-    .map_err(|e| format!("PUT /boot-source: {e}"))?;
-    for (drive, path, root) in [
-        ("rootfs", "/images/rootfs.ext4", true),
-        ("data", "/images/data.img", false),
-    ] {
-        api.put_drive(&Drive {
-            drive_id: drive.into(),
-            path_on_host: Some(path.into()),
-            is_root_device: root,
-            is_read_only: Some(false),
-            ..Default::default()
-        })
-        .map_err(|e| format!("PUT /drives/{drive}: {e}"))?;
-    }
-    api.put_network_interface(&NetworkInterface {
-        iface_id: "eth0".into(),
-        host_dev_name: tap.name.clone(),
-        ..Default::default()
-    })
-    .map_err(|e| format!("PUT /network-interfaces/eth0: {e}"))?;
-    api.action(ActionType::InstanceStart)
-        .map_err(|e| format!("InstanceStart: {e}{}", vm.diagnostics()))?;
-    vm.wait_ready(BOOT)?;
+    let skiff = skiff_pid(&cell)?;
+    boot_guest(&mut api, &mut vm, 1, 7, &tap.name)?;
     let cgroup = format!("{}/{id}", parent.0);
     let first = confined_all(&mut api, skiff, &cell, &cgroup)?;
     ensure!(first.len() == 3, "want 3 device processes, got {first:?}");
-    guest_io(&mut vm, 0)?;
+    guest_io(&mut vm, 7, 0, 2)?;
 
     // Upgrade binaries only from the cell's /bin: anything else is a 400 naming it, and the
     // device keeps its process.
@@ -193,7 +136,7 @@ pub fn jailed_guest_boots_upgrades_and_recovers() -> Result {
             "device '{id}' kept pid {old} through its upgrade"
         );
     }
-    guest_io(&mut vm, 16)?;
+    guest_io(&mut vm, 7, 16, 2)?;
 
     // A crash of each: restarted in the cell.
     for (i, (id, pid)) in upgraded.iter().enumerate() {
@@ -213,7 +156,7 @@ pub fn jailed_guest_boots_upgrades_and_recovers() -> Result {
         }
     }
     confined_all(&mut api, skiff, &cell, &cgroup)?;
-    guest_io(&mut vm, 32)?;
+    guest_io(&mut vm, 7, 32, 2)?;
 
     // The VM's cgroup holds exactly skiff and its device processes (old ones that were
     // replaced or killed may take a moment to be reaped), besides the kernel threads KVM

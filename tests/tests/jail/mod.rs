@@ -13,6 +13,7 @@ use api_server::client::{ApiClient, ClientError};
 use api_server::models::BootSource;
 use tests::{ensure, Result, TestDir};
 
+mod booted;
 mod guest;
 mod launcher;
 mod vmm_upgrade;

@@ -9,13 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use api_server::client::{ApiClient, ClientError};
-use api_server::models::{
-    ActionType, BootSource, Drive, MachineConfig, NetworkInterface, SnapshotCreateParams,
-    VmStateChange,
-};
-use tests::{ensure, host, runner, Result, TestDir, TestVm, DEFAULT_BOOT_ARGS};
+use api_server::models::{SnapshotCreateParams, VmStateChange};
+use tests::{ensure, host, runner, Result, TestDir, TestVm};
 
-use super::super::{last_line, stream_to_guest_across, BOOT, CMD, EXIT, MIB};
+use super::super::{last_line, stream_to_guest_across, CMD, EXIT, MIB};
+use super::booted::{boot_guest, guest_io, skiff_pid};
 use super::{check_confined, check_filtered, nothing_left, wait_socket, Jail, ParentCgroup};
 
 /// Upgrades with the dd loop and block checks: `SKIFF_VMM_UPGRADES`, else `default`.
@@ -24,14 +22,6 @@ fn upgrades(default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn skiff_pid(cell: &std::path::Path) -> Result<u32> {
-    std::fs::read_to_string(cell.join("skiff.pid"))
-        .map_err(|e| e.to_string())?
-        .trim()
-        .parse()
-        .map_err(|e| format!("skiff.pid: {e}"))
 }
 
 fn device_pids(api: &mut ApiClient) -> Result<Vec<(String, Option<u32>)>> {
@@ -56,22 +46,6 @@ fn refused(r: std::result::Result<impl std::fmt::Debug, ClientError>, words: &[&
         }
         other => Err(format!("want a 400 naming {words:?}, got {other:?}")),
     }
-}
-
-fn guest_io(vm: &mut TestVm, round: u32) -> Result {
-    let out = vm.run_ok(
-        &format!(
-            "dd if=/dev/urandom of=/tmp/p bs=64k count=16 2>/dev/null && dd if=/tmp/p of=/dev/vdb bs=64k seek={round} count=16 conv=fsync 2>/dev/null && \
-             a=$(sha256sum < /tmp/p) && b=$(dd if=/dev/vdb bs=64k skip={round} count=16 2>/dev/null | sha256sum) && [ \"$a\" = \"$b\" ] && echo BLK-OK; \
-             ping -c 1 -W 5 172.31.8.1 >/dev/null && echo PING-OK"
-        ),
-        CMD,
-    )?;
-    ensure!(
-        out.contains("BLK-OK") && out.contains("PING-OK"),
-        "round {round}: the guest said {out:?}"
-    );
-    Ok(())
 }
 
 fn uptime(vm: &mut TestVm) -> Result<f64> {
@@ -330,43 +304,8 @@ fn vmm_upgrades(n: usize, tcp: bool) -> Result {
     vm.watch_vmm_pid_file(&cell.join("skiff.pid"));
     let mut api =
         wait_socket(&sock, "jailed skiff").map_err(|e| format!("{e}{}", vm.diagnostics()))?;
-    api.put_machine_config(&MachineConfig {
-        vcpu_count: 2,
-        mem_size_mib: 256,
-        ..Default::default()
-    })
-    .map_err(|e| format!("PUT /machine-config: {e}"))?;
-    api.put_boot_source(&BootSource {
-        kernel_image_path: "/images/vmlinux".into(),
-        boot_args: Some(format!(
-            "{DEFAULT_BOOT_ARGS} ip=172.31.8.2::172.31.8.1:255.255.255.0::eth0:off"
-        )),
-        initrd_path: None,
-    })
-    .map_err(|e| format!("PUT /boot-source: {e}"))?;
-    for (drive, path, root) in [
-        ("rootfs", "/images/rootfs.ext4", true),
-        ("data", "/images/data.img", false),
-    ] {
-        api.put_drive(&Drive {
-            drive_id: drive.into(),
-            path_on_host: Some(path.into()),
-            is_root_device: root,
-            is_read_only: Some(false),
-            ..Default::default()
-        })
-        .map_err(|e| format!("PUT /drives/{drive}: {e}"))?;
-    }
-    api.put_network_interface(&NetworkInterface {
-        iface_id: "eth0".into(),
-        host_dev_name: tap.name.clone(),
-        ..Default::default()
-    })
-    .map_err(|e| format!("PUT /network-interfaces/eth0: {e}"))?;
-    api.action(ActionType::InstanceStart)
-        .map_err(|e| format!("InstanceStart: {e}{}", vm.diagnostics()))?;
-    vm.wait_ready(BOOT)?;
-    guest_io(&mut vm, 0)?;
+    boot_guest(&mut api, &mut vm, 2, 8, &tap.name)?;
+    guest_io(&mut vm, 8, 0, 1)?;
     let devices = device_pids(&mut api)?;
     let cgroup = format!("{}/{id}", parent.0);
 
@@ -388,7 +327,7 @@ fn vmm_upgrades(n: usize, tcp: bool) -> Result {
         skiff_pid(&cell)? == first,
         "a failed upgrade replaced skiff"
     );
-    guest_io(&mut vm, 16)?;
+    guest_io(&mut vm, 8, 16, 1)?;
 
     // Upgrades to the same binary, with I/O between them and a write loop during some.
     let mut before = uptime(&mut vm)?;
@@ -420,7 +359,7 @@ fn vmm_upgrades(n: usize, tcp: bool) -> Result {
                 "the write loop during upgrade {i}: {out:?}"
             );
         }
-        guest_io(&mut vm, 32 + (i as u32 % 8) * 16)
+        guest_io(&mut vm, 8, 32 + (i as u32 % 8) * 16, 1)
             .map_err(|e| with_stall(format!("after upgrade {i}: {e}"), &mut api, &cell, &kernel))?;
         // The guest's clock went on, by no more than the host's.
         let now = uptime(&mut vm).map_err(|e| with_stall(e, &mut api, &cell, &kernel))?;
