@@ -40,7 +40,7 @@ use crate::vcpu::{Vcpu, VcpuGate};
 
 mod adopt;
 mod spawn;
-pub use adopt::adopt;
+pub use adopt::{adopt, prepare, Prepared};
 pub(crate) use spawn::BACKEND_TIMEOUT;
 pub use spawn::{blk_args, negotiate, net_args, spawn_connected, DeviceSeccomp};
 

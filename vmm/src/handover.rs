@@ -4,17 +4,22 @@
 //!
 //! The conversation, each line `\n`-terminated ASCII:
 //!
-//! 1. new → old: `SKIFF-HANDOVER MIN MAX`, the state versions the new binary reads. The old
-//!    VMM checks that it writes one of them before it pauses anything.
-//! 2. old → new: the hand-over: 8 bytes of length (little-endian), the [`Handover`] as
-//!    JSON, then its fds in the order [`Handover::fd_count`] counts them, up to
-//!    [`FDS_PER_MESSAGE`] per one-byte message.
-//! 3. new → old: `READY` (the VM is rebuilt, its vCPUs parked) or `ERROR why`.
-//! 4. old → new: `GO US`, once skiff-jailer's supervisor follows the new process, with the
+//! 1. new → old: `SKIFF-HANDOVER MIN MAX [FEATURE...]`, the state versions the new binary
+//!    reads and what it can do beyond this list ([`Hello`]; unknown features are ignored).
+//!    The old VMM checks that it writes one of those versions before it pauses anything.
+//! 2. With the feature `prepare` ([`FEATURE_PREPARE`]), while the guest still runs:
+//!    old → new `PREPARE BYTES` and the guest RAM memfd in one fd message; the new VMM
+//!    maps it and creates its KVM VM, then new → old `PREPARED` or `ERROR why`. The
+//!    hand-over (3) carries the memfd again: the new VMM checks it is the same file.
+//! 3. old → new (the pause has begun): the hand-over: 8 bytes of length (little-endian),
+//!    the [`Handover`] as JSON, then its fds in the order [`Handover::fd_count`] counts
+//!    them, up to [`FDS_PER_MESSAGE`] per one-byte message.
+//! 4. new → old: `READY` (the VM is rebuilt, its vCPUs parked) or `ERROR why`.
+//! 5. old → new: `GO US`, once skiff-jailer's supervisor follows the new process, with the
 //!    microseconds since the old VMM stopped its vCPUs; a hang-up before `GO` means abort
 //!    (the old VMM resumes the guest) and one after `READY` with the old VMM gone means go
 //!    on.
-//! 5. new → old: `RUNNING US`, the whole pause: vCPUs stopped there → running here.
+//! 6. new → old: `RUNNING US`, the whole pause: vCPUs stopped there → running here.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
@@ -132,6 +137,84 @@ impl Handover {
     }
 }
 
+/// The hello's feature: the new VMM builds its KVM VM before the pause (step 1a).
+pub const FEATURE_PREPARE: &str = "prepare";
+/// Features a hello may list.
+const MAX_FEATURES: usize = 16;
+
+/// The new VMM's first line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Oldest state version it reads.
+    pub min: u32,
+    /// Newest state version it reads.
+    pub max: u32,
+    /// What it can do beyond the base protocol.
+    pub features: Vec<String>,
+}
+
+impl Hello {
+    /// `SKIFF-HANDOVER MIN MAX [FEATURE...]`, or None if `line` is not a hello.
+    pub fn parse(line: &str) -> Option<Hello> {
+        let mut words = line.strip_prefix("SKIFF-HANDOVER ")?.split(' ');
+        let min = words.next()?.parse().ok()?;
+        let max = words.next()?.parse().ok()?;
+        let features: Vec<String> = words.map(str::to_string).collect();
+        if features.len() > MAX_FEATURES || features.iter().any(String::is_empty) {
+            return None;
+        }
+        Some(Hello { min, max, features })
+    }
+
+    /// The line for this hello.
+    pub fn line(&self) -> String {
+        let mut l = format!("SKIFF-HANDOVER {} {}", self.min, self.max);
+        for f in &self.features {
+            l.push(' ');
+            l.push_str(f);
+        }
+        l
+    }
+
+    /// It lists `feature`.
+    pub fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
+}
+
+/// Step 1a, old side: `PREPARE BYTES` and the guest RAM memfd.
+pub fn send_prepare(s: &UnixStream, mem_bytes: u64, memfd: RawFd) -> Result<(), HandoverError> {
+    send_line(s, &format!("PREPARE {mem_bytes}"))?;
+    let n = sandbox::fdpass::send(s.as_fd(), b"F", &[memfd], 0).map_err(io)?;
+    if n != 1 {
+        return Err(HandoverError::Malformed(
+            "an fd message was cut short".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Step 1a, new side: the guest RAM's size and memfd.
+pub fn recv_prepare(s: &UnixStream, timeout: Duration) -> Result<(u64, OwnedFd), HandoverError> {
+    let line = read_line(s, timeout)?;
+    let bytes = line
+        .strip_prefix("PREPARE ")
+        .and_then(|b| b.parse::<u64>().ok())
+        .ok_or_else(|| HandoverError::Malformed(format!("{line:?}, not PREPARE BYTES")))?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    let (data, mut got, truncated) = sandbox::fdpass::recv(s.as_fd(), 1, 1).map_err(io)?;
+    if data.is_empty() {
+        return Err(HandoverError::Closed);
+    }
+    if truncated || data != b"F" || got.len() != 1 {
+        return Err(HandoverError::Malformed("the PREPARE fd message".into()));
+    }
+    let fd = got
+        .pop()
+        .ok_or_else(|| HandoverError::Malformed("no memfd".into()))?;
+    Ok((bytes, fd))
+}
+
 fn io(e: std::io::Error) -> HandoverError {
     match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => HandoverError::Timeout(0),
@@ -240,4 +323,60 @@ pub fn recv(s: &UnixStream, timeout: Duration) -> Result<(Handover, Vec<OwnedFd>
         )));
     }
     Ok((h, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn hello_lists_versions_and_features() {
+        let h = Hello::parse("SKIFF-HANDOVER 1 3 prepare later").unwrap();
+        assert_eq!((h.min, h.max), (1, 3));
+        assert!(h.has(FEATURE_PREPARE) && h.has("later") && !h.has("other"));
+        assert_eq!(Hello::parse(&h.line()), Some(h));
+        // A hello of a binary from before features were listed.
+        let old = Hello::parse("SKIFF-HANDOVER 90 99").unwrap();
+        assert!(old.features.is_empty() && !old.has(FEATURE_PREPARE));
+        for bad in [
+            "SKIFF-HANDOVER 1",
+            "SKIFF-HANDOVER x 1",
+            "SKIFF-HANDOVER 1 1  prepare",
+            "HELLO 1 1",
+            &format!("SKIFF-HANDOVER 1 1{}", " f".repeat(17)),
+        ] {
+            assert_eq!(Hello::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn prepare_carries_the_size_and_the_memfd() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = tempfile_in_memory();
+        send_prepare(&a, 1 << 20, f.as_raw_fd()).unwrap();
+        let (bytes, fd) = recv_prepare(&b, Duration::from_secs(5)).unwrap();
+        assert_eq!(bytes, 1 << 20);
+        let got = std::fs::File::from(fd).metadata().unwrap();
+        let want = f.metadata().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((got.dev(), got.ino()), (want.dev(), want.ino()));
+        // Anything else in its place is refused, naming what came.
+        send_line(&a, "READY").unwrap();
+        let e = recv_prepare(&b, Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("READY"), "{e}");
+        drop(a);
+        assert!(matches!(
+            recv_prepare(&b, Duration::from_secs(5)),
+            Err(HandoverError::Closed)
+        ));
+    }
+
+    fn tempfile_in_memory() -> std::fs::File {
+        // SAFETY: memfd_create with a NUL-terminated name; the fd returned is ours.
+        let fd = unsafe { libc::memfd_create(c"handover-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd was just created and is owned by nothing else.
+        unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    }
 }

@@ -214,17 +214,17 @@ fn config_from_run(a: RunArgs, console: ConsoleConfig) -> Result<VmConfig, Strin
     })
 }
 
-/// Says hello on the hand-over socket at `fd` and reads the hand-over.
-fn receive_handover(
-    fd: i32,
-) -> Result<
-    (
-        std::os::unix::net::UnixStream,
-        vmm::handover::Handover,
-        Vec<std::os::fd::OwnedFd>,
-    ),
-    String,
-> {
+/// What the VMM being replaced handed this one.
+struct Received {
+    stream: std::os::unix::net::UnixStream,
+    handover: vmm::handover::Handover,
+    fds: Vec<std::os::fd::OwnedFd>,
+    prepared: vmm::builder::Prepared,
+}
+
+/// Says hello on the hand-over socket at `fd`, prepares the KVM VM over the guest RAM
+/// while the old VMM still runs the guest, and reads the hand-over.
+fn receive_handover(fd: i32) -> Result<Received, String> {
     use std::os::fd::FromRawFd;
     // SAFETY: F_GETFD on a number; no memory is passed.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -235,10 +235,27 @@ fn receive_handover(
     // SAFETY: fcntl on an fd we own.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     let stream = std::os::unix::net::UnixStream::from(owned);
+    let timeout = std::time::Duration::from_secs(60);
     vmm::handover::send_line(&stream, &vmm::upgrade::hello()).map_err(|e| error_chain(&e))?;
-    let (h, fds) = vmm::handover::recv(&stream, std::time::Duration::from_secs(60))
-        .map_err(|e| error_chain(&e))?;
-    Ok((stream, h, fds))
+    // The hello lists FEATURE_PREPARE: the old VMM sends the guest RAM first.
+    let (bytes, memfd) =
+        vmm::handover::recv_prepare(&stream, timeout).map_err(|e| error_chain(&e))?;
+    let prepared = match vmm::builder::prepare(std::fs::File::from(memfd), bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            let why = error_chain(&e);
+            let _ = vmm::handover::send_line(&stream, &format!("ERROR {}", why.replace('\n', " ")));
+            return Err(why);
+        }
+    };
+    vmm::handover::send_line(&stream, "PREPARED").map_err(|e| error_chain(&e))?;
+    let (handover, fds) = vmm::handover::recv(&stream, timeout).map_err(|e| error_chain(&e))?;
+    Ok(Received {
+        stream,
+        handover,
+        fds,
+        prepared,
+    })
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -376,10 +393,10 @@ fn main() -> ExitCode {
         None => None,
     };
     let mut handover = handover;
-    let inherited = handover.as_mut().and_then(|(_, h, fds)| {
-        if h.api_listener {
-            h.api_listener = false;
-            fds.pop()
+    let inherited = handover.as_mut().and_then(|r| {
+        if r.handover.api_listener {
+            r.handover.api_listener = false;
+            r.fds.pop()
         } else {
             None
         }
@@ -411,8 +428,8 @@ fn main() -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(&error_chain(&e)),
     };
-    if let Some((stream, h, fds)) = handover {
-        if let Err(e) = vmm.take_over(&stream, h, fds) {
+    if let Some(r) = handover {
+        if let Err(e) = vmm.take_over(&r.stream, r.handover, r.fds, r.prepared) {
             eprintln!("skiff: error: live upgrade: cannot take the VM over: {e}");
             // Nothing of the VM's may be stopped or closed in order here: the old VMM
             // resumes it.

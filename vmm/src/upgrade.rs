@@ -6,7 +6,8 @@
 //! and the supervisor is the process the operator watches, so it follows the new VMM. A
 //! plain skiff, without the jailer, answers 400.
 //!
-//! Old side, in order: start the new VMM and wait for its hello (the guest runs on); pause
+//! Old side, in order: start the new VMM and wait for its hello; have it map the guest RAM
+//! and create its KVM VM (the guest runs on meanwhile: that is most of the rebuild); pause
 //! the vCPUs; detach the devices' interrupt eventfds from this KVM VM (an interrupt a
 //! device raises from now on stays pending in its eventfd, and the new VM's irqfd delivers
 //! it as soon as it is attached); save the state; send it with the fds ([`crate::handover`]);
@@ -26,7 +27,7 @@ use sandbox::launch::LauncherClient;
 
 use crate::error_chain;
 use crate::exit::ExitReason;
-use crate::handover::{self, DeviceHandover, Handover, HandoverError};
+use crate::handover::{self, DeviceHandover, Handover, HandoverError, Hello, FEATURE_PREPARE};
 use crate::layout::VIRTIO_IRQ_BASE;
 use crate::state::file::{MIN_VERSION, VERSION};
 use crate::vmm::{Lifecycle, Vmm};
@@ -55,9 +56,15 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The hello line: the state versions this binary reads.
+/// The hello line: the state versions this binary reads, and that it prepares its KVM VM
+/// before the pause.
 pub fn hello() -> String {
-    format!("SKIFF-HANDOVER {MIN_VERSION} {VERSION}")
+    Hello {
+        min: MIN_VERSION,
+        max: VERSION,
+        features: vec![FEATURE_PREPARE.to_string()],
+    }
+    .line()
 }
 
 /// The new VMM, until it takes over.
@@ -215,6 +222,28 @@ impl Vmm {
         ))
     }
 
+    /// Step 1a of the hand-over: the new VMM maps the guest RAM and creates its KVM VM.
+    fn prepare_candidate(&self, ours: &UnixStream, c: &Candidate) -> Result<(), String> {
+        let Some(vm) = &self.vm else {
+            return Err("no VM".into());
+        };
+        let memfd = &vm.built.ram.memfd;
+        let bytes = memfd
+            .metadata()
+            .map_err(|e| format!("the guest RAM memfd: {e}"))?
+            .len();
+        let answer = handover::send_prepare(ours, bytes, memfd.as_raw_fd())
+            .and_then(|()| handover::read_line(ours, HELLO_TIMEOUT));
+        match answer {
+            Ok(l) if l == "PREPARED" => Ok(()),
+            Ok(l) => Err(match l.strip_prefix("ERROR ") {
+                Some(w) => format!("the new VMM ({}) cannot prepare a VM: {w}", c.binary),
+                None => format!("the new VMM ({}) said {l:?}, not PREPARED", c.binary),
+            }),
+            Err(e) => Err(c.ended(&e)),
+        }
+    }
+
     /// Gives up a hand-over before the commit: the new VMM is stopped and the guest runs on
     /// here.
     fn roll_back(&mut self, c: &Candidate, running: bool, why: String) -> ApiFault {
@@ -294,18 +323,14 @@ impl Vmm {
                 return Err(bad(format!("{why}; the VM runs on")));
             }
         };
-        let readable = hello
-            .strip_prefix("SKIFF-HANDOVER ")
-            .and_then(|v| v.split_once(' '))
-            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)));
-        match readable {
-            Some((min, max)) if (min..=max).contains(&VERSION) => {}
-            Some((min, max)) => {
+        let hello = match Hello::parse(&hello) {
+            Some(h) if (h.min..=h.max).contains(&VERSION) => h,
+            Some(h) => {
                 c.kill();
                 return Err(bad(format!(
-                    "the new VMM ({}) reads state versions {min} to {max}; this one writes \
+                    "the new VMM ({}) reads state versions {} to {}; this one writes \
                      version {VERSION}; the VM runs on",
-                    c.binary
+                    c.binary, h.min, h.max
                 )));
             }
             None => {
@@ -315,8 +340,17 @@ impl Vmm {
                     c.binary
                 )));
             }
-        }
+        };
         let start_us = micros(t0.elapsed());
+        // The new VMM builds its KVM VM over the guest RAM while the guest runs on here.
+        let tprep = Instant::now();
+        if hello.has(FEATURE_PREPARE) {
+            if let Err(why) = self.prepare_candidate(&ours, &c) {
+                c.kill();
+                return Err(bad(format!("{why}; the VM runs on")));
+            }
+        }
+        let prepare_us = micros(tprep.elapsed());
 
         // The pause. Console input stops being read here: what was read and not yet taken
         // by the UART goes to the new VMM, and what is typed from now on is its to read.
@@ -395,6 +429,7 @@ impl Vmm {
             new_binary: c.binary.clone(),
             pause_us,
             start_us,
+            prepare_us,
             save_us,
             restore_us,
             resume_us,
@@ -402,7 +437,7 @@ impl Vmm {
         };
         log::info!(
             "VMM upgraded: pid {} -> {pid} ({}), pause {pause_us} us (save {save_us}, restore \
-             {restore_us}, resume {resume_us}), start {start_us} us",
+             {restore_us}, resume {resume_us}), start {start_us} us, prepare {prepare_us} us",
             report.old_pid,
             report.new_binary
         );
@@ -417,8 +452,9 @@ impl Vmm {
         stream: &UnixStream,
         h: Handover,
         fds: Vec<OwnedFd>,
+        prepared: crate::builder::Prepared,
     ) -> Result<(), String> {
-        let r = self.rebuild(h, fds);
+        let r = self.rebuild(h, fds, prepared);
         let running = match r {
             Ok(running) => running,
             Err(why) => {
@@ -451,7 +487,12 @@ impl Vmm {
         Ok(())
     }
 
-    fn rebuild(&mut self, h: Handover, fds: Vec<OwnedFd>) -> Result<bool, String> {
+    fn rebuild(
+        &mut self,
+        h: Handover,
+        fds: Vec<OwnedFd>,
+        prepared: crate::builder::Prepared,
+    ) -> Result<bool, String> {
         self.vm_metrics.import(&h.counters);
         self.stdin.pending.extend(&h.console_pending);
         if !(MIN_VERSION..=VERSION).contains(&h.version) {
@@ -469,8 +510,8 @@ impl Vmm {
         let mut cfg = crate::config::VmConfig::from_model(&h.state.config);
         cfg.console = self.console.clone();
         cfg.extra_args = h.state.extra_args.clone();
-        let (built, _) =
-            crate::builder::adopt(&cfg, &self.opts, &h, fds).map_err(|e| error_chain(&e))?;
+        let (built, _) = crate::builder::adopt(&cfg, &self.opts, &h, fds, prepared)
+            .map_err(|e| error_chain(&e))?;
         let t = Instant::now();
         self.run_built(built, Some(h.state.kvm.clock))
             .map_err(|e| error_chain(&e))?;

@@ -24,6 +24,9 @@ pub struct VmmUpgradeReport {
     pub pause_us: u64,
     /// Starting the new VMM until it answered (before the pause).
     pub start_us: u64,
+    /// The new VMM mapping the guest RAM and creating its KVM VM (before the pause).
+    #[serde(default)]
+    pub prepare_us: u64,
     /// Saving the VM's state (in the pause).
     pub save_us: u64,
     /// Sending the state and the fds, rebuilding the VM in the new VMM (in the pause).

@@ -54,7 +54,7 @@ fn check_report(r: &UpgradeReport, id: &str, previous_pid: u32) -> Result {
 
 /// fio for `secs` seconds on `target`: random 4 KiB writes, direct I/O, queue depth 32,
 /// verified as it goes (verify_backlog) and at the end.
-fn fio_cmd(target: &str, secs: u64) -> String {
+pub(crate) fn fio_cmd(target: &str, secs: u64) -> String {
     format!(
         "fio --name=v --filename={target} --rw=randwrite --bs=4k --iodepth=32 \
          --ioengine=libaio --direct=1 --size=16m --verify=crc32c --verify_fatal=1 \
@@ -64,7 +64,7 @@ fn fio_cmd(target: &str, secs: u64) -> String {
 
 /// Checks [`fio_cmd`]'s output and the guest's log: fio exited 0 with `err= 0`, the guest
 /// logged no I/O error; `what` says what happened meanwhile.
-fn check_fio(vm: &mut TestVm, out: &str, what: &str) -> Result {
+pub(crate) fn check_fio(vm: &mut TestVm, out: &str, what: &str) -> Result {
     ensure!(
         out.contains("FIO-EXIT 0") && out.contains("err= 0"),
         "fio failed {what}:\n{out}"
