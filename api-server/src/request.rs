@@ -2,14 +2,17 @@
 //! with an [`ApiReply`] or an [`ApiFault`]. The VMM's event loop is the only place that
 //! acts on requests; the HTTP thread only parses and routes.
 
+use serde::{Deserialize, Serialize};
+
 use crate::models::{
     BootSource, DeviceUpgrade, Drive, InstanceActionInfo, Logger, MachineConfig,
     MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
     SnapshotCreateParams, SnapshotLoadParams, Vm, VmUpgrade, VmmUpgrade,
 };
 
-/// A parsed, routed request.
-#[derive(Clone, Debug, PartialEq)]
+/// A parsed, routed request. It serializes so that a VMM that handed its VM over can pass
+/// a request it still holds to the VMM that took over.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ApiRequest {
     /// `GET /`
     GetInstanceInfo,
@@ -60,7 +63,7 @@ pub enum ApiRequest {
 }
 
 /// A successful answer.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ApiReply {
     /// 204, no body.
     NoContent,
@@ -71,7 +74,7 @@ pub enum ApiReply {
 }
 
 /// A failed request: status and the `fault_message` of the body.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{status}: {message}")]
 pub struct ApiFault {
     /// HTTP status (4xx for the client's fault, 500 for skiff's).

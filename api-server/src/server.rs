@@ -284,6 +284,8 @@ impl ApiServer {
             stopping: AtomicBool::new(false),
             held: AtomicBool::new(false),
             held_seen: AtomicBool::new(false),
+            outbox: std::sync::Mutex::new(None),
+            leave_rounds: std::sync::atomic::AtomicU64::new(0),
             registry: Arc::new(Registry::new(self.limits, accept_wake)),
             limits: self.limits,
         });
@@ -293,11 +295,12 @@ impl ApiServer {
             to_vmm,
             wake,
             metrics,
-            handback,
+            handback: handback.clone(),
         });
         let listener = self.listener;
         let mut handle = ApiServerHandle {
             shared,
+            handback,
             thread: None,
             path: self.path,
             identity,
@@ -367,8 +370,30 @@ struct Shared {
     held: AtomicBool,
     /// The accept thread saw `held` and takes no connection until it is cleared.
     held_seen: AtomicBool,
+    /// The VMM has handed the VM over and is leaving: answers close their connections,
+    /// and the accept thread gives every connection without a thread to this sender
+    /// (for the VMM that took over). See [`AcceptGate::leave`].
+    outbox: std::sync::Mutex<Option<Sender<Arc<UnixStream>>>>,
+    /// Rounds the accept thread made since it saw the outbox.
+    leave_rounds: std::sync::atomic::AtomicU64,
     registry: Arc<Registry>,
     limits: Limits,
+}
+
+impl Shared {
+    fn leaving(&self) -> bool {
+        self.outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn outbox(&self) -> Option<Sender<Arc<UnixStream>>> {
+        self.outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// How long [`AcceptGate::hold`] waits for the accept thread to stop accepting.
@@ -378,9 +403,15 @@ const HOLD_WAIT: Duration = Duration::from_millis(200);
 /// socket's backlog. The VMM holds it while another process (the VMM that replaces this
 /// one, which shares the listening socket) takes the VM over, so that no connection
 /// opened during the hand-over lands on the VMM that is leaving.
+///
+/// It also moves connections between the two VMMs: the leaving one gives away every
+/// connection that waits without a request being served ([`AcceptGate::leave`]), and the
+/// one that took over serves them as its own ([`AcceptGate::adopt`]); a client on a
+/// keep-alive connection never sees the change.
 #[derive(Clone, Debug)]
 pub struct AcceptGate {
     shared: Arc<Shared>,
+    handback: Sender<Waiting>,
 }
 
 impl AcceptGate {
@@ -406,6 +437,41 @@ impl AcceptGate {
         self.shared.held.store(false, Ordering::Release);
         self.shared.registry.wake();
     }
+
+    /// The VMM has handed its VM over (after [`AcceptGate::hold`]): each request still
+    /// being read or served is answered (the VMM forwards it) with `Connection: close`,
+    /// and every connection without a thread, idle or with a request not yet read, is
+    /// sent on the returned channel instead of being served here.
+    pub fn leave(&self) -> std::sync::mpsc::Receiver<Arc<UnixStream>> {
+        let (tx, rx) = channel();
+        *self.shared.outbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        self.shared.leave_rounds.store(0, Ordering::Release);
+        self.shared.registry.wake();
+        rx
+    }
+
+    /// After [`AcceptGate::leave`]: no connection has a thread any more and the accept
+    /// thread has given away all the others (it went round twice since the last thread
+    /// ended, so what that thread gave back is out too).
+    pub fn left(&self, rounds_when_empty: &mut Option<u64>) -> bool {
+        let s = &self.shared;
+        let rounds = s.leave_rounds.load(Ordering::Acquire);
+        if s.registry.len() != 0 {
+            *rounds_when_empty = None;
+            return false;
+        }
+        let since = *rounds_when_empty.get_or_insert(rounds);
+        rounds >= since + 2
+    }
+
+    /// Serves `stream`, a connection the VMM this one replaced gave away, as if it had
+    /// been accepted here (it may hold a request not yet read).
+    pub fn adopt(&self, stream: UnixStream) {
+        let w = Waiting::new(Arc::new(stream), Instant::now());
+        if self.handback.send(w).is_ok() {
+            self.shared.registry.wake();
+        }
+    }
 }
 
 /// What every connection's thread needs.
@@ -424,6 +490,8 @@ struct Context {
 #[derive(Debug)]
 pub struct ApiServerHandle {
     shared: Arc<Shared>,
+    /// Where adopted connections go (the accept thread's hand-back channel).
+    handback: Sender<Waiting>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
     /// Device and inode of the socket we bound, so that shutdown removes only ours.
@@ -440,6 +508,7 @@ impl ApiServerHandle {
     pub fn accept_gate(&self) -> AcceptGate {
         AcceptGate {
             shared: Arc::clone(&self.shared),
+            handback: self.handback.clone(),
         }
     }
 

@@ -274,8 +274,6 @@ struct Next {
     launcher_end: OwnedFd,
     /// Its end's device and inode (never passed to a device process).
     peer: (u64, u64),
-    /// The running skiff said it has handed the VM over.
-    committed: bool,
 }
 
 /// Starts a skiff from `binary` that takes the VM over through `handover`, with a launcher
@@ -329,7 +327,6 @@ fn start_successor(
             pid,
             launcher_end,
             peer: (m.dev(), m.ino()),
-            committed: false,
         },
         pidfd,
     ))
@@ -453,6 +450,9 @@ fn supervise(
     let mut pid = pid;
     // A skiff started for a live upgrade, until it takes over or ends.
     let mut next: Option<Next> = None;
+    // Skiffs that handed the VM over and still pass on what their API held (they end on
+    // their own; their end is not the VM's).
+    let mut leaving: Vec<libc::pid_t> = Vec::new();
     // Signals and the launcher socket, in one poll.
     // SAFETY: `waited` is initialised; signalfd returns a new fd or -1.
     let sfd = unsafe { libc::signalfd(-1, &waited, libc::SFD_CLOEXEC) };
@@ -499,9 +499,8 @@ fn supervise(
                             }
                         }
                     }
-                    VmmRequest::Commit(p) => match next.as_mut() {
+                    VmmRequest::Commit(p) => match next.as_ref() {
                         Some(n) if n.pid as u32 == p => {
-                            n.committed = true;
                             launcher.set_candidate(None);
                             Reply::Done
                         }
@@ -509,6 +508,21 @@ fn supervise(
                     },
                 };
                 launcher.reply(&reply);
+                // From the commit on the new skiff is the VM's VMM: signals, the launcher
+                // and skiff.pid follow it at once. The old one only passes on what its API
+                // still held, then ends.
+                if matches!(reply, Reply::Done) {
+                    if let Some(n) = next.take() {
+                        leaving.push(pid);
+                        pid = n.pid;
+                        launcher.switch_to(n.launcher_end, n.peer);
+                        write_pid_file(plan, cell, pid);
+                        eprintln!(
+                            "skiff-jailer: VM {}: skiff pid {pid} took over (live upgrade)",
+                            plan.id
+                        );
+                    }
+                }
             }
         }
         if pfd[0].revents == 0 {
@@ -538,26 +552,23 @@ fn supervise(
                     break;
                 }
                 if r == pid {
-                    match next.take() {
-                        // The new skiff took over: it is the VM's VMM from now on.
-                        Some(n) if n.committed => {
-                            launcher.set_candidate(None);
-                            pid = n.pid;
-                            launcher.switch_to(n.launcher_end, n.peer);
-                            write_pid_file(plan, cell, pid);
-                            eprintln!(
-                                "skiff-jailer: VM {}: skiff pid {pid} took over (live upgrade)",
-                                plan.id
-                            );
-                            continue;
-                        }
-                        Some(n) => {
-                            // SAFETY: kill on our own child, not yet reaped.
-                            unsafe { libc::kill(n.pid, libc::SIGKILL) };
-                        }
-                        None => {}
+                    if let Some(n) = next.take() {
+                        // SAFETY: kill on our own child, not yet reaped.
+                        unsafe { libc::kill(n.pid, libc::SIGKILL) };
                     }
                     return Ok(exit_code(st));
+                }
+                if let Some(i) = leaving.iter().position(|&p| p == r) {
+                    leaving.swap_remove(i);
+                    if exit_code(st) != 0 {
+                        eprintln!(
+                            "skiff-jailer: VM {}: the skiff that handed the VM over (pid {r}) \
+                             ended with status {}",
+                            plan.id,
+                            exit_code(st)
+                        );
+                    }
+                    continue;
                 }
                 if next.as_ref().is_some_and(|n| n.pid == r) {
                     // The new skiff ended before the old one: the old one finds out on the

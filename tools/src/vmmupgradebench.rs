@@ -126,11 +126,6 @@ impl Jailed {
         Ok(Jailed { child, cell, api })
     }
 
-    /// A new connection: the old VMM closes its connections when it hands over.
-    fn reconnect(&mut self) {
-        self.api = ApiClient::new(self.cell.join("run/api.sock"));
-    }
-
     /// Ends the VM (SIGTERM to skiff-jailer, which ends skiff and removes the cell).
     fn stop(mut self) -> Result {
         // SAFETY: kill on our own child's pid.
@@ -324,7 +319,7 @@ fn one_size(a: &Args, mem_mib: u32) -> Result<Value> {
             Ok(r) => r,
             Err(e) => {
                 let why = format!("{mem_mib} MiB, upgrade {i}: {e}");
-                if !guest_died_on_pvm(&mut j, &log) || fresh_vms >= 1 + a.upgrades / 100 {
+                if !guest_died_on_pvm(&mut j, &log) || fresh_vms > a.upgrades / 100 {
                     return Err(format!("{why} (log {})", log.display()));
                 }
                 fresh_vms += 1;
@@ -342,7 +337,6 @@ fn one_size(a: &Args, mem_mib: u32) -> Result<Value> {
         resume.push(us(r.resume_us));
         start.push(us(r.start_us));
         prepare.push(us(r.prepare_us));
-        j.reconnect();
     }
     let vm = j.api.skiff_vm().map_err(|e| e.to_string())?;
     if vm.state != "Running" {

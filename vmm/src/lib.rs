@@ -23,6 +23,7 @@ mod replace;
 pub mod report;
 mod snapshot;
 pub mod state;
+mod successor;
 pub mod tap;
 pub mod terminal;
 pub mod upgrade;

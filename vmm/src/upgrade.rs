@@ -413,6 +413,8 @@ impl Vmm {
             .and_then(|()| handover::read_line(&ours, RUN_TIMEOUT));
         let resume_us = micros(tc.elapsed());
         self.pending_exit = Some(ExitReason::HandedOver(pid));
+        // API requests this VMM still gets, and its connections, go to the new one.
+        self.successor = Some(ours);
         // The new VMM measured the end of the pause (and records it in its histogram).
         let pause_us = match went.as_deref().map(|l| l.strip_prefix("RUNNING ")) {
             Ok(Some(us)) => us.parse().unwrap_or_else(|_| micros(tp.elapsed())),
@@ -483,6 +485,10 @@ impl Vmm {
         let pause_us = before + micros(go.elapsed());
         self.vm_metrics.vmm_upgrade_pause.record(pause_us);
         let _ = handover::send_line(stream, &format!("RUNNING {pause_us}"));
+        // The old VMM passes on what its API still holds over the same socket.
+        if let Err(e) = self.link_predecessor(stream) {
+            log::warn!("API requests the old VMM still holds will not reach this one: {e}");
+        }
         log::info!("took the VM over (live upgrade of the VMM)");
         Ok(())
     }

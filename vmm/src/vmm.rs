@@ -52,6 +52,8 @@ pub(crate) const TOKEN_STDIN: u64 = 2;
 pub(crate) const TOKEN_CONSOLE: u64 = 3;
 const TOKEN_API: u64 = 4;
 const TOKEN_METRICS_TIMER: u64 = 5;
+/// The VMM this one replaced passes on API requests and connections (see successor.rs).
+pub(crate) const TOKEN_PREDECESSOR: u64 = 6;
 /// `TOKEN_RING_ERR + i`: the ring-error eventfd of virtio transport `i` (fewer than 50).
 pub(crate) const TOKEN_RING_ERR: u64 = 50;
 pub(crate) const TOKEN_PROCESS: u64 = 100;
@@ -132,7 +134,7 @@ pub struct Vmm {
     pub(crate) opts: BuildOptions,
     pub(crate) signals: OwnedFd,
     pub(crate) epoll: Epoll,
-    api: Option<ApiLink>,
+    pub(crate) api: Option<ApiLink>,
     pub(crate) vm: Option<RunningVm>,
     pub(crate) lifecycle: Lifecycle,
     pub(crate) vm_metrics: Arc<VmMetrics>,
@@ -153,6 +155,11 @@ pub struct Vmm {
     pub(crate) raw_terminal: Option<crate::terminal::RawTerminal>,
     /// When each device's process was last restarted after dying.
     pub(crate) restart_log: std::collections::HashMap<usize, VecDeque<Instant>>,
+    /// The VMM this one handed the VM over to (live upgrade), which answers what this
+    /// one's API still gets.
+    pub(crate) successor: Option<std::os::unix::net::UnixStream>,
+    /// The VMM this one took the VM over from, while it passes on what its API held.
+    pub(crate) predecessor: Option<std::os::unix::net::UnixStream>,
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and the threads it starts) and returns a
@@ -265,6 +272,8 @@ impl Vmm {
             panic_seen: None,
             raw_terminal: None,
             restart_log: Default::default(),
+            successor: None,
+            predecessor: None,
         })
     }
 
@@ -376,6 +385,10 @@ impl Vmm {
                 _ => teardown(vm),
             }
         }
+        // What the API still holds goes to the VMM that took over.
+        if matches!(result, Ok(ExitReason::HandedOver(_))) {
+            self.leave();
+        }
         self.raw_terminal = None;
         result
     }
@@ -477,6 +490,7 @@ impl Vmm {
             }
             TOKEN_STDIN => self.read_stdin()?,
             TOKEN_API => self.serve_api(),
+            TOKEN_PREDECESSOR => self.serve_predecessor(),
             TOKEN_METRICS_TIMER => {
                 if let Some(t) = &mut self.metrics_timer {
                     let _ = t.wait();
@@ -543,6 +557,12 @@ impl Vmm {
         let _ = api.wake.read();
         let calls: Vec<ApiCall> = api.rx.try_iter().collect();
         for call in calls {
+            // Once the VM is handed over (a call before this one upgraded the VMM), the
+            // rest are answered by the VMM that took over, never here.
+            if self.successor.is_some() {
+                self.forward(call);
+                continue;
+            }
             let result = self.handle(call.request);
             // The API thread may have given up on a client that went away.
             let _ = call.reply.send(result);

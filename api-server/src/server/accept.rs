@@ -33,6 +33,8 @@ use super::{Context, ACCEPT_RETRY};
 
 /// How often the accept thread looks again for a thread to free while a client waits.
 const RECHECK: Duration = Duration::from_millis(20);
+/// How often a leaving server's accept thread looks for connections to give away.
+const LEAVE_POLL: Duration = Duration::from_millis(10);
 
 /// A connection without a thread.
 #[derive(Debug)]
@@ -67,6 +69,20 @@ pub fn accept_loop(listener: UnixListener, ctx: Arc<Context>, handbacks: Receive
             return;
         }
         room.extend(handbacks.try_iter());
+        // The VMM is leaving: every connection without a thread goes to the one that took
+        // over, unread; nothing is accepted or started here any more.
+        if let Some(out) = shared.outbox() {
+            shared.held_seen.store(true, Ordering::Release);
+            for w in room.drain(..) {
+                let _ = out.send(w.stream);
+            }
+            let mut fds = [pollin(registry.wake_fd().as_raw_fd())];
+            if poll(&mut fds, LEAVE_POLL).is_ok() && fds[0].revents != 0 {
+                let _ = registry.wake_fd().read();
+            }
+            shared.leave_rounds.fetch_add(1, Ordering::AcqRel);
+            continue;
+        }
         let now = Instant::now();
         let before = room.len();
         room.retain(|w| w.ready || now.saturating_duration_since(w.since) < limits.idle_timeout);

@@ -152,7 +152,9 @@ impl Connection {
         let response = build_response(&result);
         self.ctx.metrics.record(route, response.status);
         debug!("{} {} {}", head.method, head.path, response.status);
-        let close = head.close || self.stopping();
+        // A leaving server's answers end their connections: the client's next request
+        // goes to the VMM that took over.
+        let close = head.close || self.stopping() || self.ctx.shared.leaving();
         let bytes = response.encode(head.method == "HEAD", close, head.minor == 0 && !close);
         if !self.ticket.enter(Phase::Writing) {
             return After::Close;

@@ -93,7 +93,6 @@ impl Registry {
     }
 
     /// Connections being served.
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.table().slots.len()
     }

@@ -588,3 +588,97 @@ fn held_gate_leaves_new_connections_in_the_backlog() {
     held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(response(&mut held).starts_with("HTTP/1.1 200 "));
 }
+
+/// The VMM that took over, in [`leaving_server_gives_its_connections_to_the_next`].
+fn next_vmm(rx: Receiver<ApiCall>) {
+    for call in rx {
+        call.respond(Ok(ApiReply::Json(json!({"state": "next"}))));
+    }
+}
+
+#[test]
+fn leaving_server_gives_its_connections_to_the_next() {
+    // Idle connections are not closed for their idleness during the test.
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(30),
+        ..short()
+    };
+    let old = TestServer::start("leave-old", limits, vmm);
+    let next = TestServer::start("leave-next", limits, next_vmm);
+    let gate = old.handle.as_ref().unwrap().accept_gate();
+    // Keep-alive connections, each answered here once (so accepted here): two idle long
+    // enough to have no thread (the second gets its next request after the hand-over),
+    // one whose thread still waits for its next request, and one that sends its next
+    // request to that thread after the hand-over.
+    let answered = |name: &str| {
+        let mut s = old.connect();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let r = response(&mut s);
+        assert!(
+            r.starts_with("HTTP/1.1 200 ") && !r.contains("next"),
+            "{name}: {r}"
+        );
+        s
+    };
+    let mut roomed = answered("roomed");
+    let mut late = answered("late");
+    old.wait_open(0, Duration::from_secs(2));
+    let mut threaded = answered("threaded");
+    let mut inflight = answered("inflight");
+    assert!(gate.hold());
+    let outbox = gate.leave();
+    late.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    inflight.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    // The in-flight request is answered here (a VMM forwards it to the next), and its
+    // connection closes, unless its thread had given it back already: then it is given
+    // away like the others.
+    let r = response(&mut inflight);
+    let answered_here = !r.contains("next");
+    assert!(r.starts_with("HTTP/1.1 200 "), "inflight: {r}");
+    if answered_here {
+        assert!(r.contains("Connection: close"), "inflight: {r}");
+    }
+    // The rest come out (the threaded one once its thread gives it back), none read here.
+    let want = if answered_here { 3 } else { 4 };
+    let mut given = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while given.len() < want {
+        assert!(
+            Instant::now() < deadline,
+            "{} connections given away, want {want}",
+            given.len()
+        );
+        given.extend(outbox.try_iter());
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut mark = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gate.left(&mut mark) {
+        assert!(
+            Instant::now() < deadline,
+            "the old server did not finish leaving"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let next_gate = next.handle.as_ref().unwrap().accept_gate();
+    for s in given {
+        next_gate.adopt(Arc::try_unwrap(s).expect("a connection still shared"));
+    }
+    // Each client goes on where it was, answered by the next server.
+    for (name, s, write) in [
+        ("late", &mut late, false),
+        ("roomed", &mut roomed, true),
+        ("threaded", &mut threaded, true),
+    ] {
+        if write {
+            s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        }
+        let r = response(s);
+        assert!(
+            r.starts_with("HTTP/1.1 200 ") && r.contains("next"),
+            "{name}: {r}"
+        );
+    }
+    // The old server still stops cleanly.
+    drop(old);
+}

@@ -15,6 +15,7 @@ use tests::{ensure, Result, TestDir};
 
 mod booted;
 mod guest;
+mod kept_alive;
 mod launcher;
 mod vmm_upgrade;
 pub use guest::*;

@@ -16,6 +16,7 @@ use tests::{ensure, host, runner, Result, TestDir, TestVm};
 use super::super::upgrade::{check_fio, fio_cmd};
 use super::super::{last_line, stream_to_guest_across, CMD, EXIT, MIB};
 use super::booted::{boot_guest, guest_io, skiff_pid};
+use super::kept_alive::{Chatter, KeptAlive};
 use super::{check_confined, check_filtered, nothing_left, wait_socket, Jail, ParentCgroup};
 
 /// Upgrades with the dd loop and block checks: `SKIFF_VMM_UPGRADES`, else `default`.
@@ -198,10 +199,35 @@ impl Upgrades {
     /// the API answering from it with the same device processes, its confinement. Returns a
     /// client of the new VMM.
     fn one(&mut self, i: usize, api: &mut ApiClient, vm: &TestVm) -> Result<ApiClient> {
+        let old = self.old;
+        // A keep-alive connection idle across the upgrade, and a client asking all along.
+        let mut kept = KeptAlive::connect(&self.sock)?;
+        ensure!(
+            kept.skiff_pid()? == old,
+            "upgrade {i}: the API is not answered by skiff {old}"
+        );
+        let chatter = Chatter::start(&self.sock)?;
         let r = api
             .upgrade_vmm(None)
             .map_err(|e| format!("upgrade {i}: {e}{}", vm.diagnostics()))?;
-        let old = self.old;
+        let (asked, pids) = chatter
+            .stop()
+            .map_err(|e| format!("upgrade {i}: a client asking during it: {e}"))?;
+        ensure!(
+            asked > 0 && (pids == [old] || pids == [old, r.new_pid] || pids == [r.new_pid]),
+            "upgrade {i}: {asked} requests during it were answered by {pids:?} (skiff {old} \
+             -> {})",
+            r.new_pid
+        );
+        // The kept connection went over to the new VMM, unclosed.
+        let pid = kept
+            .skiff_pid()
+            .map_err(|e| format!("upgrade {i}: the connection kept across it: {e}"))?;
+        ensure!(
+            pid == r.new_pid,
+            "upgrade {i}: the kept connection is answered by {pid}, not the new VMM {}",
+            r.new_pid
+        );
         ensure!(
             // prepare_us: the new VMM built its KVM VM before the pause.
             r.old_pid == old
