@@ -364,26 +364,45 @@ fn console_sink(c: &ConsoleConfig, cap: u64) -> Result<ConsoleSink, BuildError> 
     })
 }
 
-fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine, BuildError> {
+/// An interrupt line of a legacy device: an eventfd that is `gsi`'s irqfd, registered now,
+/// or (restoring a VM) kept in `deferred` until the interrupt controllers hold their saved
+/// state (see [`finish`]).
+fn irq_line(
+    vm: &VmFd,
+    gsi: u32,
+    deferred: Option<&mut Vec<(EventFd, u32)>>,
+) -> Result<IrqLine, BuildError> {
     let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(|e| BuildError::Host("an interrupt eventfd", e))?;
-    vm.register_irqfd(&evt, gsi)
-        .map_err(|e| BuildError::KvmVm("register an irqfd", e))?;
+    match deferred {
+        Some(later) => later.push((
+            evt.try_clone()
+                .map_err(|e| BuildError::Host("an interrupt eventfd", e))?,
+            gsi,
+        )),
+        None => vm
+            .register_irqfd(&evt, gsi)
+            .map_err(|e| BuildError::KvmVm("register an irqfd", e))?,
+    }
     Ok(IrqLine(evt))
 }
 
-/// Connects device `i`'s eventfds to KVM: its call eventfd as the irqfd of its GSI, each
-/// kick eventfd as an ioeventfd on QueueNotify with the queue's index. Returns the
-/// transport's base address and GSI.
+/// Connects device `i`'s eventfds to KVM: its call eventfd as the irqfd of its GSI (unless
+/// `restoring`: then [`finish`] does it once the saved interrupt state is in), each kick
+/// eventfd as an ioeventfd on QueueNotify with the queue's index. Returns the transport's
+/// base address and GSI.
 pub(crate) fn wire_device(
     vm: &VmFd,
     dev: &VhostUserDevice,
     i: usize,
+    restoring: bool,
 ) -> Result<(u64, u32), BuildError> {
     let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
     let gsi = VIRTIO_IRQ_BASE + i as u32;
-    vm.register_irqfd(dev.call_fd(), gsi)
-        .map_err(|e| BuildError::KvmVm("register a virtio irqfd", e))?;
+    if !restoring {
+        vm.register_irqfd(dev.call_fd(), gsi)
+            .map_err(|e| BuildError::KvmVm("register a virtio irqfd", e))?;
+    }
     for (q, kick) in dev.kick_fds().iter().enumerate() {
         vm.register_ioevent(
             kick,
@@ -499,7 +518,7 @@ pub fn build(
                     })?;
             }
         }
-        let (base, gsi) = wire_device(&vm, &dev, i)?;
+        let (base, gsi) = wire_device(&vm, &dev, i, saved.is_some())?;
         mmio_args.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
         let mut transport = MmioTransport::new(Box::new(dev), p.name.clone(), ram_ranges.clone());
         if let Some(d) = saved_dev {
@@ -567,6 +586,8 @@ pub fn build(
 pub(crate) struct Legacy {
     serial: SerialDevice,
     i8042: I8042,
+    /// Restoring: their interrupt lines, registered by [`finish`].
+    irqfds: Vec<(EventFd, u32)>,
     exit: Arc<VmExit>,
     panic: Arc<Mutex<Option<String>>>,
     console_flush: EventFd,
@@ -595,7 +616,10 @@ pub(crate) fn legacy_devices(
         ),
     )
     .with_metrics(serial_metrics.clone());
-    let serial_irq = irq_line(vm, SERIAL_IRQ)?;
+    let mut irqfds = Vec::new();
+    let restoring = saved.is_some();
+    let serial_irq = irq_line(vm, SERIAL_IRQ, restoring.then_some(&mut irqfds))?;
+    let i8042_irq = irq_line(vm, 1, restoring.then_some(&mut irqfds))?;
     let serial = match saved {
         None => SerialDevice::new(serial_irq, console),
         Some(s) => s
@@ -604,13 +628,14 @@ pub(crate) fn legacy_devices(
             .map_err(|e| BuildError::Restore(format!("the serial port: {e}")))?,
     };
     let i8042 = match saved {
-        None => I8042::new(irq_line(vm, 1)?),
-        Some(s) => I8042::from_state(irq_line(vm, 1)?, &s.i8042),
+        None => I8042::new(i8042_irq),
+        Some(s) => I8042::from_state(i8042_irq, &s.i8042),
     };
 
     Ok(Legacy {
         serial,
         i8042,
+        irqfds,
         exit,
         panic,
         console_flush,
@@ -652,6 +677,7 @@ pub(crate) fn finish(
     let Legacy {
         serial,
         i8042,
+        irqfds,
         exit,
         panic,
         console_flush,
@@ -711,6 +737,22 @@ pub(crate) fn finish(
     }
     if let Vcpus::Restore(s) = how {
         s.kvm.restore(&vm)?;
+        // Only now, with the IOAPIC, PICs and LAPICs as saved, are the interrupt lines
+        // connected: KVM then injects what a device signalled meanwhile (during a live
+        // upgrade's pause, or since its rings were restarted). Injected into the fresh
+        // controllers, such an interrupt would hit a masked IOAPIC pin and be lost, and
+        // the guest would wait for it for good.
+        for (evt, gsi) in &irqfds {
+            vm.register_irqfd(evt, *gsi)
+                .map_err(|e| BuildError::KvmVm("register an irqfd", e))?;
+        }
+        for (i, t) in bus.virtio.iter().enumerate() {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(dev) = t.device_mut().as_vhost_user() {
+                vm.register_irqfd(dev.call_fd(), VIRTIO_IRQ_BASE + i as u32)
+                    .map_err(|e| BuildError::KvmVm("register a virtio irqfd", e))?;
+            }
+        }
     }
     Ok(BuiltVm {
         vm,

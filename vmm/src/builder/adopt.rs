@@ -167,7 +167,7 @@ pub fn adopt(
         let acked = t.active.then_some(t.acked_features);
         let dev = VhostUserDevice::adopt(&d.frontend, front, ram.mem.clone(), acked)
             .map_err(|e| BuildError::Backend(format!("device '{}': cannot take over", d.id), e))?;
-        wire_device(&vm, &dev, i)?;
+        wire_device(&vm, &dev, i, true)?;
         let name = process
             .as_ref()
             .map_or_else(|| format!("device '{}'", d.id), |p| p.name.clone());
