@@ -556,6 +556,15 @@ fn supervise(
                         // SAFETY: kill on our own child, not yet reaped.
                         unsafe { libc::kill(n.pid, libc::SIGKILL) };
                     }
+                    // The VM ended: a skiff still passing on its API's leftovers has no
+                    // one to pass them to.
+                    for &old in &leaving {
+                        // SAFETY: kill and waitpid on our own child, not yet reaped.
+                        unsafe {
+                            libc::kill(old, libc::SIGKILL);
+                            libc::waitpid(old, std::ptr::null_mut(), 0);
+                        }
+                    }
                     return Ok(exit_code(st));
                 }
                 if let Some(i) = leaving.iter().position(|&p| p == r) {

@@ -81,6 +81,7 @@ fn main() {
         Guest true hostile_guest_gets_nowhere,
         Guest true jailed_guest_boots_upgrades_and_recovers,
         Guest true jailed_vmm_upgrades_under_io,
+        Guest true jailed_vmm_upgrades_under_tcp,
         Soak true vmm_upgrade_100_soak,
         Soak false crash_blk_20_kills_under_fio,
         Guest false crash_blk_3_kills_under_dd,

@@ -298,11 +298,18 @@ fn under_tcp(
 }
 
 /// CI: 20 upgrades, every other one under fio with verify, with a block round trip and a
-/// ping after each. (The TCP-stream phase is in the
-/// soak test only: in the nested host the stream stalled for good after an upgrade in one of
-/// two runs, cause not found; see issue 14's notes.)
+/// ping after each. (This once stalled for good in the nested host, like the TCP stream
+/// below: the new VMM connected the interrupt lines before the saved interrupt controllers
+/// were in, and an interrupt a device raised during the pause was lost.)
 pub fn jailed_vmm_upgrades_under_io() -> Result {
     vmm_upgrades(upgrades(20), false)
+}
+
+/// CI, another test (its own boot and limit: the nested host's faults grow with the
+/// upgrades a test does): 5 upgrades while the host streams 16 MiB of known content to the
+/// guest.
+pub fn jailed_vmm_upgrades_under_tcp() -> Result {
+    vmm_upgrades(0, true)
 }
 
 /// The soak run: 100 upgrades under block I/O, then 5 under the TCP stream.
