@@ -65,6 +65,8 @@ struct Args {
 type Result<T = ()> = std::result::Result<T, String>;
 
 const TAP: &str = "skvbench0";
+/// Time between two upgrades.
+const PACE: Duration = Duration::from_millis(100);
 const PARENT_CGROUP: &str = "skiff-vmmupgradebench";
 
 /// One skiff under skiff-jailer.
@@ -337,6 +339,12 @@ fn one_size(a: &Args, mem_mib: u32) -> Result<Value> {
         resume.push(us(r.resume_us));
         start.push(us(r.start_us));
         prepare.push(us(r.prepare_us));
+        // Upgrades are far apart in use: each is asked of the VMM that runs the guest (a
+        // new connection; one kept would be held by the VMM before, which passes the
+        // request on), and the VMM before has ended (it exits within a few ms of passing
+        // its connections on) before the next one starts.
+        j.api = ApiClient::new(j.cell.join("run/api.sock"));
+        std::thread::sleep(PACE);
     }
     let vm = j.api.skiff_vm().map_err(|e| e.to_string())?;
     if vm.state != "Running" {

@@ -33,6 +33,10 @@ use crate::router;
 /// How often a wait for the VMM's answer checks for shutdown.
 const REPLY_POLL: Duration = Duration::from_millis(100);
 
+/// How often a thread waiting for a keep-alive connection's next request looks whether
+/// the server is leaving (a VMM that handed its VM over).
+const LEAVE_CHECK: Duration = Duration::from_millis(20);
+
 /// Most bytes discarded while lingering after a refused request.
 pub const LINGER_BYTES: usize = 1 << 20;
 
@@ -80,7 +84,7 @@ impl Connection {
         let keep = limits.thread_keep.min(limits.idle_timeout);
         loop {
             let idle_since = Instant::now();
-            match self.reader.wait_request(keep) {
+            match self.wait_next(keep) {
                 Next::Request => {}
                 Next::Closed => return,
                 Next::Idle => return self.hand_back(idle_since),
@@ -96,6 +100,19 @@ impl Connection {
                     return;
                 }
                 After::Linger => return self.linger(),
+            }
+        }
+    }
+
+    /// Waits up to `keep` for the next request; a leaving server's thread gives the
+    /// connection back within [`LEAVE_CHECK`] instead (to be passed to the next VMM).
+    fn wait_next(&mut self, keep: Duration) -> Next {
+        let deadline = Instant::now() + keep;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.reader.wait_request(left.min(LEAVE_CHECK)) {
+                Next::Idle if !left.is_zero() && !self.ctx.shared.leaving() => {}
+                other => return other,
             }
         }
     }
