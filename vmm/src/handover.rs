@@ -20,6 +20,11 @@
 //!    (the old VMM resumes the guest) and one after `READY` with the old VMM gone means go
 //!    on.
 //! 6. new → old: `RUNNING US`, the whole pause: vCPUs stopped there → running here.
+//! 7. Until the old VMM exits, it passes on over the same socket what its API still holds
+//!    (requests and connections; see successor.rs).
+//!
+//! This is the first version of the conversation that shipped: a later one may add steps
+//! only behind a feature of the hello, which this version parses and ignores.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
@@ -137,7 +142,7 @@ impl Handover {
     }
 }
 
-/// The hello's feature: the new VMM builds its KVM VM before the pause (step 1a).
+/// The hello's feature: the new VMM builds its KVM VM before the pause (step 2).
 pub const FEATURE_PREPARE: &str = "prepare";
 /// Features a hello may list.
 const MAX_FEATURES: usize = 16;
@@ -159,8 +164,9 @@ impl Hello {
         let mut words = line.strip_prefix("SKIFF-HANDOVER ")?.split(' ');
         let min = words.next()?.parse().ok()?;
         let max = words.next()?.parse().ok()?;
-        let features: Vec<String> = words.map(str::to_string).collect();
-        if features.len() > MAX_FEATURES || features.iter().any(String::is_empty) {
+        // Features beyond the first MAX_FEATURES are not looked at.
+        let features: Vec<String> = words.take(MAX_FEATURES).map(str::to_string).collect();
+        if features.iter().any(String::is_empty) {
             return None;
         }
         Some(Hello { min, max, features })
@@ -182,7 +188,7 @@ impl Hello {
     }
 }
 
-/// Step 1a, old side: `PREPARE BYTES` and the guest RAM memfd.
+/// Step 2, old side: `PREPARE BYTES` and the guest RAM memfd.
 pub fn send_prepare(s: &UnixStream, mem_bytes: u64, memfd: RawFd) -> Result<(), HandoverError> {
     send_line(s, &format!("PREPARE {mem_bytes}"))?;
     let n = sandbox::fdpass::send(s.as_fd(), b"F", &[memfd], 0).map_err(io)?;
@@ -194,7 +200,7 @@ pub fn send_prepare(s: &UnixStream, mem_bytes: u64, memfd: RawFd) -> Result<(), 
     Ok(())
 }
 
-/// Step 1a, new side: the guest RAM's size and memfd.
+/// Step 2, new side: the guest RAM's size and memfd.
 pub fn recv_prepare(s: &UnixStream, timeout: Duration) -> Result<(u64, OwnedFd), HandoverError> {
     let line = read_line(s, timeout)?;
     let bytes = line
@@ -339,12 +345,15 @@ mod tests {
         // A hello of a binary from before features were listed.
         let old = Hello::parse("SKIFF-HANDOVER 90 99").unwrap();
         assert!(old.features.is_empty() && !old.has(FEATURE_PREPARE));
+        // Features past the 16th are not looked at.
+        let many = Hello::parse(&format!("SKIFF-HANDOVER 1 1{} prepare", " f".repeat(16))).unwrap();
+        assert_eq!(many.features.len(), 16);
+        assert!(!many.has(FEATURE_PREPARE));
         for bad in [
             "SKIFF-HANDOVER 1",
             "SKIFF-HANDOVER x 1",
             "SKIFF-HANDOVER 1 1  prepare",
             "HELLO 1 1",
-            &format!("SKIFF-HANDOVER 1 1{}", " f".repeat(17)),
         ] {
             assert_eq!(Hello::parse(bad), None, "{bad:?}");
         }

@@ -7,8 +7,11 @@
 //! After `RUNNING` (see [`crate::handover`]), old → new, one at a time:
 //!
 //! - `CALL LEN` and LEN bytes of JSON ([`ApiRequest`]); new → old `REPLY LEN` and the JSON
-//!   [`ApiResult`]. The old VMM's API thread writes that answer to the client, with
-//!   `Connection: close`.
+//!   [`ApiResult`]. The old VMM's API thread writes that answer to the client (with
+//!   `Connection: close` once the old VMM is leaving). A request the new VMM cannot read
+//!   (another build's types) is answered 400, and the link stays in step. A link that
+//!   fails (no answer within a minute) is closed: a late answer would otherwise answer the
+//!   next request; what comes after gets 503.
 //! - `CONN` and one fd message: a connection with no request being served (idle, or with
 //!   a request not read yet); the new VMM serves it as its own.
 //!
@@ -45,6 +48,9 @@ const LEAVE_LIMIT: Duration = Duration::from_secs(75);
 pub enum Passed {
     /// A request to answer.
     Call(ApiRequest),
+    /// A request whose JSON this binary cannot read (another build's request types): it is
+    /// answered with a fault, and the link stays in step.
+    Unreadable(String),
     /// A connection to serve.
     Conn(OwnedFd),
 }
@@ -65,10 +71,8 @@ fn send_json(
         .map_err(HandoverError::Io)
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(
-    s: &UnixStream,
-    len: &str,
-) -> Result<T, HandoverError> {
+/// A message's body of `len` (its header's) bytes.
+fn read_body(s: &UnixStream, len: &str) -> Result<Vec<u8>, HandoverError> {
     let len: usize = len
         .parse()
         .map_err(|_| malformed(format!("length {len:?}")))?;
@@ -83,7 +87,14 @@ fn read_json<T: serde::de::DeserializeOwned>(
         std::io::ErrorKind::UnexpectedEof => HandoverError::Closed,
         _ => HandoverError::Io(e),
     })?;
-    serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))
+    Ok(body)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(
+    s: &UnixStream,
+    len: &str,
+) -> Result<T, HandoverError> {
+    serde_json::from_slice(&read_body(s, len)?).map_err(|e| malformed(e.to_string()))
 }
 
 /// Old side: passes `request` on and returns the answer.
@@ -111,7 +122,11 @@ pub fn give(s: &UnixStream, conn: &UnixStream) -> Result<(), HandoverError> {
 pub fn receive(s: &UnixStream) -> Result<Passed, HandoverError> {
     let line = handover::read_line(s, MESSAGE_TIMEOUT)?;
     if let Some(len) = line.strip_prefix("CALL ") {
-        return read_json(s, len).map(Passed::Call);
+        let body = read_body(s, len)?;
+        return Ok(match serde_json::from_slice(&body) {
+            Ok(r) => Passed::Call(r),
+            Err(e) => Passed::Unreadable(e.to_string()),
+        });
     }
     if line != "CONN" {
         return Err(malformed(format!("{line:?}, not CALL LEN or CONN")));
@@ -137,24 +152,32 @@ pub fn reply(s: &UnixStream, result: &ApiResult) -> Result<(), HandoverError> {
 impl Vmm {
     /// Answers an API call this VMM can no longer serve itself (it handed its VM over):
     /// the VMM that took over answers it.
-    pub(crate) fn forward(&self, call: ApiCall) {
-        let Some(next) = &self.successor else {
-            return call.respond(Err(ApiFault {
-                status: 503,
-                message: "the VMM is shutting down".into(),
-            }));
-        };
-        let result = pass_call(next, &call.request).unwrap_or_else(|e| {
-            Err(ApiFault {
-                status: 503,
-                message: format!(
-                    "the VM was handed over to a new VMM, which did not answer this request \
-                     passed on to it: {}",
-                    error_chain(&e)
-                ),
-            })
-        });
+    pub(crate) fn forward(&mut self, call: ApiCall) {
+        let result = self.pass_on(&call.request);
         call.respond(result);
+    }
+
+    /// `request`'s answer from the successor. A link that failed is dropped (a reply that
+    /// came late would answer the next request), and what comes after gets 503.
+    fn pass_on(&mut self, request: &ApiRequest) -> ApiResult {
+        let Some(next) = &self.successor else {
+            return Err(gone("the link to it is closed"));
+        };
+        match pass_call(next, request) {
+            Ok(r) => r,
+            Err(e) => {
+                let why = error_chain(&e);
+                log::warn!("the VMM that took over did not answer a request passed on: {why}");
+                self.drop_successor();
+                Err(gone(&why))
+            }
+        }
+    }
+
+    fn drop_successor(&mut self) {
+        if let Some(next) = self.successor.take() {
+            let _ = next.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// The VMM this one replaced passed something on: answer it, serve it, or (handed over
@@ -163,33 +186,30 @@ impl Vmm {
         let Some(prev) = &self.predecessor else {
             return;
         };
-        let broken = match receive(prev) {
+        let passed = receive(prev);
+        let broken = match passed {
             Ok(Passed::Call(request)) => {
-                let result = match &self.successor {
-                    Some(next) => pass_call(next, &request).unwrap_or_else(|e| {
-                        Err(ApiFault::internal(format!(
-                            "the VMM that took over did not answer: {}",
-                            error_chain(&e)
-                        )))
-                    }),
-                    None => self.handle(request),
+                let result = match self.handed_over {
+                    true => self.pass_on(&request),
+                    false => self.handle(request),
                 };
                 match self.predecessor.as_ref().map(|p| reply(p, &result)) {
                     Some(Err(e)) => e,
                     _ => return,
                 }
             }
-            Ok(Passed::Conn(fd)) => {
-                let conn = UnixStream::from(fd);
-                match (&self.successor, &self.api) {
-                    (Some(next), _) => {
-                        if let Err(e) = give(next, &conn) {
-                            log::warn!("an API connection was lost passing it on: {e}");
-                        }
-                    }
-                    (None, Some(api)) => api.gate.adopt(conn),
-                    (None, None) => {}
+            Ok(Passed::Unreadable(why)) => {
+                let result = Err(ApiFault::bad_request(format!(
+                    "the request reached the VMM during a live upgrade, and the new VMM \
+                     cannot read it as passed on ({why}); send it again"
+                )));
+                match self.predecessor.as_ref().map(|p| reply(p, &result)) {
+                    Some(Err(e)) => e,
+                    _ => return,
                 }
+            }
+            Ok(Passed::Conn(fd)) => {
+                self.take_connection(UnixStream::from(fd));
                 return;
             }
             Err(e) => e,
@@ -204,6 +224,30 @@ impl Vmm {
                 prev.as_raw_fd(),
                 TOKEN_PREDECESSOR,
             );
+        }
+    }
+
+    /// Serves a connection passed on, or (handed over in turn) passes it further.
+    fn take_connection(&mut self, conn: UnixStream) {
+        if self.handed_over {
+            let failed = match &self.successor {
+                Some(next) => give(next, &conn).err().map(|e| error_chain(&e)),
+                None => Some("the link to the VMM that took over is closed".into()),
+            };
+            if let Some(why) = failed {
+                log::warn!("an API connection was lost passing it on: {why}");
+                self.drop_successor();
+            }
+        } else if let Some(api) = &self.api {
+            api.gate.adopt(conn);
+        }
+    }
+
+    /// A connection this VMM's API gave away (the accept thread holds no copy).
+    fn pass_connection(&mut self, conn: std::sync::Arc<UnixStream>) {
+        match std::sync::Arc::try_unwrap(conn).or_else(|c| c.try_clone()) {
+            Ok(c) => self.take_connection(c),
+            Err(e) => log::warn!("an API connection was lost passing it on: {e}"),
         }
     }
 
@@ -227,9 +271,12 @@ impl Vmm {
     /// its successor, and every connection with no request being served goes to it; returns
     /// once none is left (or after [`LEAVE_LIMIT`]).
     pub(crate) fn leave(&mut self) {
-        let (Some(api), Some(_)) = (&self.api, &self.successor) else {
+        let Some(api) = &self.api else {
             return;
         };
+        if !self.handed_over {
+            return;
+        }
         let outbox = api.gate.leave();
         let deadline = Instant::now() + LEAVE_LIMIT;
         let mut empty_since = None;
@@ -244,11 +291,7 @@ impl Vmm {
             for conn in outbox.try_iter() {
                 idle = false;
                 conns += 1;
-                if let Some(next) = &self.successor {
-                    if let Err(e) = give(next, &conn) {
-                        log::warn!("an API connection was lost passing it on: {e}");
-                    }
-                }
+                self.pass_connection(conn);
             }
             if self.predecessor.is_some() && readable(self.predecessor.as_ref()) {
                 idle = false;
@@ -275,9 +318,25 @@ impl Vmm {
                 }
             }
         }
+        // One the accept thread gave away between the last drain and the last look.
+        for conn in outbox.try_iter() {
+            conns += 1;
+            self.pass_connection(conn);
+        }
         if calls + conns > 0 {
             log::info!("passed {calls} API request(s) and {conns} connection(s) on to the new VMM");
         }
+    }
+}
+
+/// The answer to a request a handed-over VMM cannot pass on.
+fn gone(why: &str) -> ApiFault {
+    ApiFault {
+        status: 503,
+        message: format!(
+            "the VM was handed over to a new VMM, which did not answer this request passed \
+             on to it ({why}); send it again"
+        ),
     }
 }
 
@@ -315,8 +374,12 @@ mod tests {
         let (old, new) = UnixStream::pair().unwrap();
         let server = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            for _ in 0..3 {
+            for _ in 0..4 {
                 match receive(&new).unwrap() {
+                    Passed::Unreadable(why) => {
+                        seen.push("unreadable".into());
+                        reply(&new, &Err(ApiFault::bad_request(why))).unwrap();
+                    }
                     Passed::Call(r) => {
                         seen.push(format!("{r:?}"));
                         let answer = match r {
@@ -348,6 +411,11 @@ mod tests {
             pass_call(&old, &pause).unwrap(),
             Err(ApiFault::bad_request("not now"))
         );
+        // A request of another build's shape is refused, and the link stays in step.
+        send_json(&old, "CALL", &serde_json::json!({"NoSuchRequest": 1})).unwrap();
+        let line = handover::read_line(&old, Duration::from_secs(5)).unwrap();
+        let refused: ApiResult = read_json(&old, line.strip_prefix("REPLY ").unwrap()).unwrap();
+        assert_eq!(refused.unwrap_err().status, 400);
         let (mut client, conn) = UnixStream::pair().unwrap();
         give(&old, &conn).unwrap();
         drop(conn);
@@ -356,17 +424,24 @@ mod tests {
         assert_eq!(&got, b"hello");
         drop(old);
         let seen = server.join().unwrap();
-        assert_eq!(seen.len(), 3);
-        assert!(seen[1].contains("Paused") && seen[2] == "conn", "{seen:?}");
+        assert_eq!(seen.len(), 4);
+        assert!(
+            seen[1].contains("Paused") && seen[2] == "unreadable" && seen[3] == "conn",
+            "{seen:?}"
+        );
     }
 
     #[test]
     fn broken_messages_are_refused() {
-        for bad in ["CALL 99999999999\n", "CALL x\n", "HELLO\n", "CALL 3\nnot"] {
+        for bad in ["CALL 99999999999\n", "CALL x\n", "HELLO\n", "CALL 5\nnot"] {
             let (old, new) = UnixStream::pair().unwrap();
             (&old).write_all(bad.as_bytes()).unwrap();
             drop(old);
             assert!(receive(&new).is_err(), "{bad:?}");
         }
+        // A whole message that is not a request this binary knows: answered, not fatal.
+        let (old, new) = UnixStream::pair().unwrap();
+        (&old).write_all(b"CALL 3\nnot").unwrap();
+        assert!(matches!(receive(&new), Ok(Passed::Unreadable(_))));
     }
 }

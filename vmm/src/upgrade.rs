@@ -34,6 +34,9 @@ use crate::vmm::{Lifecycle, Vmm};
 
 /// How long the new VMM may take to start and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long it may take to map the guest RAM and create its KVM VM (before the pause; the
+/// API waits meanwhile).
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long it may take to rebuild the VM.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long it may take to run the vCPUs once told to.
@@ -222,7 +225,7 @@ impl Vmm {
         ))
     }
 
-    /// Step 1a of the hand-over: the new VMM maps the guest RAM and creates its KVM VM.
+    /// Step 2 of the hand-over: the new VMM maps the guest RAM and creates its KVM VM.
     fn prepare_candidate(&self, ours: &UnixStream, c: &Candidate) -> Result<(), String> {
         let Some(vm) = &self.vm else {
             return Err("no VM".into());
@@ -233,7 +236,7 @@ impl Vmm {
             .map_err(|e| format!("the guest RAM memfd: {e}"))?
             .len();
         let answer = handover::send_prepare(ours, bytes, memfd.as_raw_fd())
-            .and_then(|()| handover::read_line(ours, HELLO_TIMEOUT));
+            .and_then(|()| handover::read_line(ours, PREPARE_TIMEOUT));
         match answer {
             Ok(l) if l == "PREPARED" => Ok(()),
             Ok(l) => Err(match l.strip_prefix("ERROR ") {
@@ -401,12 +404,23 @@ impl Vmm {
         }
         let restore_us = micros(tr.elapsed());
         let tc = Instant::now();
-        if let Err(e) = c.launcher.commit_vmm(pid) {
-            let why = format!(
-                "skiff-jailer did not follow the new VMM: {}",
+        match c.launcher.commit_vmm(pid) {
+            Ok(()) => {}
+            // Refused: skiff-jailer still follows this VMM, which keeps the VM.
+            Err(e @ sandbox::launch::LaunchError::Refused(_)) => {
+                let why = format!(
+                    "skiff-jailer did not follow the new VMM: {}",
+                    error_chain(&e)
+                );
+                return Err(self.roll_back(&c, running, why));
+            }
+            // No answer: skiff-jailer may have followed the new VMM already. Resuming the
+            // guest here could run it in two VMMs at once; going on cannot (if it did not
+            // follow, the VM ends when this VMM exits).
+            Err(e) => log::error!(
+                "skiff-jailer's answer to the commit was lost ({}); handing the VM over anyway",
                 error_chain(&e)
-            );
-            return Err(self.roll_back(&c, running, why));
+            ),
         }
         // From here on the new VMM has the VM, whatever happens to this one.
         let went = handover::send_line(&ours, &format!("GO {}", micros(tp.elapsed())))
@@ -414,6 +428,11 @@ impl Vmm {
         let resume_us = micros(tc.elapsed());
         self.pending_exit = Some(ExitReason::HandedOver(pid));
         // API requests this VMM still gets, and its connections, go to the new one.
+        self.handed_over = true;
+        // A new VMM that stops reading cannot block this one for long.
+        if let Err(e) = ours.set_write_timeout(Some(Duration::from_secs(5))) {
+            log::warn!("the hand-over socket: {e}");
+        }
         self.successor = Some(ours);
         // The new VMM measured the end of the pause (and records it in its histogram).
         let pause_us = match went.as_deref().map(|l| l.strip_prefix("RUNNING ")) {

@@ -158,6 +158,9 @@ pub struct Vmm {
     /// The VMM this one handed the VM over to (live upgrade), which answers what this
     /// one's API still gets.
     pub(crate) successor: Option<std::os::unix::net::UnixStream>,
+    /// The VM was handed over (the link to the successor may have broken since): this
+    /// VMM serves no request itself any more.
+    pub(crate) handed_over: bool,
     /// The VMM this one took the VM over from, while it passes on what its API held.
     pub(crate) predecessor: Option<std::os::unix::net::UnixStream>,
 }
@@ -273,6 +276,7 @@ impl Vmm {
             raw_terminal: None,
             restart_log: Default::default(),
             successor: None,
+            handed_over: false,
             predecessor: None,
         })
     }
@@ -454,6 +458,11 @@ impl Vmm {
                 Err(e) => return Err(VmmError::EventLoop("epoll_wait", e)),
             };
             for ev in &events[..n] {
+                // Once the VM is handed over (or ends), nothing more of it is served here:
+                // a device process's death or a broken ring is the new VMM's to handle.
+                if self.pending_exit.is_some() {
+                    break;
+                }
                 self.dispatch(ev.data())?;
             }
         }
@@ -559,7 +568,7 @@ impl Vmm {
         for call in calls {
             // Once the VM is handed over (a call before this one upgraded the VMM), the
             // rest are answered by the VMM that took over, never here.
-            if self.successor.is_some() {
+            if self.handed_over {
                 self.forward(call);
                 continue;
             }

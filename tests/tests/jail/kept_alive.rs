@@ -32,6 +32,11 @@ impl KeptAlive {
         })
     }
 
+    /// The server ended the connection after its last answer.
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+
     /// `GET /skiff/vm` on this connection: the pid of the VMM that answered. Fails on any
     /// answer but 200, and when the connection ends without one. A connection the server
     /// closed after its last answer is opened again first (that is the client's job).

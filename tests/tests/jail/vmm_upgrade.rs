@@ -219,7 +219,12 @@ impl Upgrades {
              -> {})",
             r.new_pid
         );
-        // The kept connection went over to the new VMM, unclosed.
+        // The kept connection went over to the new VMM: the same connection (its last
+        // answer did not close it) is answered by the new VMM.
+        ensure!(
+            !kept.closed(),
+            "upgrade {i}: the kept connection was closed"
+        );
         let pid = kept
             .skiff_pid()
             .map_err(|e| format!("upgrade {i}: the connection kept across it: {e}"))?;
