@@ -41,3 +41,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// Waits at most `timeout` (zero: not at all) for `fd` to be readable (or hung up); says
+/// whether it is.
+pub(crate) fn wait_readable(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll reads and writes the one pollfd, which lives across the call.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+}

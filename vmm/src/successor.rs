@@ -186,34 +186,23 @@ impl Vmm {
         let Some(prev) = &self.predecessor else {
             return;
         };
-        let passed = receive(prev);
-        let broken = match passed {
-            Ok(Passed::Call(request)) => {
-                let result = match self.handed_over {
-                    true => self.pass_on(&request),
-                    false => self.handle(request),
-                };
-                match self.predecessor.as_ref().map(|p| reply(p, &result)) {
-                    Some(Err(e)) => e,
-                    _ => return,
-                }
-            }
-            Ok(Passed::Unreadable(why)) => {
-                let result = Err(ApiFault::bad_request(format!(
-                    "the request reached the VMM during a live upgrade, and the new VMM \
-                     cannot read it as passed on ({why}); send it again"
-                )));
-                match self.predecessor.as_ref().map(|p| reply(p, &result)) {
-                    Some(Err(e)) => e,
-                    _ => return,
-                }
-            }
-            Ok(Passed::Conn(fd)) => {
-                self.take_connection(UnixStream::from(fd));
-                return;
-            }
-            Err(e) => e,
+        let result = match receive(prev) {
+            Ok(Passed::Conn(fd)) => return self.take_connection(UnixStream::from(fd)),
+            Ok(Passed::Call(request)) if self.handed_over => self.pass_on(&request),
+            Ok(Passed::Call(request)) => self.handle(request),
+            Ok(Passed::Unreadable(why)) => Err(ApiFault::bad_request(format!(
+                "the request reached the VMM during a live upgrade, and the new VMM cannot \
+                 read it as passed on ({why}); send it again"
+            ))),
+            Err(e) => return self.unlink_predecessor(e),
         };
+        if let Some(Err(e)) = self.predecessor.as_ref().map(|p| reply(p, &result)) {
+            self.unlink_predecessor(e);
+        }
+    }
+
+    /// Closes the link to the VMM this one replaced (it ended, or broke the protocol).
+    fn unlink_predecessor(&mut self, broken: HandoverError) {
         if !matches!(broken, HandoverError::Closed) {
             log::warn!("the VMM this one replaced: {}", error_chain(&broken));
         }
@@ -293,7 +282,11 @@ impl Vmm {
                 conns += 1;
                 self.pass_connection(conn);
             }
-            if self.predecessor.is_some() && readable(self.predecessor.as_ref()) {
+            if let Some(true) = self
+                .predecessor
+                .as_ref()
+                .map(|p| crate::wait_readable(p.as_raw_fd(), Duration::ZERO))
+            {
                 idle = false;
                 self.serve_predecessor();
             }
@@ -313,7 +306,7 @@ impl Vmm {
             }
             if idle {
                 if let Some(api) = &self.api {
-                    wait_readable(&api.wake, Duration::from_millis(5));
+                    crate::wait_readable(api.wake.as_raw_fd(), Duration::from_millis(5));
                     let _ = api.wake.read();
                 }
             }
@@ -338,29 +331,6 @@ fn gone(why: &str) -> ApiFault {
              on to it ({why}); send it again"
         ),
     }
-}
-
-/// Whether `s` has something to read now.
-fn readable(s: Option<&UnixStream>) -> bool {
-    let Some(s) = s else { return false };
-    let mut p = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes the one pollfd, which lives across the call.
-    unsafe { libc::poll(&mut p, 1, 0) == 1 }
-}
-
-/// Waits until `fd` is readable or `timeout` passed.
-fn wait_readable(fd: &impl AsRawFd, timeout: Duration) {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes the one pollfd, which lives across the call.
-    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
 }
 
 #[cfg(test)]

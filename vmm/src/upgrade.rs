@@ -82,13 +82,7 @@ impl Candidate {
     /// How it ended, once its pidfd says so (within a second) and the launcher has reaped
     /// it.
     fn status(&self) -> Option<i32> {
-        let mut pfd = libc::pollfd {
-            fd: self.pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll reads and writes the one pollfd, which lives across the call.
-        if unsafe { libc::poll(&mut pfd, 1, 1000) } != 1 {
+        if !crate::wait_readable(self.pidfd.as_raw_fd(), Duration::from_secs(1)) {
             return None;
         }
         for _ in 0..20 {

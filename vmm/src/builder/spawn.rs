@@ -125,14 +125,7 @@ pub fn negotiate(
 
 /// How `p` ended, if it has or does within `grace` (its pidfd becomes readable).
 fn ended_within(p: &mut DeviceProcess, grace: Duration) -> Option<String> {
-    let mut pfd = libc::pollfd {
-        fd: p.pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(grace.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: poll reads and writes the one pollfd, which lives across the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) };
+    crate::wait_readable(p.pidfd.as_raw_fd(), grace);
     p.check_alive().err()
 }
 
