@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Find (or build) the artifacts skiff's tests boot, and print where they are.
 #
-#   artifacts.sh [--no-build] [guest|nested|all]        (default: all)
+#   artifacts.sh [--no-build] [guest|nested|stock|debian|all]        (default: guest and nested)
 #
 # Output on stdout, one KEY=VALUE line per kind asked for (absolute paths, no quoting needed), e.g.
 #   SKIFF_GUEST_DIR=/work/shared/guest       holds vmlinux bzImage rootfs-busybox.ext4 initramfs-busybox.cpio.gz
 #   SKIFF_NESTED_DIR=/work/shared/nested     holds l2-host.bzImage
+#   SKIFF_STOCK_DIR=~/.cache/skiff/artifacts/stock   holds vmlinuz-cloud initramfs-cloud.cpio.gz (Debian's
+#                                                    cloud kernel and an initramfs of its modules)
+#   SKIFF_DEBIAN_DIR=~/.cache/skiff/artifacts/debian holds debian-vmlinuz debian-initrd.img debian-rootfs.ext4.zst
+#                                                    (a whole Debian image: systemd, cloud-init, its own kernel)
 # so `eval "$(resources/artifacts.sh)"` works in a shell. Progress and warnings go to stderr.
 # Exit status 0 when every kind asked for was found (or built) and verified, 1 otherwise.
 #
@@ -19,7 +23,9 @@
 #      checked against the SHA256SUMS written when they were built.
 #   4. Otherwise (unless --no-build) they are built into the cache dir of 3 with resources/guest and
 #      resources/nested recipes: guest kernel about 4 minutes, root filesystems a few seconds, nested host
-#      kernel about 10 minutes (2 cores). Kernel builds are not bit-for-bit reproducible, so built files
+#      kernel about 10 minutes (2 cores); stock (resources/stock: one .deb from the Debian mirror) seconds;
+#      debian (resources/debian: debootstrap from the Debian mirror, root) a few minutes. The debian image is
+#      not reproducible (package versions move): it has no pinned checksums, only those written when built. Kernel builds are not bit-for-bit reproducible, so built files
 #      get their own SHA256SUMS and a note that they differ from the pinned ones.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -29,8 +35,8 @@ KINDS=()
 for a in "$@"; do
   case $a in
     --no-build) BUILD=0 ;;
-    guest|nested) KINDS+=("$a") ;;
-    all) KINDS+=(guest nested) ;;
+    guest|nested|stock|debian) KINDS+=("$a") ;;
+    all) KINDS+=(guest nested stock debian) ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "artifacts.sh: unknown argument: $a" >&2; exit 2 ;;
   esac
@@ -39,7 +45,14 @@ done
 CACHE=${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/skiff/artifacts
 log() { echo "artifacts.sh: $*" >&2; }
 
-files_of() { case $1 in guest) echo "vmlinux bzImage rootfs-busybox.ext4 initramfs-busybox.cpio.gz" ;; nested) echo "l2-host.bzImage" ;; esac; }
+files_of() {
+  case $1 in
+    guest) echo "vmlinux bzImage rootfs-busybox.ext4 initramfs-busybox.cpio.gz" ;;
+    nested) echo "l2-host.bzImage" ;;
+    stock) echo "vmlinuz-cloud initramfs-cloud.cpio.gz" ;;
+    debian) echo "debian-vmlinuz debian-initrd.img debian-rootfs.ext4.zst" ;;
+  esac
+}
 has_all() {   # $1 kind, $2 dir
   local f
   [ -d "$2" ] || return 1
@@ -73,10 +86,21 @@ build() {   # build KIND into $CACHE/KIND
       log "building the nested host kernel into $out: this takes about 10 minutes on 2 cores"
       "$HERE/nested/build-l2-kernel.sh" "$out" >&2
       ;;
+    stock)
+      log "building the stock guest artifacts into $out from Debian's cloud kernel package (seconds)"
+      "$HERE/stock/build-stock.sh" "$out" >&2
+      ;;
+    debian)
+      log "building the Debian image into $out with debootstrap (a few minutes, ~250 MB from the mirror)"
+      "$HERE/debian/build-image.sh" "$out" >&2
+      ;;
   esac
   (cd "$out" && sha256sum $(files_of "$kind") > SHA256SUMS.new && mv SHA256SUMS.new SHA256SUMS)
-  if ! verify "$kind" "$out" "$HERE/$kind/SHA256SUMS" 2>/dev/null; then
-    log "note: the $kind artifacts built here differ from the pinned ones in resources/$kind/SHA256SUMS (kernel builds are not reproducible); their own checksums are in $out/SHA256SUMS"
+  if [ "$kind" != debian ] && ! verify "$kind" "$out" "$HERE/$kind/SHA256SUMS" 2>/dev/null; then
+    case $kind in
+      stock) log "note: the stock artifacts built here differ from the pinned ones in resources/stock/SHA256SUMS (the Debian mirror moved to another kernel, or this host's busybox-static differs); their own checksums are in $out/SHA256SUMS" ;;
+      *) log "note: the $kind artifacts built here differ from the pinned ones in resources/$kind/SHA256SUMS (kernel builds are not reproducible); their own checksums are in $out/SHA256SUMS" ;;
+    esac
   fi
   log "$kind artifacts built in $(( $(date +%s) - t0 )) s"
 }

@@ -489,6 +489,11 @@ impl ApiClient {
         self.send_slow("PUT", "/skiff/upgrade", upgrade)
     }
 
+    /// `PUT /skiff/power-button`: presses the guest's ACPI power button.
+    pub fn power_button(&mut self) -> Result<(), ClientError> {
+        self.send("PUT", "/skiff/power-button", &serde_json::json!({}))
+    }
+
     /// `PUT /skiff/vmm/upgrade`: a new VMM process (of `binary`, default the running one)
     /// takes the guest over. Waits up to [`slow_timeout`](Self::slow_timeout).
     pub fn upgrade_vmm(&mut self, binary: Option<&str>) -> Result<VmmUpgradeReport, ClientError> {

@@ -56,6 +56,8 @@ pub enum ApiRequest {
     UpgradeAll(VmUpgrade),
     /// `PUT /skiff/vmm/upgrade`
     UpgradeVmm(VmmUpgrade),
+    /// `PUT /skiff/power-button`
+    PressPowerButton,
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`

@@ -187,6 +187,23 @@ pub const ROUTES: &[Route] = &[
         };
         Ok(ApiRequest::UpgradeVmm(u))
     }),
+    r(
+        "PUT",
+        "/skiff/power-button",
+        "skiff_power_button",
+        |_, b| {
+            // No parameters: an empty body or an empty JSON object.
+            if !b.iter().all(u8::is_ascii_whitespace) {
+                let v: serde_json::Value = json(b, "power-button")?;
+                if v.as_object().is_none_or(|o| !o.is_empty()) {
+                    return Err(ApiFault::bad_request(
+                        "PUT /skiff/power-button takes no parameters (send no body or {})",
+                    ));
+                }
+            }
+            Ok(ApiRequest::PressPowerButton)
+        },
+    ),
     r("PUT", "/snapshot/create", "snapshot_create", |_, b| {
         let c: SnapshotCreateParams = json(b, "snapshot-create")?;
         c.check_supported().map_err(unsupported)?;

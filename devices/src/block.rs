@@ -457,6 +457,95 @@ pub fn process_request(
     write_status(mem, Some(req.status), status, written)
 }
 
+/// A read or write of the image that goes to the image asynchronously (crate::uring):
+/// checked as [`process_request`] checks it, its buffers mapped.
+pub struct ImageIo {
+    /// A write to the image (else a read into guest memory).
+    pub write: bool,
+    /// Byte offset in the image.
+    pub offset: u64,
+    /// Bytes to move.
+    pub len: usize,
+    /// The guest's buffers, straight into guest memory.
+    pub iovs: Vec<libc::iovec>,
+    status: GuestAddress,
+    kind: u32,
+    sector: u64,
+}
+
+/// The request `descs` as an asynchronous image transfer, when it is a well-formed read or
+/// write that can be one; `None` for every other request, well-formed or not, which
+/// [`process_request`] then serves (and fails with the right status and counters).
+pub fn image_io(
+    disk: &DiskImage,
+    mem: &GuestMemoryMmap<()>,
+    descs: &[Descriptor],
+) -> Option<ImageIo> {
+    let req = parse(mem, descs).ok()?;
+    let write = match req.kind {
+        VIRTIO_BLK_T_IN => false,
+        VIRTIO_BLK_T_OUT if !disk.read_only() => true,
+        _ => return None,
+    };
+    let segs = data_segments(&req, !write).ok()?;
+    let len = data_len(&segs).ok()?;
+    let offset = check_range(disk, req.sector, (len as u64) / SECTOR_SIZE).ok()?;
+    u32::try_from(len).ok()?;
+    let iovs = disk.async_iovecs(mem, &segs)?;
+    Some(ImageIo {
+        write,
+        offset,
+        len,
+        iovs,
+        status: req.status,
+        kind: req.kind,
+        sector: req.sector,
+    })
+}
+
+/// Completes `io` after its asynchronous transfer returned `result` (bytes moved, or a
+/// negative errno): a short transfer is finished synchronously; the request is counted as
+/// [`process_request`] counts it and its status written. Returns the used length.
+pub fn finish_image_io(
+    disk: &DiskImage,
+    metrics: &BlockMetrics,
+    mem: &GuestMemoryMmap<()>,
+    io: &mut ImageIo,
+    result: i32,
+) -> u32 {
+    let moved = match usize::try_from(result) {
+        Ok(n) if n >= io.len => Ok(io.len),
+        Ok(0) => Err(DiskError::ShortIo),
+        Ok(n) => disk.finish_transfer(&mut io.iovs, io.offset, n, io.write),
+        Err(_) => Err(DiskError::Io(std::io::Error::from_raw_os_error(-result))),
+    };
+    match moved {
+        Ok(n) if io.write => {
+            metrics.write_requests.inc(1);
+            metrics.write_bytes.inc(n as u64);
+            write_status(mem, Some(io.status), VIRTIO_BLK_S_OK as u8, 0)
+        }
+        Ok(n) => {
+            metrics.read_requests.inc(1);
+            metrics.read_bytes.inc(n as u64);
+            // At most MAX_TRANSFER: image_io checked it fits.
+            write_status(mem, Some(io.status), VIRTIO_BLK_S_OK as u8, n as u32)
+        }
+        Err(e) => {
+            if metrics.io_errors.inc_logged() {
+                warn!(
+                    "request type {} sector {} failed: {} ({} so far)",
+                    io.kind,
+                    io.sector,
+                    crate::error_chain(&e),
+                    metrics.io_errors.get()
+                );
+            }
+            write_status(mem, Some(io.status), VIRTIO_BLK_S_IOERR as u8, 0)
+        }
+    }
+}
+
 fn descs_status(descs: &[Descriptor]) -> Option<GuestAddress> {
     descs.last().map(|d| {
         GuestAddress(

@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use clap::Parser;
 use log::{info, warn};
@@ -29,6 +29,7 @@ use crate::block::{process_chain, process_request, reject_chain, BlockConfigSpac
 use crate::disk::{DiskError, DiskImage, DiskOptions};
 use crate::inflight::{chain_descriptors, InflightArea, QueueInflight};
 use crate::metrics::{self, MetricsError};
+use crate::uring::{ImageRing, UringError};
 use crate::vring::{Vring, VringError};
 use crate::vu_proxy::{self, InflightHost, ProxyError};
 use crate::vu_socket::{SocketSource, VuSocketError};
@@ -72,6 +73,23 @@ pub enum BlockBackendError {
     /// The seccomp filters cannot be loaded or installed.
     #[error(transparent)]
     Seccomp(#[from] sandbox::SandboxError),
+    /// The queue's io_uring failed (not a guest fault).
+    #[error(transparent)]
+    Uring(#[from] UringError),
+}
+
+/// How skiff-blk moves data between guest memory and the image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoEngine {
+    /// One io_uring per queue (crate::uring): every request a ring holds is submitted at
+    /// once and completes as its I/O ends. Falls back to `sync`, with a warning, where the
+    /// kernel has no io_uring or refuses it. Not the default yet: a guest's fio stalled
+    /// once with it, under skiff-jailer, during VMM live upgrades over virtio-pci, and the
+    /// cause is not known.
+    IoUring,
+    /// preadv/pwritev, one request after the other on each queue.
+    #[default]
+    Sync,
 }
 
 /// How the image is given on the command line.
@@ -135,6 +153,10 @@ pub struct BlkArgs {
     /// Maximum size of each queue.
     #[arg(long, default_value_t = 256)]
     pub queue_size: u16,
+    /// How reads and writes reach the image: io-uring (requests of a queue in flight
+    /// together) or sync (one after the other).
+    #[arg(long, value_enum, default_value_t = IoEngine::Sync)]
+    pub io_engine: IoEngine,
     /// Inherited fd of the VMM's 4096-byte metrics memfd to count into (layout in
     /// docs/CONTRACTS.md); without it the counters stay in process memory.
     #[arg(long, value_name = "N")]
@@ -166,6 +188,7 @@ impl From<BlkArgs> for BlockOptions {
             },
             num_queues: args.num_queues,
             queue_size: args.queue_size,
+            io_engine: args.io_engine,
             metrics_fd: args.metrics_fd,
             seccomp: args.seccomp.choice(),
         }
@@ -185,6 +208,8 @@ pub struct BlockOptions {
     pub num_queues: u16,
     /// Maximum queue size.
     pub queue_size: u16,
+    /// How reads and writes reach the image.
+    pub io_engine: IoEngine,
     /// Inherited metrics page (`--metrics-fd`); counters stay in process memory without it.
     pub metrics_fd: Option<RawFd>,
     /// Which seccomp filters to install.
@@ -205,6 +230,8 @@ pub struct BlockBackend {
     resubmit_pending: Vec<AtomicBool>,
     /// Whether "ring larger than the inflight area" was logged.
     untracked_logged: AtomicBool,
+    /// Each queue's io_uring (see [`BlockBackend::use_io_uring`]); none: synchronous I/O.
+    rings: Vec<Mutex<Option<ImageRing>>>,
 }
 
 impl BlockBackend {
@@ -232,7 +259,35 @@ impl BlockBackend {
             inflight: RwLock::new(None),
             resubmit_pending: (0..num_queues).map(|_| AtomicBool::new(false)).collect(),
             untracked_logged: AtomicBool::new(false),
+            rings: Vec::new(),
         }
+    }
+
+    /// Gives every queue an io_uring of its size on the image (before any seccomp filter:
+    /// the workers may only enter their rings). All or none: on failure the queues keep
+    /// synchronous I/O and the error says why.
+    pub fn use_io_uring(&mut self) -> Result<(), UringError> {
+        let fd = self.disk.raw_fd();
+        let rings = (0..self.num_queues)
+            .map(|_| ImageRing::new(fd, u32::from(self.queue_size)).map(|r| Mutex::new(Some(r))))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.rings = rings;
+        Ok(())
+    }
+
+    /// The image.
+    pub(crate) fn disk(&self) -> &DiskImage {
+        &self.disk
+    }
+
+    /// The counters.
+    pub(crate) fn block_metrics(&self) -> &BlockMetrics {
+        &self.metrics
+    }
+
+    /// Whether the driver negotiated EVENT_IDX.
+    pub(crate) fn event_idx(&self) -> bool {
+        self.common.event_idx()
     }
 
     /// Queue `queue`'s part of `area`, if the area can track the whole ring. A ring
@@ -272,7 +327,7 @@ impl BlockBackend {
     }
 
     /// Completes `head`, recording it in the inflight area when it was tracked.
-    fn complete(
+    pub(crate) fn complete(
         vring: &BlockVring,
         track: Option<&QueueInflight<'_>>,
         head: u16,
@@ -335,15 +390,21 @@ impl BlockBackend {
         vring.signal_used_queue().map_err(BlockBackendError::Signal)
     }
 
-    fn memory(&self) -> Mem {
+    pub(crate) fn memory(&self) -> Mem {
         self.common.memory()
     }
 
     /// Pops and completes every available request; returns whether any was used.
     fn drain_queue(&self, vring: &BlockVring, queue: usize) -> Result<bool, BlockBackendError> {
-        let mem = self.memory().memory();
         let area = self.inflight_area();
         let track = area.as_ref().and_then(|a| self.tracker(a, vring, queue));
+        if let Some(slot) = self.rings.get(queue) {
+            let mut ring = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(ring) = ring.as_mut() {
+                return self.drain_uring(vring, ring, track.as_ref());
+            }
+        }
+        let mem = self.memory().memory();
         let mut used = false;
         loop {
             // Keep the vring lock only for the pop; add_used takes it again.
@@ -564,13 +625,24 @@ pub fn run(opts: &BlockOptions) -> Result<(), BlockBackendError> {
         opts.queue_size
     );
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(BlockBackend::new(
-        disk,
-        opts.num_queues,
-        opts.queue_size,
-        mem.clone(),
-        metrics,
-    ));
+    let mut backend =
+        BlockBackend::new(disk, opts.num_queues, opts.queue_size, mem.clone(), metrics);
+    if opts.io_engine == IoEngine::IoUring && crate::uring::inherited_seccomp() {
+        warn!(
+            "started under its parent's seccomp filter (a skiff not under skiff-jailer starts \
+             device processes so once its own filter is in force: upgrades, restarts), which \
+             allows no io_uring: reads and writes are synchronous (--io-engine sync)"
+        );
+    } else if opts.io_engine == IoEngine::IoUring {
+        match backend.use_io_uring() {
+            Ok(()) => info!("I/O through io_uring, one ring per queue"),
+            Err(e) => warn!(
+                "{}; reads and writes are synchronous (--io-engine sync)",
+                crate::error_chain(&e)
+            ),
+        }
+    }
+    let backend = Arc::new(backend);
     // Everything opened: from here on only the vhost-user frontend's messages and the
     // guest's requests are served. The workers the daemon starts keep this filter and add
     // their own on their first event, before they touch a ring.

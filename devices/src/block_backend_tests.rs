@@ -156,7 +156,9 @@ mod rings {
     use std::sync::Arc;
 
     use vhost_user_backend::{VhostUserBackend, VringT};
-    use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::epoll::EventSet;
     use vmm_sys_util::tempfile::TempFile;
@@ -184,13 +186,18 @@ mod rings {
     }
 
     impl Rig {
-        fn new(event_idx: bool) -> Self {
+        /// With `uring`, the queue's I/O goes through its io_uring (--io-engine io-uring).
+        fn with(event_idx: bool, uring: bool) -> Self {
             let image = TempFile::new().expect("image");
             image.as_file().set_len(64 * 512).expect("size image");
             let disk = DiskImage::open(image.as_path(), &DiskOptions::default()).expect("open");
             let metrics = BlockMetrics::register(&MetricsPage::in_memory()).expect("counters");
             let (mem, atomic) = memory();
-            let backend = Arc::new(BlockBackend::new(disk, 1, QSIZE, atomic.clone(), metrics));
+            let mut backend = BlockBackend::new(disk, 1, QSIZE, atomic.clone(), metrics);
+            if uring {
+                backend.use_io_uring().expect("io_uring");
+            }
+            let backend = Arc::new(backend);
             backend.set_event_idx(event_idx);
             let ring = Ring::new(&mem, 0, QSIZE);
             let vring: BlockVring = ring.vring(&atomic, event_idx);
@@ -254,7 +261,13 @@ mod rings {
 
     #[test]
     fn an_avail_index_past_the_queue_size_breaks_the_ring_once() {
-        let rig = Rig::new(true);
+        for uring in [false, true] {
+            avail_index_past_the_queue_size(uring);
+        }
+    }
+
+    fn avail_index_past_the_queue_size(uring: bool) {
+        let rig = Rig::with(true, uring);
         // 17 requests "available" in a ring of 16: virtio-queue refuses to iterate.
         rig.ring.set_avail_idx(QSIZE + 1);
         rig.kick().expect("a guest fault is no worker error");
@@ -277,8 +290,8 @@ mod rings {
 
     #[test]
     fn a_head_beyond_the_queue_size_breaks_the_ring_not_the_worker() {
-        for event_idx in [false, true] {
-            let rig = Rig::new(event_idx);
+        for (event_idx, uring) in [(false, false), (true, false), (false, true), (true, true)] {
+            let rig = Rig::with(event_idx, uring);
             rig.ring.push(QSIZE);
             rig.kick()
                 .expect("a guest fault must not end the worker thread");
@@ -301,8 +314,8 @@ mod rings {
         let outside = crate::test_ring::MEM_SIZE as u64 + 0x1000;
         // Completing the request fails; and with an inflight area, resubmission cannot read
         // the used index either.
-        for with_area in [false, true] {
-            let rig = Rig::new(false);
+        for (with_area, uring) in [(false, false), (true, false), (false, true), (true, true)] {
+            let rig = Rig::with(false, uring);
             if with_area {
                 let area = InflightArea::create(1, QSIZE, 1).expect("area");
                 rig.backend.set_inflight(Arc::new(area));
@@ -316,5 +329,91 @@ mod rings {
                 .expect("a guest fault must not end the worker thread");
             assert_eq!(eventfd_count(&rig.err), Some(1), "error eventfd");
         }
+    }
+
+    /// A request of 2 descriptors (header, status): a flush.
+    fn flush_request(rig: &Rig, head: u16) -> GuestAddress {
+        let buf = BUFFERS + u64::from(head) * 0x1000;
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+        rig.mem.write_slice(&hdr, GuestAddress(buf)).unwrap();
+        rig.mem
+            .write_obj(0xffu8, GuestAddress(buf + 0x400))
+            .unwrap();
+        rig.ring.desc(head, buf, 16, F_NEXT, head + 1);
+        rig.ring.desc(head + 1, buf + 0x400, 1, F_WRITE, 0);
+        GuestAddress(buf + 0x400)
+    }
+
+    /// A read of one sector into the head's buffer; returns (data, status) addresses.
+    fn read_request(rig: &Rig, head: u16, sector: u64) -> (GuestAddress, GuestAddress) {
+        let buf = BUFFERS + u64::from(head) * 0x1000;
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        rig.mem.write_slice(&hdr, GuestAddress(buf)).unwrap();
+        rig.mem
+            .write_obj(0xffu8, GuestAddress(buf + 0x400))
+            .unwrap();
+        rig.ring.desc(head, buf, 16, F_NEXT, head + 1);
+        rig.ring
+            .desc(head + 1, buf + 0x200, 512, F_NEXT | F_WRITE, head + 2);
+        rig.ring.desc(head + 2, buf + 0x400, 1, F_WRITE, 0);
+        (GuestAddress(buf + 0x200), GuestAddress(buf + 0x400))
+    }
+
+    #[test]
+    fn io_uring_serves_a_batch_with_a_flush_in_it_and_clears_the_inflight_area() {
+        for event_idx in [false, true] {
+            let rig = Rig::with(event_idx, true);
+            let area = Arc::new(InflightArea::create(1, QSIZE, 1).expect("area"));
+            rig.backend.set_inflight(area.clone());
+            // Two writes, a flush, a write: one kick.
+            let s0 = rig.write_request(0, 1, 0xa1);
+            let s1 = rig.write_request(3, 2, 0xa2);
+            let s2 = flush_request(&rig, 6);
+            let s3 = rig.write_request(8, 3, 0xa3);
+            for h in [0, 3, 6, 8] {
+                rig.ring.push(h);
+            }
+            rig.kick().expect("kick");
+            assert_eq!(rig.ring.used_idx(), 4, "every request completed");
+            for s in [s0, s1, s2, s3] {
+                assert_eq!(rig.status(s), VIRTIO_BLK_S_OK as u8);
+            }
+            // The flush waited for the writes before it.
+            let used: Vec<u32> = (0..4).map(|i| rig.ring.used_elem(i).0).collect();
+            let flush_at = used.iter().position(|&h| h == 6).expect("flush used");
+            for h in [0, 3] {
+                let at = used.iter().position(|&x| x == h).expect("write used");
+                assert!(
+                    at < flush_at,
+                    "write {h} completed after the flush: {used:?}"
+                );
+            }
+            // Read the sectors back through the ring.
+            let (d0, r0) = read_request(&rig, 11, 2);
+            rig.ring.push(11);
+            rig.kick().expect("kick");
+            assert_eq!(rig.ring.used_idx(), 5);
+            assert_eq!(rig.status(r0), VIRTIO_BLK_S_OK as u8);
+            assert_eq!(rig.ring.used_elem(4), (11, 513));
+            let mut back = [0u8; 512];
+            rig.mem.read_slice(&mut back, d0).unwrap();
+            assert!(back.iter().all(|&b| b == 0xa2));
+            // Nothing left for a successor to resubmit.
+            let q = area.queue(0).expect("queue 0");
+            assert!(q.recover(rig.ring.used_idx()).is_empty());
+        }
+    }
+
+    #[test]
+    fn io_uring_fails_a_read_past_the_image_like_the_sync_path() {
+        let rig = Rig::with(false, true);
+        let (_, st) = read_request(&rig, 0, 64);
+        rig.ring.push(0);
+        rig.kick().expect("kick");
+        assert_eq!(rig.ring.used_idx(), 1);
+        assert_eq!(rig.status(st), VIRTIO_BLK_S_IOERR as u8);
     }
 }

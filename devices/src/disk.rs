@@ -349,6 +349,11 @@ impl DiskImage {
         self.read_only
     }
 
+    /// Whether I/O bypasses the page cache (O_DIRECT).
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
     /// The 20-byte GET_ID serial (NUL padded).
     pub fn serial(&self) -> &[u8; SERIAL_LEN] {
         &self.serial
@@ -405,6 +410,51 @@ impl DiskImage {
             return self.bounce(mem, segs, offset, write);
         }
         self.vectored(&mut iovs, offset, write)
+    }
+
+    /// iovecs straight into guest memory for an asynchronous transfer of `segs` (see
+    /// crate::uring), or `None` when it must go the synchronous way: a range outside guest
+    /// memory (which that way fails with its error), more than [`MAX_TRANSFER`], or O_DIRECT
+    /// on buffers not aligned for it (the bounce buffer).
+    pub fn async_iovecs(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        segs: &[GuestSegment],
+    ) -> Option<Vec<libc::iovec>> {
+        let total = segs
+            .iter()
+            .try_fold(0usize, |sum, s| sum.checked_add(s.len))?;
+        if total > MAX_TRANSFER {
+            return None;
+        }
+        let mut iovs = Vec::with_capacity(segs.len());
+        for seg in segs {
+            iov::push_segment(mem, *seg, &mut iovs).ok()?;
+        }
+        if iovs.len() > IOV_MAX || (self.direct && !Self::aligned(&iovs)) {
+            return None;
+        }
+        Some(iovs)
+    }
+
+    /// Finishes a transfer over `iovs` at `offset` of which an asynchronous request moved
+    /// only `done` bytes (a short read or write): the rest with preadv/pwritev. Returns the
+    /// whole transfer's bytes.
+    pub fn finish_transfer(
+        &self,
+        iovs: &mut [libc::iovec],
+        offset: u64,
+        done: usize,
+        write: bool,
+    ) -> Result<usize, DiskError> {
+        iov::advance(iovs, 0, done);
+        let rest = self.vectored(iovs, offset + done as u64, write)?;
+        Ok(done + rest)
+    }
+
+    /// The image's fd (what the io_uring reads and writes).
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 
     /// preadv/pwritev until every iovec is consumed.

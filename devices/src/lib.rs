@@ -7,6 +7,7 @@
 pub mod backend_common;
 pub mod block;
 pub mod block_backend;
+mod block_uring;
 pub mod chain;
 pub mod disk;
 pub mod inflight;
@@ -18,6 +19,7 @@ pub mod net_backend;
 pub mod tap;
 #[cfg(test)]
 mod test_ring;
+pub mod uring;
 pub mod vring;
 pub mod vu_proxy;
 pub mod vu_socket;

@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use vmm::devices::virtio::mmio::MmioTransport;
+use vmm::devices::virtio::transport::VirtioTransport;
 use vmm::devices::virtio::{QueueConfig, RamRanges, VirtioDevice, VirtioError};
 
 /// RAM of this guest: 1 MiB low, 1 MiB above 4 GiB.
@@ -51,7 +51,7 @@ impl VirtioDevice for Device {
 
 fuzz_target!(|data: &[u8]| {
     let activations = Arc::new(Mutex::new(0));
-    let mut t = MmioTransport::new(Box::new(Device(activations)), "fuzz".into(), ram());
+    let mut t = VirtioTransport::new(Box::new(Device(activations)), "fuzz".into(), ram());
     for r in data.chunks_exact(7) {
         let offset = u64::from(u16::from_le_bytes([r[1], r[2]])) % 0x200;
         let value = [r[3], r[4], r[5], r[6], r[3], r[4], r[5], r[6]];
@@ -59,13 +59,13 @@ fuzz_target!(|data: &[u8]| {
         match r[0] & 3 {
             0 => {
                 let mut buf = [0u8; 8];
-                t.read(offset, &mut buf[..size]);
+                t.mmio_read(offset, &mut buf[..size]);
             }
-            1 => t.write(offset, &value[..size]),
+            1 => t.mmio_write(offset, &value[..size]),
             2 => {
                 let _ = t.ring_broken();
             }
-            _ => t.write(0x70, &value[..4]),
+            _ => t.mmio_write(0x70, &value[..4]),
         }
     }
 });

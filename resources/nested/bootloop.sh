@@ -5,7 +5,7 @@
 # to the rig can be judged by its figures; see README.md "Boot loop".
 #
 #   bootloop.sh [-n BOOTS] [-t SECONDS] [-L LOAD] [-V VMMS] [-C VCPUS] [-M MEMS] [-A ARGS]
-#               [-w fio] [-m MiB] [-c CPUS] [-k]
+#               [-a] [-w fio] [-m MiB] [-c CPUS] [-k]
 #
 #   -n BOOTS    boots in all (default 40), spread evenly over every VMM x vCPUs x memory combination
 #   -t SECONDS  a boot that has not printed GUEST-READY by then is a stall (default 60)
@@ -16,6 +16,8 @@
 #   -C VCPUS    comma list (default 1,2)
 #   -M MEMS     comma list of MiB (default 256,3072)
 #   -A ARGS     extra guest kernel parameters for both VMMs (an experiment's knob)
+#   -a          ACPI on: skiff's ACPI tables (its default) and QEMU microvm's (acpi=on) instead
+#               of acpi=off and the MP table for both
 #   -w fio      after boot, a workload: the guest's init runs fio for 12 s (4 jobs of 3 s: 4 KiB
 #               random and 1 MiB sequential, read and write, direct, QD32/QD4) on a second
 #               virtio-blk drive, then reboots (bench root filesystem); a boot counts as ok only
@@ -46,7 +48,7 @@ if [ "${1:-}" = --inner ]; then
   : > "$res"
   img=/tmp/bootloop-rootfs.ext4
   data=/tmp/bootloop-data.img
-  base="console=ttyS0 reboot=k panic=1 pci=off acpi=off nomodule 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+  base="console=ttyS0 reboot=k panic=1 pci=off${ACPI_OFF:+ acpi=off} nomodule 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
   if [ "$WORKLOAD" = fio ]; then
     zstd -q -d --long=27 -f "$GUEST_DIR/rootfs-bench.ext4.zst" -o "$img"
     truncate -s 256M "$data"
@@ -92,7 +94,7 @@ if [ "${1:-}" = --inner ]; then
 EOF
       "$SKIFF" --no-api --config-file "$wd/vm.json" </dev/null >"$con" 2>"$err" &
     else
-      qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -smp "$nc" -m "$mem" \
+      qemu-system-x86_64 -M "microvm,acpi=${ACPI_OFF:+off}${ACPI_OFF:-on}" -accel kvm -cpu host -smp "$nc" -m "$mem" \
         -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
         -kernel "$GUEST_DIR/vmlinux" -append "$a" \
         -drive id=root,file="$img",format=raw,if=none,readonly=on -device virtio-blk-device,drive=root \
@@ -133,7 +135,7 @@ EOF
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$vmm" "$nc" "$mem" "$outcome" "$secs" "${why:+$why; }last line: $point" >> "$res"
     printf 'boot %3d %-5s %s vCPU %5s MiB: %-5s %6ss %s\n' "$i" "$vmm" "$nc" "$mem" "$outcome" "$secs" \
       "$([ "$outcome" = ok ] || echo "${why:+$why; }at: $point")"
-    [ "$outcome" = ok ] && rm -f "$con" "$err"
+    if [ "$outcome" = ok ] && [ "$KEEP" != 1 ]; then rm -f "$con" "$err"; fi
   done
   # What the nested host's kernel said about its clocks and watchdogs meanwhile (a TSC marked
   # unstable changes the guests' kvm-clock; lockups and RCU stalls show starvation).
@@ -144,12 +146,12 @@ fi
 # ---------------------------------------------------------------------- outside
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-boots=40; limit=60; load=0; workload=""; vmms=skiff,qemu; vcpus=1,2; mems=256,3072; extra=""; nmem=8192; ncpu=$(nproc); keep=0
+boots=40; limit=60; load=0; workload=""; vmms=skiff,qemu; vcpus=1,2; mems=256,3072; extra=""; nmem=8192; ncpu=$(nproc); keep=0; acpi_off=1
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p' >&2; exit 2; }
-while getopts "n:t:L:V:C:M:A:w:m:c:kh" o; do
+while getopts "n:t:L:V:C:M:A:aw:m:c:kh" o; do
   case $o in
     n) boots=$OPTARG ;; t) limit=$OPTARG ;; L) load=$OPTARG ;; V) vmms=$OPTARG ;; C) vcpus=$OPTARG ;;
-    M) mems=$OPTARG ;; A) extra=$OPTARG ;; w) workload=$OPTARG ;; m) nmem=$OPTARG ;; c) ncpu=$OPTARG ;; k) keep=1 ;; *) usage ;;
+    M) mems=$OPTARG ;; A) extra=$OPTARG ;; a) acpi_off= ;; w) workload=$OPTARG ;; m) nmem=$OPTARG ;; c) ncpu=$OPTARG ;; k) keep=1 ;; *) usage ;;
   esac
 done
 for n in "$boots" "$limit" "$load" "$nmem" "$ncpu"; do [[ $n =~ ^[0-9]+$ ]] || usage; done
@@ -179,6 +181,8 @@ VMMS=$vmms
 VCPUS=$vcpus
 MEMS=$mems
 EXTRA="$extra"
+ACPI_OFF=$acpi_off
+KEEP=$keep
 WORKLOAD=$workload
 SKIFF=$skiff
 GUEST_DIR=$guest
@@ -188,7 +192,7 @@ for ((h = 0; h < load; h++)); do
   ( while :; do :; done ) &
   hogs+=($!)
 done
-echo "bootloop: $boots boots${workload:+ with workload $workload} of $vmms, vCPUs $vcpus, MiB $mems, stall limit ${limit}s, outer load $load CPU hog(s)," \
+echo "bootloop: $boots boots${workload:+ with workload $workload} of $vmms, ACPI ${acpi_off:+off}${acpi_off:-on}, vCPUs $vcpus, MiB $mems, stall limit ${limit}s, outer load $load CPU hog(s)," \
   "nested host ${ncpu} CPUs ${nmem} MiB, outer $("${SKIFF_NESTED_QEMU:-qemu-system-x86_64}" --version | head -n 1),${extra:+ guest args '$extra',}" \
   "cpu ${SKIFF_NESTED_CPU:-max}, accel ${SKIFF_NESTED_ACCEL:-tcg,thread=multi}${SKIFF_NESTED_APPEND:+, nested kernel args '$SKIFF_NESTED_APPEND'}${SKIFF_NESTED_NICE:+, nice $SKIFF_NESTED_NICE}"
 t0=$(date +%s)

@@ -158,3 +158,89 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         ))
     }
 }
+
+/// The directory `resources/artifacts.sh --no-build KIND` names (`SKIFF_<KIND>_DIR=`). Never
+/// builds: the nested test host has no network to download packages with; `.ci/run` (or the
+/// developer) runs `resources/artifacts.sh KIND` first.
+fn artifacts_dir(kind: &str, what: &str) -> Result<PathBuf> {
+    let script = repo_root().join("resources").join("artifacts.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["--no-build", kind])
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let key = format!("SKIFF_{}_DIR=", kind.to_uppercase());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .filter(|_| out.status.success())
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            format!(
+                "no {what} ({}); run `resources/artifacts.sh {kind}` first: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })
+}
+
+/// Debian's stock cloud kernel and the initramfs of its modules (resources/stock).
+#[derive(Debug, Clone)]
+pub struct StockArtifacts {
+    pub dir: PathBuf,
+}
+
+impl StockArtifacts {
+    /// Debian bookworm's `linux-image-*-cloud-amd64` bzImage, unchanged.
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("vmlinuz-cloud")
+    }
+    /// busybox + the package's virtio, ACPI button and evdev modules; mounts `root=`.
+    pub fn initramfs(&self) -> PathBuf {
+        self.dir.join("initramfs-cloud.cpio.gz")
+    }
+}
+
+/// The stock guest artifacts, looked up once per process.
+pub fn stock_artifacts() -> Result<&'static StockArtifacts> {
+    static FOUND: OnceLock<Result<StockArtifacts>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            artifacts_dir("stock", "stock guest artifacts (Debian's cloud kernel)")
+                .map(|dir| StockArtifacts { dir })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// A whole Debian image (resources/debian): systemd, cloud-init, its own kernel and initramfs.
+#[derive(Debug, Clone)]
+pub struct DebianArtifacts {
+    pub dir: PathBuf,
+}
+
+impl DebianArtifacts {
+    /// The image's own kernel.
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("debian-vmlinuz")
+    }
+    /// The image's own initramfs (initramfs-tools).
+    pub fn initrd(&self) -> PathBuf {
+        self.dir.join("debian-initrd.img")
+    }
+    /// The root filesystem, zstd-compressed: use [`crate::TestDir::debian_rootfs`].
+    pub fn rootfs_zst(&self) -> PathBuf {
+        self.dir.join("debian-rootfs.ext4.zst")
+    }
+}
+
+/// The Debian image, looked up once per process.
+pub fn debian_artifacts() -> Result<&'static DebianArtifacts> {
+    static FOUND: OnceLock<Result<DebianArtifacts>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| artifacts_dir("debian", "Debian image").map(|dir| DebianArtifacts { dir }))
+        .as_ref()
+        .map_err(Clone::clone)
+}

@@ -12,7 +12,9 @@ mod nested;
 pub mod runner;
 pub mod vm;
 
-pub use artifacts::{binary, guest_artifacts, repo_root, GuestArtifacts};
+pub use artifacts::{
+    binary, debian_artifacts, guest_artifacts, repo_root, stock_artifacts, GuestArtifacts,
+};
 pub use vm::{DriveSpec, NetSpec, TestDir, TestVm, VmConfig, DEFAULT_BOOT_ARGS};
 
 /// What every harness function and test returns: the error is the message shown for a failed test.

@@ -31,8 +31,10 @@ const SILENCE: Duration = Duration::from_secs(150);
 const HANG_GRACE: Duration = Duration::from_secs(180);
 /// How often the runner inside says it is alive.
 const ALIVE_EVERY: Duration = Duration::from_secs(5);
-/// New nested hosts after one that died, per run.
-const RESTARTS: usize = 2;
+/// New nested hosts after one that died, per run. 3, not 2: a clean-clone CI rehearsal on
+/// 2026-12-07 lost its third nested host (its kernel double-faulted in the scheduler under a
+/// vCPU's halt) with 55 tests passed and 7 left, none failed.
+const RESTARTS: usize = 3;
 /// The environment variable that names the progress file inside.
 const PROGRESS_ENV: &str = "SKIFF_NESTED_PROGRESS";
 

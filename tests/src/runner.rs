@@ -152,7 +152,7 @@ impl Counts {
 }
 
 /// How skiff reports a guest triple fault on its stderr.
-const TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
+use crate::vm::TRIPLE_FAULT;
 /// How `TestVm::wait_ready` reports a guest that never reached userspace.
 const NEVER_READY: &str = "\"GUEST-READY\" did not appear on the console";
 /// How a test that does not boot to the shell reports a guest that never reached
@@ -196,6 +196,22 @@ pub(crate) fn time_limit(kind: Kind) -> Duration {
 }
 
 /// Runs `t` once; a run still going at `deadline` is called hung, shown and killed.
+/// [`run_one`]; when the test failed and one of its guests triple-faulted meanwhile, the
+/// error says so. A guest that triple-faults ends skiff, and the test may then fail on
+/// something else (its API socket gone): the retry rule for the nested host's triple faults
+/// must still apply.
+fn run_naming_triple_faults(t: &Test, deadline: Instant) -> Result {
+    let before = crate::vm::triple_faults_seen();
+    run_one(t, deadline).map_err(|mut e| {
+        if crate::vm::triple_faults_seen() > before && !e.contains(TRIPLE_FAULT) {
+            e.push_str(&format!(
+                "\n(a guest of this test reported a {TRIPLE_FAULT})"
+            ));
+        }
+        e
+    })
+}
+
 fn run_one(t: &Test, deadline: Instant) -> Result {
     let f = t.func;
     let netns = t.netns;
@@ -263,7 +279,7 @@ fn run_tests(tests: &[&Test]) -> Counts {
         let limit = time_limit(t.kind);
         let deadline = start + limit;
         progress.start(t.name, limit);
-        let mut result = run_one(t, deadline);
+        let mut result = run_naming_triple_faults(t, deadline);
         // Known issue (see tests/tests/guest.rs `boot`): in the nested test host a guest
         // occasionally triple-faults (skiff reports KVM_EXIT_SHUTDOWN). Evidence for the cause
         // (2026-12-06, README "Current limits"): a stalled guest's vCPU was found running at
@@ -301,7 +317,7 @@ fn run_tests(tests: &[&Test]) -> Counts {
             }
             println!("RETRY (nested host): {why}; running the test again (attempt {attempt}). Failed attempt:\n{e}");
             c.retried += 1;
-            result = run_one(t, deadline);
+            result = run_naming_triple_faults(t, deadline);
         }
         progress.end(t.name, result.is_ok());
         match result {

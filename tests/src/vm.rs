@@ -14,9 +14,8 @@ use crate::{artifacts, host, Result};
 
 /// skiff's default kernel command line base (docs/CONTRACTS.md). A config file's `boot_args` replaces
 /// it, so the harness writes it out in full when it adds parameters.
-pub const DEFAULT_BOOT_ARGS: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off acpi=off nomodule 8250.nr_uarts=1 \
-                                     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 nomodule 8250.nr_uarts=1 \
+                                     i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// An extra data drive (/dev/vdb, /dev/vdc, ... in order).
 #[derive(Debug, Clone)]
@@ -152,11 +151,21 @@ impl TestDir {
     /// A private, writable copy of the bench root filesystem (busybox, fio, iperf3).
     pub fn bench_rootfs(&self) -> Result<PathBuf> {
         let src = artifacts::guest_artifacts()?.bench_rootfs_zst();
-        let dst = self.join("rootfs-bench.ext4");
+        self.unzstd(&src, "rootfs-bench.ext4")
+    }
+
+    /// A private copy of the Debian image's root filesystem (decompressed, sparse).
+    pub fn debian_rootfs(&self) -> Result<PathBuf> {
+        let src = artifacts::debian_artifacts()?.rootfs_zst();
+        self.unzstd(&src, "debian.ext4")
+    }
+
+    fn unzstd(&self, src: &Path, name: &str) -> Result<PathBuf> {
+        let dst = self.join(name);
         let out = Command::new("zstd")
             .args(["-q", "-d", "-f", "--long=27", "-o"])
             .arg(&dst)
-            .arg(&src)
+            .arg(src)
             .output()
             .map_err(|e| format!("cannot run zstd (apt-get install zstd): {e}"))?;
         crate::ensure!(
@@ -191,6 +200,19 @@ impl Drop for TestDir {
     }
 }
 
+/// How skiff reports a guest that triple-faulted (the nested test host's known fault).
+pub const TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
+
+/// Triple faults any VMM's stderr has reported so far in this process: the runner tells a
+/// test that failed because its guest triple-faulted (and skiff then ended, so an API call
+/// found no socket) from one that failed on its own ([`triple_faults_seen`]).
+static TRIPLE_FAULTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many triple faults VMMs have reported on stderr so far.
+pub fn triple_faults_seen() -> u64 {
+    TRIPLE_FAULTS.load(Ordering::Relaxed)
+}
+
 /// Bytes read from one of skiff's pipes, shared with the reader thread.
 struct Stream {
     state: Mutex<(Vec<u8>, bool)>, // (bytes, closed)
@@ -198,7 +220,12 @@ struct Stream {
 }
 
 impl Stream {
-    fn spawn(mut src: impl Read + Send + 'static, echo: Option<&'static str>) -> Arc<Stream> {
+    /// `watch`: count the [`TRIPLE_FAULT`] reports that arrive (a VMM's stderr).
+    fn spawn(
+        mut src: impl Read + Send + 'static,
+        echo: Option<&'static str>,
+        watch: bool,
+    ) -> Arc<Stream> {
         let s = Arc::new(Stream {
             state: Mutex::new((Vec::new(), false)),
             cv: Condvar::new(),
@@ -219,7 +246,11 @@ impl Stream {
                 if n == 0 {
                     st.1 = true;
                 } else {
+                    let from = st.0.len().saturating_sub(TRIPLE_FAULT.len() - 1);
                     st.0.extend_from_slice(&buf[..n]);
+                    if watch && find_bytes(&st.0[from..], TRIPLE_FAULT.as_bytes()).is_some() {
+                        TRIPLE_FAULTS.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 s2.cv.notify_all();
                 if n == 0 {
@@ -380,8 +411,8 @@ impl TestVm {
             .map_err(|e| format!("cannot start {}: {e}", cmd.get_program().to_string_lossy()))?;
         let out = child.stdout.take().ok_or("no stdout pipe")?;
         let err = child.stderr.take().ok_or("no stderr pipe")?;
-        let console = Stream::spawn(out, verbose.then_some("console"));
-        let stderr = Stream::spawn(err, verbose.then_some("stderr"));
+        let console = Stream::spawn(out, verbose.then_some("console"), false);
+        let stderr = Stream::spawn(err, verbose.then_some("stderr"), true);
         LIVE_VMS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -722,5 +753,32 @@ impl Drop for TestVm {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report split across two reads counts once; other text does not count.
+    #[test]
+    fn triple_fault_reports_are_counted_across_reads() {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let before = triple_faults_seen();
+        let s = Stream::spawn(r, None, true);
+        let (a, b) = TRIPLE_FAULT.split_at(10);
+        w.write_all(format!("skiff: INFO guest rebooted (vCPU 0: {a}").as_bytes())
+            .unwrap();
+        w.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        w.write_all(format!("{b} at rip 0xfff0)\nunrelated line\n").as_bytes())
+            .unwrap();
+        drop(w);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !s.closed() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(s.closed());
+        assert_eq!(triple_faults_seen() - before, 1);
     }
 }

@@ -14,16 +14,20 @@ mod api;
 mod attack;
 mod interop;
 mod jail;
+mod pci;
 mod rig;
 mod snapshot;
+mod stock;
 mod upgrade;
 
 use api::*;
 use attack::*;
 use interop::*;
 use jail::*;
+use pci::*;
 use rig::*;
 use snapshot::*;
+use stock::*;
 use tests::runner::{self, Kind, Test};
 use tests::{ensure, guest_artifacts, host, DriveSpec, NetSpec, Result, TestDir, TestVm, VmConfig};
 use upgrade::*;
@@ -57,6 +61,7 @@ fn main() {
     runner::main(tests![
         Guest false boot_1_vcpu_vmlinux,
         Guest false boot_2_vcpus_vmlinux,
+        Guest false boot_8_vcpus_vmlinux,
         Guest false boot_bzimage,
         Guest false boot_3328_mib,
         Guest false rootfs_write_survives_reboot,
@@ -69,6 +74,15 @@ fn main() {
         Guest true api_boot_sequence,
         Guest false api_pause_stops_guest_clock,
         Guest false api_ctrl_alt_del,
+        Guest false acpi_devices_and_poweroff,
+        Guest false acpi_off_guest_boots_the_old_way,
+        Guest false api_power_button,
+        Guest true stock_kernel_finds_devices_through_acpi,
+        Guest false initrd_over_64_mib_boots,
+        Guest false debian_image_boots_with_cloud_init,
+        Guest false pci_devices_with_msix,
+        Guest true stock_kernel_over_pci,
+        Guest false pci_snapshot_restores_msix,
         Guest false api_patch_drive_changes_media,
         Guest false api_firecracker_python_client,
         Guest false api_bad_requests_keep_vm_running,
@@ -82,14 +96,19 @@ fn main() {
         Guest true jailed_guest_boots_upgrades_and_recovers,
         Guest true jailed_vmm_upgrades_under_io,
         Guest true jailed_vmm_upgrades_under_tcp,
+        Guest true jailed_vmm_upgrades_over_pci,
         Soak true vmm_upgrade_100_soak,
         Soak false crash_blk_20_kills_under_fio,
         Guest false crash_blk_3_kills_under_dd,
+        Guest false pci_blk_upgrades_and_kills_under_dd,
         Guest true crash_net_5_kills_under_tcp,
+        Guest true pci_net_upgrades_and_kills_under_tcp,
         Guest false interop_qemu_boots_from_skiff_blk,
         Guest false interop_skiff_boots_from_qemu_storage_daemon,
         Host false missing_kernel,
         Host false not_a_kernel,
+        Host false initrd_bigger_than_memory,
+        Host false pci_with_too_many_devices,
         Host false zero_vcpus,
         Host false too_many_vcpus,
         Host false zero_memory,
@@ -346,6 +365,15 @@ fn boot_1_vcpu_vmlinux() -> Result {
 
 fn boot_2_vcpus_vmlinux() -> Result {
     boot_and_check(vmlinux()?, 2, 384, "boot2").map(drop)
+}
+
+/// More vCPUs than the nested test host has CPUs, with ACPI (the MADT lists 8 local APICs;
+/// the guest brings up every one and `nproc` says 8). Not 32, the top: in the nested
+/// host 16- and 32-vCPU guests triple-fault or stall in most boots under skiff and QEMU
+/// microvm alike (2026-12-07, resources/nested/README.md), while 8 boot mostly; the tables
+/// for up to 254 vCPUs are checked by the vmm unit tests.
+fn boot_8_vcpus_vmlinux() -> Result {
+    boot_and_check(vmlinux()?, 8, 384, "boot8").map(drop)
 }
 
 fn boot_bzimage() -> Result {

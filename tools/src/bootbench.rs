@@ -1,4 +1,6 @@
-//! Boot benchmark: skiff beside QEMU microvm, same kernel, rootfs, vCPUs, memory and host.
+//! Boot benchmark: skiff (virtio-mmio, and virtio-pci with `--enable-pci`) beside QEMU microvm
+//! and QEMU q35, same kernel (and initrd), rootfs,
+//! vCPUs, memory and host, every monitor with ACPI on.
 //!
 //! For each monitor, N boots with `bench=boot` (the guest prints its GUEST-READY marker and
 //! reboots at once). Reports time from process start to the marker and to exit (best and
@@ -7,19 +9,24 @@
 //! memfd for both monitors (QEMU gets `memory-backend-memfd`), so it shows up as RssShmem
 //! and is left out.
 //!
-//!     bootbench --kernel vmlinux --rootfs rootfs.ext4 [--runs 10] [--vcpus 2] [--memory 256]
-//!               [--skiff target/release/skiff] [--json out.json]
+//!     bootbench --kernel vmlinux --rootfs rootfs.ext4 [--initrd initrd.img] [--runs 10]
+//!               [--vcpus 2] [--memory 256] [--skiff target/release/skiff] [--json out.json]
+//!
+//! With `--initrd` (Debian's stock cloud kernel and the initramfs of its modules, which mounts
+//! root= itself) every monitor gets the initrd too.
 //!
 //! Needs a KVM that boots ordinary guests: tools/bootbench.sh runs it inside the nested test
 //! host when this host's KVM cannot.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 struct Args {
     kernel: PathBuf,
+    initrd: Option<PathBuf>,
     rootfs: PathBuf,
     runs: usize,
     vcpus: u32,
@@ -28,11 +35,21 @@ struct Args {
     /// skiff-jailer: a third row, skiff started through it (needs root).
     jailer: Option<PathBuf>,
     json: Option<PathBuf>,
+    /// The console line that marks the guest ready.
+    marker: String,
+    /// Stop the monitor (SIGTERM) once the marker is seen, instead of waiting for the guest
+    /// to end the VM (a distribution image does not reboot by itself).
+    stop_at_marker: bool,
+    /// A boot that has not ended by then is killed and counted as failed.
+    timeout: Duration,
+    /// Only these monitors (all when empty).
+    only: Vec<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         kernel: PathBuf::new(),
+        initrd: None,
         rootfs: PathBuf::new(),
         runs: 10,
         vcpus: 2,
@@ -40,6 +57,10 @@ fn parse_args() -> Result<Args, String> {
         skiff: PathBuf::from("target/release/skiff"),
         jailer: None,
         json: None,
+        marker: "GUEST-READY".into(),
+        stop_at_marker: false,
+        timeout: BOOT_TIMEOUT,
+        only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -47,14 +68,22 @@ fn parse_args() -> Result<Args, String> {
         match k.as_str() {
             "--kernel" => a.kernel = v()?.into(),
             "--rootfs" => a.rootfs = v()?.into(),
+            "--initrd" => a.initrd = Some(v()?.into()),
             "--runs" => a.runs = v()?.parse().map_err(|e| format!("--runs: {e}"))?,
             "--vcpus" => a.vcpus = v()?.parse().map_err(|e| format!("--vcpus: {e}"))?,
             "--memory" => a.memory = v()?.parse().map_err(|e| format!("--memory: {e}"))?,
             "--skiff" => a.skiff = v()?.into(),
             "--jailer" => a.jailer = Some(v()?.into()),
             "--json" => a.json = Some(v()?.into()),
+            "--marker" => a.marker = v()?,
+            "--stop-at-marker" => a.stop_at_marker = true,
+            "--only" => a.only = v()?.split(',').map(str::to_owned).collect(),
+            "--timeout" => {
+                a.timeout =
+                    Duration::from_secs(v()?.parse().map_err(|e| format!("--timeout: {e}"))?)
+            }
             "-h" | "--help" => {
-                return Err("usage: bootbench --kernel PATH --rootfs PATH [--runs N] [--vcpus N] [--memory MiB] [--skiff PATH] [--jailer PATH] [--json FILE]".into())
+                return Err("usage: bootbench --kernel PATH --rootfs PATH [--initrd PATH] [--runs N] [--vcpus N] [--memory MiB] [--skiff PATH] [--jailer PATH] [--json FILE] [--marker TEXT] [--stop-at-marker] [--timeout SECS] [--only MONITOR,...]".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -98,8 +127,8 @@ fn private_rss_kib(pid: u32) -> u64 {
     total
 }
 
-/// A boot that has not ended by then is killed and counted as failed (nested host: a
-/// normal boot and reboot takes under 15 s there).
+/// By default, a boot that has not ended by then is killed and counted as failed (nested
+/// host: a normal boot and reboot of our guest takes under 15 s there).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
 struct Run {
@@ -108,12 +137,20 @@ struct Run {
     rss_kib: u64,
 }
 
-fn boot_once(mut cmd: Command) -> Result<Run, String> {
+/// One boot: the time to the marker on the console and to the monitor's exit (after the
+/// guest ended the VM, or after SIGTERM at the marker with `a.stop_at_marker`).
+fn boot_once(a: &Args, mut cmd: Command, stderr_log: &Path) -> Result<Run, String> {
+    let timeout = a.timeout;
+    let log =
+        std::fs::File::create(stderr_log).map_err(|e| format!("{}: {e}", stderr_log.display()))?;
     let start = Instant::now();
+    // Its own process group: a monitor that stalls is killed with everything it started (the
+    // jailer's skiff and device processes hold the console pipe too).
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
     let pid = child.id();
@@ -131,12 +168,12 @@ fn boot_once(mut cmd: Command) -> Result<Run, String> {
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let d = done.clone();
         std::thread::spawn(move || {
-            let deadline = Instant::now() + BOOT_TIMEOUT;
+            let deadline = Instant::now() + timeout;
             while !d.load(std::sync::atomic::Ordering::Relaxed) {
                 if Instant::now() > deadline {
-                    // SAFETY: kill(2) on the child's pid; no memory is touched.
+                    // SAFETY: kill(2) on the child's process group; no memory is touched.
                     unsafe {
-                        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                        libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
                     }
                     return true;
                 }
@@ -147,33 +184,59 @@ fn boot_once(mut cmd: Command) -> Result<Run, String> {
         done
     };
     let mut marker = None;
+    // The console's last lines, for a failure's report.
+    let mut tail = std::collections::VecDeque::new();
     for line in BufReader::new(stdout).split(b'\n') {
         let line = line.map_err(|e| e.to_string())?;
-        if marker.is_none() && String::from_utf8_lossy(&line).contains("GUEST-READY") {
+        let text = String::from_utf8_lossy(&line).into_owned();
+        if tail.len() == 6 {
+            tail.pop_front();
+        }
+        tail.push_back(text.clone());
+        if marker.is_none() && text.contains(&a.marker) {
             marker = Some(start.elapsed());
+            if a.stop_at_marker {
+                // SAFETY: kill(2) on the child's process group; no memory is touched.
+                unsafe {
+                    libc::kill(-(pid as libc::pid_t), libc::SIGTERM);
+                }
+            }
         }
     }
     let status = child.wait().map_err(|e| e.to_string())?;
     let exit = start.elapsed();
     watchdog.store(true, std::sync::atomic::Ordering::Relaxed);
-    if exit >= BOOT_TIMEOUT {
-        return Err(format!(
+    let why = |what: String| {
+        let err = std::fs::read_to_string(stderr_log).unwrap_or_default();
+        let err: Vec<&str> = err.lines().rev().take(6).collect();
+        format!(
+            "{what}\n  console: {}\n  stderr: {}",
+            Vec::from(tail.clone()).join("\n           "),
+            err.into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n          ")
+        )
+    };
+    if exit >= timeout {
+        return Err(why(format!(
             "no exit within {} s (killed); marker seen={}",
-            BOOT_TIMEOUT.as_secs(),
+            timeout.as_secs(),
             marker.is_some()
-        ));
+        )));
     }
     let rss_kib = sampler.join().unwrap_or(0);
-    match (status.success(), marker) {
+    // Stopped at the marker, a monitor's exit status is its answer to SIGTERM.
+    match (status.success() || a.stop_at_marker, marker) {
         (true, Some(marker)) => Ok(Run {
             marker,
             exit,
             rss_kib,
         }),
-        (ok, m) => Err(format!(
+        (ok, m) => Err(why(format!(
             "boot failed: exit ok={ok}, marker seen={}",
             m.is_some()
-        )),
+        ))),
     }
 }
 
@@ -183,6 +246,9 @@ fn skiff_cmd(a: &Args, rootfs: &Path) -> Command {
         .arg(&a.kernel)
         .arg("--rootfs")
         .arg(rootfs);
+    if let Some(initrd) = &a.initrd {
+        c.arg("--initrd").arg(initrd);
+    }
     c.args([
         "--vcpus",
         &a.vcpus.to_string(),
@@ -191,6 +257,13 @@ fn skiff_cmd(a: &Args, rootfs: &Path) -> Command {
         "--cmdline",
         "bench=boot",
     ]);
+    c
+}
+
+/// skiff with its devices on PCI (`--enable-pci`: virtio-pci with MSI-X).
+fn skiff_pci_cmd(a: &Args, rootfs: &Path) -> Command {
+    let mut c = skiff_cmd(a, rootfs);
+    c.arg("--enable-pci");
     c
 }
 
@@ -221,8 +294,12 @@ fn jailed_cmd(a: &Args, rootfs: &Path) -> Command {
     .args(["--parent-cgroup", "skiff-bootbench", "--stage"])
     .arg(format!("{}:/images/vmlinux", dir.join("vmlinux").display()))
     .arg("--stage")
-    .arg(format!("{}:/images/rootfs.ext4:rw", rootfs.display()))
-    .arg("--");
+    .arg(format!("{}:/images/rootfs.ext4:rw", rootfs.display()));
+    if a.initrd.is_some() {
+        c.arg("--stage")
+            .arg(format!("{}:/images/initrd", dir.join("initrd").display()));
+    }
+    c.arg("--");
     c.args([
         "run",
         "--kernel",
@@ -230,6 +307,9 @@ fn jailed_cmd(a: &Args, rootfs: &Path) -> Command {
         "--rootfs",
         "/images/rootfs.ext4",
     ]);
+    if a.initrd.is_some() {
+        c.args(["--initrd", "/images/initrd"]);
+    }
     c.args([
         "--vcpus",
         &a.vcpus.to_string(),
@@ -241,12 +321,19 @@ fn jailed_cmd(a: &Args, rootfs: &Path) -> Command {
     c
 }
 
-fn qemu_cmd(a: &Args, rootfs: &Path) -> Command {
+/// QEMU's command line base: skiff's default one, except reboot=t (QEMU's microvm has no
+/// i8042; a triple fault ends both machine types at once with -no-reboot).
+const QEMU_APPEND: &str = "console=ttyS0 reboot=t panic=1 8250.nr_uarts=1 i8042.noaux \
+                           i8042.nomux i8042.dumbkbd root=/dev/vda rw bench=boot";
+
+/// QEMU, `machine` (microvm with ACPI, or q35), guest RAM in a shared memfd like skiff's, the
+/// root drive on virtio-blk (`device`: virtio-mmio or PCI).
+fn qemu(a: &Args, rootfs: &Path, machine: &str, device: &str, append: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     let mem = format!("{}M", a.memory);
     c.args([
         "-M",
-        "microvm,acpi=off",
+        machine,
         "-accel",
         "kvm",
         "-cpu",
@@ -272,14 +359,25 @@ fn qemu_cmd(a: &Args, rootfs: &Path) -> Command {
         "-kernel",
     ])
     .arg(&a.kernel);
-    // Same command line as skiff's default, except reboot=t: QEMU's microvm has no i8042.
-    c.args(["-append", "console=ttyS0 reboot=t panic=1 pci=off acpi=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd root=/dev/vda rw bench=boot"]);
+    if let Some(initrd) = &a.initrd {
+        c.arg("-initrd").arg(initrd);
+    }
+    c.args(["-append", append]);
     c.arg("-drive").arg(format!(
         "id=root,file={},format=raw,if=none",
         rootfs.display()
     ));
-    c.args(["-device", "virtio-blk-device,drive=root"]);
+    c.args(["-device", &format!("{device},drive=root")]);
     c
+}
+
+fn qemu_microvm_cmd(a: &Args, rootfs: &Path) -> Command {
+    let append = format!("{QEMU_APPEND} pci=off");
+    qemu(a, rootfs, "microvm,acpi=on", "virtio-blk-device", &append)
+}
+
+fn qemu_q35_cmd(a: &Args, rootfs: &Path) -> Command {
+    qemu(a, rootfs, "q35", "virtio-blk-pci", QEMU_APPEND)
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64) {
@@ -309,25 +407,44 @@ fn main() {
     let mut results = Vec::new();
     let mut monitors = vec![
         ("skiff", skiff_cmd as fn(&Args, &Path) -> Command),
-        ("qemu-microvm", qemu_cmd),
+        ("skiff-pci", skiff_pci_cmd),
+        ("qemu-microvm", qemu_microvm_cmd),
+        ("qemu-q35", qemu_q35_cmd),
     ];
     if a.jailer.is_some() {
+        // The jailer stages by hard link: copies on the cells' file system.
         if let Err(e) = std::fs::copy(&a.kernel, dir.join("vmlinux")) {
             eprintln!("bootbench: copying the kernel for the jailed runs: {e}");
             std::process::exit(1);
         }
+        if let Some(initrd) = &a.initrd {
+            if let Err(e) = std::fs::copy(initrd, dir.join("initrd")) {
+                eprintln!("bootbench: copying the initrd for the jailed runs: {e}");
+                std::process::exit(1);
+            }
+        }
         monitors.push(("skiff-jailed", jailed_cmd));
+    }
+    if !a.only.is_empty() {
+        monitors.retain(|(name, _)| a.only.iter().any(|o| o == name));
     }
     for (name, build) in monitors {
         let mut runs = Vec::new();
         for i in 0..a.runs {
-            // A fresh copy each boot: the guest mounts its root read-write.
+            // A fresh copy each boot: the guest mounts its root read-write (sparse: a
+            // distribution image is mostly holes).
             let rootfs = dir.join(format!("{name}-{i}.ext4"));
-            if let Err(e) = std::fs::copy(&a.rootfs, &rootfs) {
-                eprintln!("bootbench: copying the rootfs: {e}");
+            let copied = Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&a.rootfs)
+                .arg(&rootfs)
+                .status();
+            if !copied.as_ref().is_ok_and(|s| s.success()) {
+                eprintln!("bootbench: copying the rootfs failed: {copied:?}");
                 std::process::exit(1);
             }
-            match boot_once(build(&a, &rootfs)) {
+            let log = dir.join(format!("{name}-{i}.stderr"));
+            match boot_once(&a, build(&a, &rootfs), &log) {
                 Ok(r) => runs.push(r),
                 Err(e) => eprintln!("bootbench: {name} run {i}: {e}"),
             }
@@ -340,13 +457,17 @@ fn main() {
         results.push((name, runs.len(), mb, mm, eb, em, rss));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    if let [s, q, rest @ ..] = &results[..] {
-        println!(
-            "ratio skiff/qemu-microvm: marker median {:.2}, exit median {:.2}, RSS {:.2}",
-            s.3 / q.3,
-            s.5 / q.5,
-            s.6 / q.6
-        );
+    if let (true, [s, p, q, q35, rest @ ..]) = (a.only.is_empty(), &results[..]) {
+        for (ours, mine) in [("skiff", s), ("skiff-pci", p)] {
+            for (name, other) in [("qemu-microvm", q), ("qemu-q35", q35)] {
+                println!(
+                    "ratio {ours}/{name}: marker median {:.2}, exit median {:.2}, RSS {:.2}",
+                    mine.3 / other.3,
+                    mine.5 / other.5,
+                    mine.6 / other.6
+                );
+            }
+        }
         if let Some(j) = rest.first() {
             println!(
                 "ratio skiff-jailed/skiff: marker median {:.2}, exit median {:.2}, RSS {:.2}",

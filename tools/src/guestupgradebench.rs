@@ -55,8 +55,9 @@ const DATA_SIZE: i64 = 128 << 20;
 const HOST_IP: &str = "172.31.7.1";
 const GUEST_IP: &str = "172.31.7.2";
 const PORT: u16 = 5599;
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off acpi=off 8250.nr_uarts=1 \
-                       i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// skiff's default command line base (ACPI on).
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 \
+                       i8042.noaux i8042.nomux i8042.dumbkbd";
 /// Upgrades start this long after a chunk's load starts and stop this long before it ends.
 const LEAD: Duration = Duration::from_secs(2);
 const TAIL: Duration = Duration::from_secs(3);

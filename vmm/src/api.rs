@@ -244,6 +244,7 @@ impl Vmm {
                 json(&UpgradeReports { devices: reports })
             }
             ApiRequest::UpgradeVmm(u) => json(&self.upgrade_vmm(u.binary)?),
+            ApiRequest::PressPowerButton => self.power_button(),
             ApiRequest::CreateSnapshot(p) => {
                 self.create_snapshot(&p)?;
                 Ok(ApiReply::NoContent)
@@ -266,17 +267,22 @@ impl Vmm {
         }
     }
 
-    fn ctrl_alt_del(&mut self) -> ApiResult {
+    /// The built VM, for a request (`what`) that needs the guest running.
+    fn running_vm(&self, what: &str) -> Result<&crate::builder::BuiltVm, ApiFault> {
         if self.lifecycle != Lifecycle::Running {
             return Err(ApiFault::bad_request(format!(
-                "SendCtrlAltDel needs a running VM (the VM is {})",
+                "{what} needs a running VM (the VM is {})",
                 self.lifecycle.as_str()
             )));
         }
-        let Some(vm) = &self.vm else {
-            return Err(ApiFault::internal("no VM"));
-        };
-        vm.built
+        self.vm
+            .as_ref()
+            .map(|vm| &vm.built)
+            .ok_or_else(|| ApiFault::internal("no VM"))
+    }
+
+    fn ctrl_alt_del(&mut self) -> ApiResult {
+        self.running_vm("SendCtrlAltDel")?
             .bus
             .i8042
             .lock()
@@ -284,6 +290,19 @@ impl Vmm {
             .press_ctrl_alt_del()
             .map(|_| ApiReply::NoContent)
             .map_err(ApiFault::bad_request)
+    }
+
+    fn power_button(&mut self) -> ApiResult {
+        let vm = self.running_vm("the power button")?;
+        let Some(button) = &vm.power_button else {
+            return Err(ApiFault::bad_request(
+                "the guest boots without ACPI (acpi=off on its command line): it has no power \
+                 button; use SendCtrlAltDel",
+            ));
+        };
+        vm_superio::Trigger::trigger(button)
+            .map(|_| ApiReply::NoContent)
+            .map_err(|e| ApiFault::internal(format!("cannot press the power button: {e}")))
     }
 
     fn patch_drive(&mut self, p: PartialDrive) -> ApiResult {

@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -12,22 +11,18 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{cpuid, loader, mptable, regs};
-use crate::config::{ConsoleConfig, DriveBackend, VmConfig};
+use crate::boot::{acpi, cpuid, loader, mptable, regs};
+use crate::config::{DriveBackend, VmConfig};
 use crate::device_binary::{BinaryDir, DeviceBinaryError};
 use crate::device_process::{DeviceProcess, DeviceProcessError};
 use crate::devices::bus::IoBus;
-use crate::devices::i8042::I8042;
 use crate::devices::metrics_page::{MetricsPage, MetricsPageError};
-use crate::devices::serial::{CappedFile, ConsoleOut, ConsoleSink, SerialDevice};
-use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::vhost_user::{
-    connect_with_retry, DeviceKind, VhostUserDevice, VhostUserError,
-};
+use crate::devices::virtio::transport::VirtioTransport;
+use crate::devices::virtio::vhost_user::{DeviceKind, VhostUserError};
 use crate::devices::virtio::RamRanges;
 use crate::devices::IrqLine;
 use crate::exit::VmExit;
@@ -39,10 +34,13 @@ use crate::tap::{TapError, TapFd};
 use crate::vcpu::{Vcpu, VcpuGate};
 
 mod adopt;
+mod legacy;
 mod spawn;
+mod wire;
 pub use adopt::{adopt, prepare, Prepared};
-pub(crate) use spawn::BACKEND_TIMEOUT;
-pub use spawn::{blk_args, negotiate, net_args, spawn_connected, DeviceSeccomp};
+pub(crate) use legacy::{legacy_devices, Legacy};
+pub use spawn::{blk_args, connect_external, negotiate, net_args, spawn_connected, DeviceSeccomp};
+pub(crate) use wire::{transport, wire_device, Bus};
 
 /// Errors building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +63,9 @@ pub enum BuildError {
     /// MP table.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// vCPU registers.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
@@ -81,9 +82,15 @@ pub enum BuildError {
     /// [`DeviceProcess::check_alive`]); the request that found out.
     #[error("{0} before it answered")]
     Ended(String, #[source] VhostUserError),
-    /// Too many devices for the IOAPIC pins.
-    #[error("{0} virtio devices are more than the {max} interrupt lines skiff has for them", max = IRQ_MAX - VIRTIO_IRQ_BASE + 1)]
+    /// Too many devices for the IOAPIC pins (virtio-mmio).
+    #[error("{0} virtio devices are more than the {max} interrupt lines skiff has for them (virtio-mmio; --enable-pci takes up to {pci})", max = IRQ_MAX - VIRTIO_IRQ_BASE + 1, pci = PCI_MAX_DEVICES)]
     TooManyDevices(usize),
+    /// Too many devices for the PCI bus's slots.
+    #[error("{0} virtio devices are more than the {max} slots of the PCI bus", max = PCI_MAX_DEVICES)]
+    TooManyPciDevices(usize),
+    /// The MSI router.
+    #[error(transparent)]
+    Msi(#[from] crate::devices::msi::MsiError),
     /// An eventfd or other host resource.
     #[error("cannot create {0}")]
     Host(&'static str, #[source] std::io::Error),
@@ -131,6 +138,9 @@ pub struct BuiltVm {
     pub vcpu_metrics: Vec<Arc<VcpuMetrics>>,
     /// Console counters.
     pub serial_metrics: Arc<SerialMetrics>,
+    /// The ACPI power button's interrupt (the Generic Event Device's); `None` when the guest
+    /// boots without ACPI (`acpi=off`).
+    pub power_button: Option<IrqLine>,
     /// The virtio devices, drives first, in transport order: each with its transport, its
     /// device process and what it hands that process.
     pub devices: Vec<DeviceSlot>,
@@ -202,6 +212,9 @@ pub struct BuildOptions {
     /// The VMM's own compiled filters (vcpu, vmm, reaper; the API thread's is installed
     /// before the VMM exists).
     pub filters: sandbox::ThreadFilters,
+    /// Boot with the virtio devices on PCI (`--enable-pci`) instead of virtio-mmio. A
+    /// restored or adopted VM keeps the transport its state has.
+    pub pci: bool,
 }
 
 /// How the VMM reaches a device's backend.
@@ -344,76 +357,6 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, BuildError> {
     Ok(vm)
 }
 
-fn console_sink(c: &ConsoleConfig, cap: u64) -> Result<ConsoleSink, BuildError> {
-    Ok(match c {
-        ConsoleConfig::Stdio => ConsoleSink::Stdout(std::io::stdout()),
-        ConsoleConfig::None => ConsoleSink::Null,
-        ConsoleConfig::File(p) => {
-            let err = |e| BuildError::ConsoleFile(p.display().to_string(), e);
-            // Not O_APPEND: the cap rewrites the file from its start.
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(p)
-                .map_err(err)?;
-            ConsoleSink::File(CappedFile::new(file, cap).map_err(err)?)
-        }
-    })
-}
-
-/// An interrupt line of a legacy device: an eventfd that is `gsi`'s irqfd, registered now,
-/// or (restoring a VM) kept in `deferred` until the interrupt controllers hold their saved
-/// state (see [`finish`]).
-fn irq_line(
-    vm: &VmFd,
-    gsi: u32,
-    deferred: Option<&mut Vec<(EventFd, u32)>>,
-) -> Result<IrqLine, BuildError> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-        .map_err(|e| BuildError::Host("an interrupt eventfd", e))?;
-    match deferred {
-        Some(later) => later.push((
-            evt.try_clone()
-                .map_err(|e| BuildError::Host("an interrupt eventfd", e))?,
-            gsi,
-        )),
-        None => vm
-            .register_irqfd(&evt, gsi)
-            .map_err(|e| BuildError::KvmVm("register an irqfd", e))?,
-    }
-    Ok(IrqLine(evt))
-}
-
-/// Connects device `i`'s eventfds to KVM: its call eventfd as the irqfd of its GSI (unless
-/// `restoring`: then [`finish`] does it once the saved interrupt state is in), each kick
-/// eventfd as an ioeventfd on QueueNotify with the queue's index. Returns the transport's
-/// base address and GSI.
-pub(crate) fn wire_device(
-    vm: &VmFd,
-    dev: &VhostUserDevice,
-    i: usize,
-    restoring: bool,
-) -> Result<(u64, u32), BuildError> {
-    let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
-    let gsi = VIRTIO_IRQ_BASE + i as u32;
-    if !restoring {
-        vm.register_irqfd(dev.call_fd(), gsi)
-            .map_err(|e| BuildError::KvmVm("register a virtio irqfd", e))?;
-    }
-    for (q, kick) in dev.kick_fds().iter().enumerate() {
-        vm.register_ioevent(
-            kick,
-            &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
-            q as u32,
-        )
-        .map_err(|e| BuildError::KvmVm("register a virtio ioeventfd", e))?;
-    }
-    Ok((base, gsi))
-}
-
 /// Where the VM's memory and state come from.
 pub enum Origin<'a> {
     /// A fresh boot: new RAM, the kernel loaded into it, vCPU 0 at the kernel's entry.
@@ -442,8 +385,19 @@ pub fn build(
         cfg.validate_boot()?;
     }
     cfg.validate_devices()?;
+    // A restored VM keeps its transport, whatever today's switch says.
+    let pci = match &origin {
+        Origin::Boot => opts.pci,
+        Origin::Restore { state, .. } => state.pci,
+    };
+    if pci && matches!(origin, Origin::Boot) {
+        cfg.check_pci()?;
+    }
     let n_dev = cfg.drives.len() + cfg.nets.len();
-    if n_dev > (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize {
+    if pci && n_dev > PCI_MAX_DEVICES {
+        return Err(BuildError::TooManyPciDevices(n_dev));
+    }
+    if !pci && n_dev > (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize {
         return Err(BuildError::TooManyDevices(n_dev));
     }
     let mem_bytes = cfg.mem_mib << 20;
@@ -473,6 +427,7 @@ pub fn build(
     };
 
     let legacy = legacy_devices(&vm, cfg, opts, saved)?;
+    let bus = Bus::new(&kvm, &vm, pci)?;
 
     let ram_ranges = RamRanges(
         ram.mem
@@ -481,7 +436,7 @@ pub fn build(
             .collect(),
     );
     let mut transports = Vec::new();
-    let mut mmio_args = Vec::new();
+    let mut mmio = Vec::new();
     let mut devices = Vec::new();
     // Which of `processes` serves each device (moved into its slot at the end, so that a
     // failure before then still finds every process in `processes`).
@@ -494,16 +449,8 @@ pub fn build(
                 (dev, Some(idx), None)
             }
             Link::External(socket) => {
-                // An external backend (qemu-storage-daemon, ...) may still be starting.
-                let stream = connect_with_retry(&socket, BACKEND_TIMEOUT, || Ok(()))
-                    .map_err(|e| BuildError::Backend(format!("{} is not reachable", p.name), e))?;
-                // A backend that stops answering fails the request instead of hanging a vCPU.
-                let _ = stream.set_read_timeout(Some(BACKEND_TIMEOUT));
-                let _ = stream.set_write_timeout(Some(BACKEND_TIMEOUT));
-                let dev = VhostUserDevice::new(p.kind, stream, p.max_queues, ram.mem.clone())
-                    .map_err(|e| {
-                        BuildError::Backend(format!("{}: vhost-user negotiation failed", p.name), e)
-                    })?;
+                let dev =
+                    connect_external(&p.name, p.kind, &socket, p.max_queues, ram.mem.clone())?;
                 (dev, None, Some(socket))
             }
         };
@@ -518,9 +465,18 @@ pub fn build(
                     })?;
             }
         }
-        let (base, gsi) = wire_device(&vm, &dev, i, saved.is_some())?;
-        mmio_args.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
-        let mut transport = MmioTransport::new(Box::new(dev), p.name.clone(), ram_ranges.clone());
+        let (base, gsi) = wire_device(&vm, &dev, i, saved.is_some(), pci)?;
+        if !pci {
+            mmio.push(acpi::MmioDevice { base, gsi });
+        }
+        let mut transport = transport(
+            Box::new(dev),
+            p.name.clone(),
+            ram_ranges.clone(),
+            &bus,
+            i,
+            saved.is_some(),
+        )?;
         if let Some(d) = saved_dev {
             transport
                 .restore(&d.transport)
@@ -549,10 +505,20 @@ pub fn build(
     }
 
     if let Some(kernel) = &kernel {
-        let cmdline = cfg.cmdline(&mmio_args);
+        // The devices are described both ways, as Firecracker does: in the DSDT (a stock
+        // kernel, whose virtio_mmio cannot take command-line declarations, finds them there)
+        // and on the command line (a kernel without ACPI, or booted with acpi=off). A kernel
+        // that reads both binds each device once; the second probe finds the window taken.
+        let rsdp = acpi::setup(&ram.mem, cfg.vcpus, &mmio, pci)?;
+        let mmio_args = mmio
+            .iter()
+            .map(|d| format!("virtio_mmio.device=4K@{:#x}:{}", d.base, d.gsi))
+            .collect::<Vec<_>>();
+        let cmdline = cfg.cmdline(&mmio_args, pci);
         log::debug!("kernel command line: {cmdline}");
         loader::load_cmdline(&ram.mem, &cmdline)?;
-        loader::write_boot_info(&ram.mem, kernel, cmdline.len(), mem_bytes)?;
+        loader::write_boot_info(&ram.mem, kernel, cmdline.len(), mem_bytes, Some(rsdp))?;
+        // The MP table too: a kernel without ACPI support still finds every vCPU.
         mptable::setup(&ram.mem, cfg.vcpus as u8)?;
     }
 
@@ -568,6 +534,7 @@ pub fn build(
             legacy,
             transports,
             devices,
+            pci,
         },
         cfg,
         match (saved, kernel) {
@@ -582,74 +549,15 @@ pub fn build(
     )
 }
 
-/// The VM's own devices (COM1, the i8042) and the console and exit plumbing around them.
-pub(crate) struct Legacy {
-    serial: SerialDevice,
-    i8042: I8042,
-    /// Restoring: their interrupt lines, registered by [`finish`].
-    irqfds: Vec<(EventFd, u32)>,
-    exit: Arc<VmExit>,
-    panic: Arc<Mutex<Option<String>>>,
-    console_flush: EventFd,
-    serial_metrics: Arc<SerialMetrics>,
-}
-
-/// Builds [`Legacy`], fresh or as `saved` left it.
-pub(crate) fn legacy_devices(
-    vm: &VmFd,
-    cfg: &VmConfig,
-    opts: &BuildOptions,
-    saved: Option<&VmState>,
-) -> Result<Legacy, BuildError> {
-    let exit = Arc::new(VmExit::new().map_err(|e| BuildError::Host("the exit eventfd", e))?);
-    let panic = Arc::new(Mutex::new(None));
-    let console_flush = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-        .map_err(|e| BuildError::Host("the console eventfd", e))?;
-    let serial_metrics = Arc::new(SerialMetrics::default());
-    let console = ConsoleOut::new(
-        console_sink(&cfg.console, opts.console_file_limit)?,
-        panic.clone(),
-        Some(
-            console_flush
-                .try_clone()
-                .map_err(|e| BuildError::Host("the console eventfd", e))?,
-        ),
-    )
-    .with_metrics(serial_metrics.clone());
-    let mut irqfds = Vec::new();
-    let restoring = saved.is_some();
-    let serial_irq = irq_line(vm, SERIAL_IRQ, restoring.then_some(&mut irqfds))?;
-    let i8042_irq = irq_line(vm, 1, restoring.then_some(&mut irqfds))?;
-    let serial = match saved {
-        None => SerialDevice::new(serial_irq, console),
-        Some(s) => s
-            .serial
-            .build(serial_irq, console)
-            .map_err(|e| BuildError::Restore(format!("the serial port: {e}")))?,
-    };
-    let i8042 = match saved {
-        None => I8042::new(i8042_irq),
-        Some(s) => I8042::from_state(i8042_irq, &s.i8042),
-    };
-
-    Ok(Legacy {
-        serial,
-        i8042,
-        irqfds,
-        exit,
-        panic,
-        console_flush,
-        serial_metrics,
-    })
-}
-
 /// A VM's parts before its vCPUs exist.
 pub(crate) struct Parts {
     vm: VmFd,
     ram: GuestRam,
     legacy: Legacy,
-    transports: Vec<Mutex<MmioTransport>>,
+    transports: Vec<Mutex<VirtioTransport>>,
     devices: Vec<DeviceSlot>,
+    /// The devices are on PCI.
+    pci: bool,
 }
 
 /// How the vCPUs begin.
@@ -673,6 +581,7 @@ pub(crate) fn finish(
         legacy,
         transports,
         devices,
+        pci,
     } = parts;
     let Legacy {
         serial,
@@ -682,10 +591,12 @@ pub(crate) fn finish(
         panic,
         console_flush,
         serial_metrics,
+        power_button,
     } = legacy;
     let bus = Arc::new(IoBus {
         serial: Mutex::new(serial),
         i8042: Mutex::new(i8042),
+        pci: pci.then(|| crate::devices::pci::PciBus::new(transports.len())),
         virtio: transports,
     });
     let stop = Arc::new(AtomicBool::new(false));
@@ -748,10 +659,8 @@ pub(crate) fn finish(
         }
         for (i, t) in bus.virtio.iter().enumerate() {
             let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(dev) = t.device_mut().as_vhost_user() {
-                vm.register_irqfd(dev.call_fd(), VIRTIO_IRQ_BASE + i as u32)
-                    .map_err(|e| BuildError::KvmVm("register a virtio irqfd", e))?;
-            }
+            t.attach_interrupts(&vm, VIRTIO_IRQ_BASE + i as u32)
+                .map_err(BuildError::Restore)?;
         }
     }
     Ok(BuiltVm {
@@ -766,6 +675,7 @@ pub(crate) fn finish(
         gate,
         vcpu_metrics,
         serial_metrics,
+        power_button,
         devices,
     })
 }

@@ -92,9 +92,12 @@ pub struct NetConfig {
     pub mac: Option<String>,
 }
 
-/// The default base of the kernel command line.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off acpi=off \
-8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// The default base of the kernel command line. The guest boots with ACPI (`acpi=off` in
+/// the command line, base or extra, turns it off). skiff adds `pci=off` unless the devices
+/// are on PCI (`--enable-pci`) or the command line has a `pci=` option already, as
+/// Firecracker does.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 \
+8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// Everything needed to boot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -226,12 +229,29 @@ impl VmConfig {
         self.drives.sort_by_key(|d| !d.is_root);
     }
 
+    /// Whether the guest boots with ACPI: yes unless its command line (base or extra) says
+    /// `acpi=off`. skiff describes the machine both ways (ACPI tables; the MP table and the
+    /// virtio-mmio devices on the command line); this decides whether the guest has the
+    /// power button.
+    pub fn acpi(&self) -> bool {
+        let base = self.boot_args.as_deref().unwrap_or(DEFAULT_CMDLINE);
+        let extra = self.extra_args.as_deref().unwrap_or("");
+        !base
+            .split_ascii_whitespace()
+            .chain(extra.split_ascii_whitespace())
+            .any(|w| w == "acpi=off")
+    }
+
     /// The full kernel command line for this VM with `mmio` device declarations.
-    pub fn cmdline(&self, mmio: &[String]) -> String {
+    pub fn cmdline(&self, mmio: &[String], pci: bool) -> String {
         let mut parts: Vec<String> = vec![self
             .boot_args
             .clone()
             .unwrap_or_else(|| DEFAULT_CMDLINE.to_string())];
+        // A guest without a PCI bus need not probe for one.
+        if !pci && !self.cmdline_words().any(|w| w.starts_with("pci=")) {
+            parts.push("pci=off".into());
+        }
         if let Some(root) = self.drives.first().filter(|d| d.is_root) {
             parts.push(format!(
                 "root=/dev/vda {}",
@@ -243,6 +263,32 @@ impl VmConfig {
             parts.push(extra.clone());
         }
         parts.join(" ")
+    }
+
+    /// The words of the command line's base and extra arguments.
+    fn cmdline_words(&self) -> impl Iterator<Item = &str> {
+        let base = self.boot_args.as_deref().unwrap_or(DEFAULT_CMDLINE);
+        let extra = self.extra_args.as_deref().unwrap_or("");
+        base.split_ascii_whitespace()
+            .chain(extra.split_ascii_whitespace())
+    }
+
+    /// With the devices on PCI, a command line that turns the guest's PCI off (`pci=off`)
+    /// or its MSI (`pci=nomsi`: skiff's functions have no INTx) is refused: the guest could
+    /// not use its devices. Linux reads `pci=` as a comma-separated list.
+    pub fn check_pci(&self) -> Result<(), ConfigError> {
+        let bad = self
+            .cmdline_words()
+            .filter_map(|w| w.strip_prefix("pci="))
+            .flat_map(|v| v.split(','))
+            .find(|o| matches!(*o, "off" | "nomsi"));
+        match bad {
+            Some(o) => Err(ConfigError::Invalid(format!(
+                "the kernel command line has pci={o}, but the devices are on PCI \
+                 (--enable-pci) with MSI-X only: the guest could not use them"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Checks everything that can be checked without KVM.
@@ -464,9 +510,38 @@ mod tests {
             is_root: true,
             read_only: false,
         });
-        let line = c.cmdline(&["virtio_mmio.device=4K@0xd0000000:5".into()]);
+        let line = c.cmdline(&["virtio_mmio.device=4K@0xd0000000:5".into()], false);
         assert!(line.starts_with(DEFAULT_CMDLINE));
-        assert!(line.contains("root=/dev/vda rw virtio_mmio.device=4K@0xd0000000:5 quiet"));
+        assert!(line.contains("pci=off root=/dev/vda rw virtio_mmio.device=4K@0xd0000000:5 quiet"));
+    }
+
+    #[test]
+    fn pci_off_unless_on_pci_or_chosen() {
+        let mut c = base();
+        assert!(c.cmdline(&[], false).contains(" pci=off"));
+        assert!(!c.cmdline(&[], true).contains("pci="));
+        assert!(c.check_pci().is_ok());
+        c.extra_args = Some("pci=conf1".into());
+        assert!(!c.cmdline(&[], false).contains("pci=off"));
+        assert!(c.check_pci().is_ok());
+        c.boot_args = Some("console=ttyS0 pci=off".into());
+        let e = c.check_pci().unwrap_err().to_string();
+        assert!(e.contains("pci=off") && e.contains("--enable-pci"), "{e}");
+        c.boot_args = Some("console=ttyS0 pci=conf1,nomsi".into());
+        let e = c.check_pci().unwrap_err().to_string();
+        assert!(e.contains("pci=nomsi"), "{e}");
+    }
+
+    #[test]
+    fn acpi_unless_the_command_line_turns_it_off() {
+        let mut c = base();
+        assert!(c.acpi());
+        c.boot_args = Some("console=ttyS0 acpi=off".into());
+        assert!(!c.acpi());
+        c.boot_args = Some("console=ttyS0 noacpi=off".into());
+        assert!(c.acpi());
+        c.extra_args = Some("quiet acpi=off".into());
+        assert!(!c.acpi());
     }
 
     #[test]

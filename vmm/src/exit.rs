@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest rebooted or powered off; how (i8042 reset, triple fault, system event).
+    /// The guest rebooted or powered off; how (i8042 reset, ACPI S5 or reset register, triple fault, system event).
     Reset(String),
     /// A vCPU halted with interrupts off.
     Halted,

@@ -77,6 +77,12 @@ struct Common {
     /// guest RAM, device connections and API socket) instead of booting one.
     #[arg(long, value_name = "N", global = true, requires = "launcher_fd")]
     handover_fd: Option<i32>,
+    /// Put the virtio devices on PCI (virtio-pci with MSI-X behind one host bridge, ECAM in
+    /// ACPI's MCFG) instead of virtio-mmio, as Firecracker's --enable-pci does; applies to
+    /// `run`, --config-file and API-configured VMs. A snapshot or a live upgrade keeps the
+    /// transport the VM booted with.
+    #[arg(long, global = true)]
+    enable_pci: bool,
     /// Instance id, reported by GET / and in log lines.
     #[arg(long, default_value = "anonymous-instance", global = true)]
     id: String,
@@ -110,7 +116,9 @@ struct RunArgs {
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
-    /// Arguments appended to the default kernel command line.
+    /// Arguments appended to the default kernel command line. `acpi=off` here (or in
+    /// --boot-args) boots the guest without ACPI tables: its devices are then declared on the
+    /// command line (virtio_mmio.device=) and its poweroff cannot end the VM.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     cmdline: Option<String>,
     /// Replace the default kernel command line base.
@@ -420,6 +428,7 @@ fn main() -> ExitCode {
             console_file_limit: cli.common.console_file_limit_mib.saturating_mul(1 << 20),
             seccomp: device_seccomp,
             filters,
+            pci: cli.common.enable_pci,
         },
         signals,
         api,
@@ -473,7 +482,7 @@ fn main() -> ExitCode {
             ExitCode::from(3)
         }
         (Ok(ExitReason::Reset(how)), None) => {
-            log::info!("guest rebooted ({how}); exiting");
+            log::info!("guest rebooted or powered off ({how}); exiting");
             ExitCode::SUCCESS
         }
         (Ok(ExitReason::Halted), None) => {

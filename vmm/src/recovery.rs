@@ -46,7 +46,7 @@ impl Vmm {
                 "{name}: the backend stopped a ring the guest driver broke; the device needs \
                  a reset (DEVICE_NEEDS_RESET)"
             );
-            if let Err(e) = dev.call_fd().write(1) {
+            if let Err(e) = t.signal_config() {
                 log::warn!("{name}: cannot raise the config-change interrupt: {e}");
             }
         }

@@ -21,7 +21,7 @@ use api_server::request::ApiFault;
 
 use crate::builder::{blk_args, negotiate, net_args, spawn_connected, BuildError};
 use crate::device_process::DeviceProcess;
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::transport::VirtioTransport;
 use crate::devices::virtio::vhost_user::{DeviceKind, VhostUserDevice, VhostUserError};
 use crate::error_chain;
 use crate::report::kind_name;
@@ -61,7 +61,7 @@ fn micros(d: Duration) -> u64 {
 /// What the driver has negotiated, compared before and after preparing the new backend.
 type DriverState = (u64, bool, u32, Option<usize>);
 
-fn driver_state(t: &mut MmioTransport) -> DriverState {
+fn driver_state(t: &mut VirtioTransport) -> DriverState {
     let in_use = t.device_mut().as_vhost_user().map(|d| d.queues_in_use());
     (t.acked_features(), t.is_active(), t.status(), in_use)
 }
@@ -331,10 +331,8 @@ impl Vmm {
         };
         if config_change && active {
             t.config_changed();
-            if let Some(dev) = t.device_mut().as_vhost_user() {
-                if let Err(e) = dev.call_fd().write(1) {
-                    log::warn!("device '{id}': cannot raise the config-change interrupt: {e}");
-                }
+            if let Err(e) = t.signal_config() {
+                log::warn!("device '{id}': cannot raise the config-change interrupt: {e}");
             }
         }
         drop(t);

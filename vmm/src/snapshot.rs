@@ -137,6 +137,8 @@ impl Vmm {
             serial,
             i8042,
             devices,
+            acpi: b.power_button.is_some(),
+            pci: b.bus.pci.is_some(),
         })
     }
 

@@ -123,6 +123,13 @@ impl Candidate {
 }
 
 impl Vmm {
+    /// Whether the VM's devices are on PCI.
+    fn on_pci(&self) -> bool {
+        self.vm
+            .as_ref()
+            .is_some_and(|vm| vm.built.bus.pci.is_some())
+    }
+
     /// Detaches (`attach` false) or attaches again the devices' call eventfds from this
     /// KVM VM.
     fn device_irqfds(&self, attach: bool) -> Result<(), String> {
@@ -131,16 +138,12 @@ impl Vmm {
         };
         for (i, t) in vm.built.bus.virtio.iter().enumerate() {
             let mut t = lock(t);
-            let Some(dev) = t.device_mut().as_vhost_user() else {
-                continue;
-            };
             let gsi = VIRTIO_IRQ_BASE + i as u32;
-            let r = if attach {
-                vm.built.vm.register_irqfd(dev.call_fd(), gsi)
+            if attach {
+                t.attach_interrupts(&vm.built.vm, gsi)?;
             } else {
-                vm.built.vm.unregister_irqfd(dev.call_fd(), gsi)
-            };
-            r.map_err(|e| format!("KVM refused the irqfd of GSI {gsi}: {e}"))?;
+                t.detach_interrupts(&vm.built.vm, gsi)?;
+            }
         }
         Ok(())
     }
@@ -205,7 +208,7 @@ impl Vmm {
         fds.extend(api_listener);
         Ok((
             Handover {
-                version: VERSION,
+                version: crate::state::file::version_for(state.pci),
                 state,
                 devices,
                 running,
@@ -320,13 +323,14 @@ impl Vmm {
                 return Err(bad(format!("{why}; the VM runs on")));
             }
         };
+        let writes = crate::state::file::version_for(self.on_pci());
         let hello = match Hello::parse(&hello) {
-            Some(h) if (h.min..=h.max).contains(&VERSION) => h,
+            Some(h) if (h.min..=h.max).contains(&writes) => h,
             Some(h) => {
                 c.kill();
                 return Err(bad(format!(
                     "the new VMM ({}) reads state versions {} to {}; this one writes \
-                     version {VERSION}; the VM runs on",
+                     version {writes}; the VM runs on",
                     c.binary, h.min, h.max
                 )));
             }

@@ -277,11 +277,9 @@ impl Vcpu {
                     }
                     VcpuExit::IoOut(port, data) => {
                         inc(&m.io_out);
-                        if self.bus.pio_write(port, data) == BusAction::Reset {
-                            self.exit.report(ExitReason::Reset(format!(
-                                "vCPU {}: i8042 reset command",
-                                self.index
-                            )));
+                        if let BusAction::Reset(how) = self.bus.pio_write(port, data) {
+                            self.exit
+                                .report(ExitReason::Reset(format!("vCPU {}: {how}", self.index)));
                         }
                     }
                     VcpuExit::MmioRead(addr, data) => {

@@ -2,9 +2,9 @@
 //! kvm-bindings) are KVM's own.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_irqfd, kvm_lapic_state,
-    kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, KVMIO,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irq_routing, kvm_irqchip, kvm_irqfd,
+    kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, KVMIO,
 };
 use sandbox::filters::kvm;
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
@@ -29,6 +29,7 @@ ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
 ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
+ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 
 #[test]
 fn kvm_ioctl_numbers_match_kvm_bindings() {
@@ -52,4 +53,5 @@ fn kvm_ioctl_numbers_match_kvm_bindings() {
     assert_eq!(kvm::GET_IRQCHIP, KVM_GET_IRQCHIP());
     assert_eq!(kvm::GET_PIT2, KVM_GET_PIT2());
     assert_eq!(kvm::IRQFD, KVM_IRQFD());
+    assert_eq!(kvm::SET_GSI_ROUTING, KVM_SET_GSI_ROUTING());
 }

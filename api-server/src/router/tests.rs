@@ -476,3 +476,17 @@ fn table_is_consistent() {
         }
     }
 }
+
+#[test]
+fn power_button_takes_no_parameters() {
+    for body in [&b""[..], b"  ", b"{}", b" { } "] {
+        assert_eq!(
+            route("PUT", "/skiff/power-button", body).unwrap(),
+            ApiRequest::PressPowerButton
+        );
+    }
+    for body in [&br#"{"press": true}"#[..], b"[]", b"1", b"{"] {
+        let e = route("PUT", "/skiff/power-button", body).unwrap_err();
+        assert_eq!(e.status, 400, "{}", String::from_utf8_lossy(body));
+    }
+}

@@ -93,7 +93,7 @@ impl ApiVm {
     }
 }
 
-fn fault(
+pub fn fault(
     r: std::result::Result<impl std::fmt::Debug, ClientError>,
     status: u16,
     words: &[&str],

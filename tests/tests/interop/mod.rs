@@ -285,7 +285,7 @@ pub fn interop_qemu_boots_from_skiff_blk() -> Result {
 
     // skiff's boot arguments, with a triple-fault reboot (microvm has no i8042 to reset through).
     let append = format!(
-        "{} root=/dev/vda rw",
+        "{} pci=off root=/dev/vda rw",
         DEFAULT_BOOT_ARGS.replace("reboot=k", "reboot=t")
     );
     let mut cmd = Command::new(&qemu);

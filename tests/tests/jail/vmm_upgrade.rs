@@ -302,27 +302,38 @@ fn under_tcp(
     client.ok_or_else(|| "no upgrade ran".into())
 }
 
-/// CI: 20 upgrades, every other one under fio with verify, with a block round trip and a
+/// CI: 10 upgrades, every other one under fio with verify, with a block round trip and a
 /// ping after each. (This once stalled for good in the nested host, like the TCP stream
 /// below: the new VMM connected the interrupt lines before the saved interrupt controllers
-/// were in, and an interrupt a device raised during the pause was lost.)
+/// were in, and an interrupt a device raised during the pause was lost.) 10, not the 20 it
+/// had: the nested host triple-faults or stalls a guest about once per 100-200 guest-seconds
+/// whatever runs in it (resources/nested/README.md), so an attempt of 20 upgrades (~200 s
+/// there) failed about every other time and only three attempts fitted the test's limit —
+/// stop 21's CI failed that way, every attempt on the nested host's signatures. The soak
+/// (`vmm_upgrade_100_soak`) does the long run.
 pub fn jailed_vmm_upgrades_under_io() -> Result {
-    vmm_upgrades(upgrades(20), false)
+    vmm_upgrades(upgrades(10), false, false)
+}
+
+/// The same over virtio-pci (`--enable-pci`), 6 upgrades: the new VMM routes the MSI-X
+/// vectors the driver set up again, from the state.
+pub fn jailed_vmm_upgrades_over_pci() -> Result {
+    vmm_upgrades(6, false, true)
 }
 
 /// CI, another test (its own boot and limit: the nested host's faults grow with the
 /// upgrades a test does): 5 upgrades while the host streams 16 MiB of known content to the
 /// guest.
 pub fn jailed_vmm_upgrades_under_tcp() -> Result {
-    vmm_upgrades(0, true)
+    vmm_upgrades(0, true, false)
 }
 
 /// The soak run: 100 upgrades under block I/O, then 5 under the TCP stream.
 pub fn vmm_upgrade_100_soak() -> Result {
-    vmm_upgrades(upgrades(100), true)
+    vmm_upgrades(upgrades(100), true, false)
 }
 
-fn vmm_upgrades(n: usize, tcp: bool) -> Result {
+fn vmm_upgrades(n: usize, tcp: bool, pci: bool) -> Result {
     let dir = TestDir::new("vmm-upgrade")?;
     let parent = ParentCgroup::new("vmmup");
     let base = dir.join("base");
@@ -349,6 +360,9 @@ fn vmm_upgrades(n: usize, tcp: bool) -> Result {
         format!("{}:/images/data.img:rw", data.display()),
     ];
     jl.skiff = vec!["--api-sock".into(), "/run/api.sock".into()];
+    if pci {
+        jl.skiff.push("--enable-pci".into());
+    }
     let mut vm = TestVm::spawn("skiff-jailer", jl.command()?)?;
     let cell = base.join("skiff").join(id).join("root");
     let sock = cell.join("run/api.sock");

@@ -10,14 +10,16 @@ use api_server::models::{
     MemBackend, MemBackendType, NetworkInterface, NetworkOverride, SnapshotLoadParams,
     VmStateChange,
 };
-use tests::{ensure, host, Result, TestDir};
+use tests::{ensure, host, Result, TestDir, TestVm};
 
 use super::api::{fc_python, ApiVm};
 use super::{last_line, CMD, EXIT};
 
 const HOST_IP: &str = "172.31.11.1";
 
-fn python_snapshot(what: &str, sock: &Path, state: &Path, mem: &Path) -> Result {
+/// Runs the Python client against `vm`'s API; a failure carries `vm`'s diagnostics (a guest
+/// that triple-faulted meanwhile ends skiff, and the client then finds no socket).
+fn python_snapshot(what: &str, vm: &TestVm, sock: &Path, state: &Path, mem: &Path) -> Result {
     let python = fc_python()?;
     let script = tests::repo_root().join("tests/python/fc_client_snapshot.py");
     let out = std::process::Command::new(&python)
@@ -33,8 +35,9 @@ fn python_snapshot(what: &str, sock: &Path, state: &Path, mem: &Path) -> Result 
     );
     ensure!(
         out.status.success() && text.contains(&format!("FC-CLIENT-OK {what}")),
-        "the Python client's snapshot {what} failed ({}):\n{text}",
-        out.status
+        "the Python client's snapshot {what} failed ({}):\n{text}{}",
+        out.status,
+        vm.diagnostics()
     );
     Ok(())
 }
@@ -139,7 +142,7 @@ pub fn snapshot_load_twice_and_bad_loads() -> Result {
     )?;
     let before = uptime(&mut a)?;
     let since = Instant::now();
-    python_snapshot("create", &a.sock, &state, &mem)?;
+    python_snapshot("create", &a.vm, &a.sock, &state, &mem)?;
     let st = a.api.skiff_vm().map_err(|e| e.to_string())?;
     ensure!(st.state == "Paused", "after the snapshot: {st:?}");
     drop(a);
@@ -155,7 +158,7 @@ pub fn snapshot_load_twice_and_bad_loads() -> Result {
     // B: the Python client loads it and resumes.
     let dir_b = TestDir::new("snapshot-b")?;
     let mut b = ApiVm::start(&dir_b, &[])?;
-    python_snapshot("load", &b.sock, &state, &mem)?;
+    python_snapshot("load", &b.vm, &b.sock, &state, &mem)?;
     check_restored(&mut b, before, since)?;
     b.vm.reboot_and_wait(EXIT)?;
     drop(b);
@@ -183,16 +186,16 @@ pub fn snapshot_load_twice_and_bad_loads() -> Result {
         &["corrupt", "checksum"],
     )?;
     bytes[mid] ^= 0x20;
-    // Version 2, with a checksum that matches: from a newer skiff.
+    // Version 3, with a checksum that matches: from a newer skiff.
     let future = dir.join("future.state");
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
     let body = bytes.len() - 8;
     let crc = crc::Crc::<u64>::new(&crc::CRC_64_XZ).checksum(&bytes[..body]);
     bytes[body..].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&future, &bytes).map_err(|e| e.to_string())?;
     fault(
         c.api.load_snapshot(&load(&future, &mem, true, Some(&tap2))),
-        &["version 2 is newer"],
+        &["version 3 is newer"],
     )?;
     let short_mem = dir.join("short.mem");
     std::fs::File::create(&short_mem)

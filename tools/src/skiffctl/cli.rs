@@ -77,6 +77,9 @@ pub enum Cmd {
     Start,
     /// Press Ctrl+Alt+Del in the guest (PUT /actions SendCtrlAltDel).
     CtrlAltDel,
+    /// Press the guest's ACPI power button: a guest that handles it (systemd, acpid)
+    /// shuts down cleanly (PUT /skiff/power-button).
+    PowerButton,
     /// Write one metrics line to the metrics file now (PUT /actions FlushMetrics).
     FlushMetrics,
     /// Pause the vCPUs (PATCH /vm Paused).
@@ -385,6 +388,7 @@ pub enum Op {
     },
     UpgradeAll(VmUpgrade),
     UpgradeVmm(VmmUpgrade),
+    PowerButton,
     CreateSnapshot(SnapshotCreateParams),
     LoadSnapshot(SnapshotLoadParams),
     Raw {
@@ -421,6 +425,7 @@ impl Op {
             Op::UpgradeDevice { .. } => ("PUT", "/skiff/devices/{id}/upgrade"),
             Op::UpgradeAll(_) => ("PUT", "/skiff/upgrade"),
             Op::UpgradeVmm(_) => ("PUT", "/skiff/vmm/upgrade"),
+            Op::PowerButton => ("PUT", "/skiff/power-button"),
             Op::CreateSnapshot(_) => ("PUT", "/snapshot/create"),
             Op::LoadSnapshot(_) => ("PUT", "/snapshot/load"),
             Op::Raw { .. } | Op::WaitReady => return None,
@@ -531,6 +536,7 @@ impl Cmd {
             }),
             Cmd::Start => Op::Action(ActionType::InstanceStart),
             Cmd::CtrlAltDel => Op::Action(ActionType::SendCtrlAltDel),
+            Cmd::PowerButton => Op::PowerButton,
             Cmd::FlushMetrics => Op::Action(ActionType::FlushMetrics),
             Cmd::Pause => Op::PatchVm(VmStateChange::Paused),
             Cmd::Resume => Op::PatchVm(VmStateChange::Resumed),

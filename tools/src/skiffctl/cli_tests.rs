@@ -54,6 +54,7 @@ const EVERY_ROUTE: &[&str] = &[
     "upgrade rootfs",
     "upgrade --all",
     "upgrade --vmm",
+    "power-button",
     "snapshot create --state s --mem m",
     "snapshot load --state s --mem m",
 ];
@@ -138,6 +139,7 @@ fn drive_needs_exactly_one_backend() {
 fn actions_vm_logger_metrics() {
     assert_eq!(op("start"), Op::Action(ActionType::InstanceStart));
     assert_eq!(op("ctrl-alt-del"), Op::Action(ActionType::SendCtrlAltDel));
+    assert_eq!(op("power-button"), Op::PowerButton);
     assert_eq!(op("flush-metrics"), Op::Action(ActionType::FlushMetrics));
     assert_eq!(op("pause"), Op::PatchVm(VmStateChange::Paused));
     assert_eq!(

@@ -149,6 +149,10 @@ fn run(
                 .into(),
             )
         }
+        Op::PowerButton => {
+            c.power_button()?;
+            done("power button pressed".into())
+        }
         Op::PatchVm(s) => {
             c.patch_vm(s)?;
             done(

@@ -3,24 +3,21 @@
 //! benchmark that is not skiff's code: it plays the guest.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::devices::virtio::QueueConfig;
 use vmm_sys_util::eventfd::EventFd;
+
+pub use crate::split_ring::Ring;
+use crate::split_ring::{wait_call, F_NEXT, F_WRITE};
 
 /// Guest RAM of the benchmark's VM (below the 32-bit MMIO hole: one region).
 pub const RAM: u64 = 64 << 20;
-/// Ring size the driver chooses.
-pub const QSIZE: u16 = 256;
 /// Bytes of one block write.
 pub const BLOCK: usize = 4096;
 const MIB: u64 = 1 << 20;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 
 /// Phases the driver threads attribute completion gaps to.
 pub const WARMUP: u8 = 0;
@@ -31,75 +28,12 @@ pub const UPGRADES: u8 = 2;
 /// Draining at the end.
 pub const DONE: u8 = 3;
 
-/// A split ring's guest-physical addresses.
-#[derive(Clone, Copy)]
-pub struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-}
-
 /// skiff-blk's request ring.
 pub const BLK_RING: Ring = Ring::at(0);
 /// skiff-net's RX ring (it gets no buffers: nothing is sent to the TAP's far side).
 pub const NET_RX: Ring = Ring::at(1);
 /// skiff-net's TX ring.
 pub const NET_TX: Ring = Ring::at(2);
-
-impl Ring {
-    /// Ring `n`'s place in guest memory (64 KiB each from 1 MiB).
-    const fn at(n: u64) -> Ring {
-        let base = MIB + n * 0x10000;
-        Ring {
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-        }
-    }
-
-    /// What the driver writes to the transport for this ring (queue size `QSIZE`, ready).
-    pub fn queue_config(&self, max_size: u16) -> QueueConfig {
-        QueueConfig {
-            max_size,
-            size: QSIZE,
-            ready: true,
-            desc: self.desc,
-            avail: self.avail,
-            used: self.used,
-        }
-    }
-
-    fn set_desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(self.desc + 16 * u64::from(i));
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        let _ = mem.write_slice(&d, at);
-    }
-
-    /// Puts `head` at available position `pos` and publishes `pos + 1`.
-    fn make_available(&self, mem: &GuestMemoryMmap, pos: u16, head: u16) {
-        let slot = GuestAddress(self.avail + 4 + 2 * u64::from(pos % QSIZE));
-        let _ = mem.write_obj(head, slot);
-        let _ = mem.store(
-            pos.wrapping_add(1),
-            GuestAddress(self.avail + 2),
-            Ordering::Release,
-        );
-    }
-
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.load(GuestAddress(self.used + 2), Ordering::Acquire)
-            .unwrap_or(0)
-    }
-
-    fn used_head(&self, mem: &GuestMemoryMmap, pos: u16) -> u16 {
-        let at = GuestAddress(self.used + 4 + 8 * u64::from(pos % QSIZE));
-        mem.read_obj::<u32>(at).unwrap_or(u32::MAX) as u16
-    }
-}
 
 /// What a driver thread saw.
 #[derive(Default)]
@@ -131,19 +65,6 @@ pub struct Driver {
     pub stop: Arc<AtomicBool>,
     /// Requests kept in flight.
     pub depth: u16,
-}
-
-/// Waits up to `ms` for the device's interrupt; returns whether it came.
-fn wait_call(call: &EventFd, ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: call.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll on one valid pollfd that lives across the call.
-    let ready = unsafe { libc::poll(&mut pfd, 1, ms) } > 0;
-    let _ = call.read();
-    ready
 }
 
 impl Driver {

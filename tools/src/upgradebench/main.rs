@@ -61,6 +61,8 @@ use vmm::tap::{TapError, TapFd};
 mod device;
 mod driver;
 mod plot;
+#[path = "../split_ring.rs"]
+mod split_ring;
 #[path = "../stats.rs"]
 mod stats;
 

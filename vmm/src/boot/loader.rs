@@ -193,16 +193,18 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
-/// Writes the boot information for `kernel`'s protocol.
+/// Writes the boot information for `kernel`'s protocol, with the ACPI RSDP's address if
+/// the guest has ACPI tables.
 pub fn write_boot_info(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     cmdline_len: usize,
     mem_size: u64,
+    rsdp: Option<u64>,
 ) -> Result<(), LoaderError> {
     match kernel.entry {
-        BootEntry::Pvh(_) => write_pvh_start_info(mem, kernel, mem_size),
-        BootEntry::Linux64(_) => write_zero_page(mem, kernel, cmdline_len, mem_size),
+        BootEntry::Pvh(_) => write_pvh_start_info(mem, kernel, mem_size, rsdp),
+        BootEntry::Linux64(_) => write_zero_page(mem, kernel, cmdline_len, mem_size, rsdp),
     }
 }
 
@@ -211,8 +213,12 @@ fn write_zero_page(
     kernel: &LoadedKernel,
     cmdline_len: usize,
     mem_size: u64,
+    rsdp: Option<u64>,
 ) -> Result<(), LoaderError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
+        ..Default::default()
+    };
     if let Some(hdr) = kernel.setup_header {
         params.hdr = hdr;
     } else {
@@ -242,9 +248,11 @@ fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     mem_size: u64,
+    rsdp: Option<u64>,
 ) -> Result<(), LoaderError> {
     let map = e820_map(mem_size);
     let mut info = hvm_start_info {
+        rsdp_paddr: rsdp.unwrap_or(0),
         magic: XEN_HVM_START_MAGIC,
         // Version 1 carries the memory map; Linux BUG()s on version 0 without one.
         version: 1,

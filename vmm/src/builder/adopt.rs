@@ -12,13 +12,12 @@ use std::time::Instant;
 use kvm_ioctls::{Kvm, VmFd};
 
 use super::{
-    check_restorable, create_vm, finish, legacy_devices, wire_device, BuildError, BuildOptions,
-    BuiltVm, DeviceSlot, Parts, Vcpus,
+    check_restorable, create_vm, finish, legacy_devices, transport, wire_device, BuildError,
+    BuildOptions, BuiltVm, Bus, DeviceSlot, Parts, Vcpus,
 };
 use crate::config::VmConfig;
 use crate::device_process::DeviceProcess;
 use crate::devices::metrics_page::MetricsPage;
-use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vhost_user::{FrontendFds, VhostUserDevice};
 use crate::devices::virtio::RamRanges;
 use crate::handover::Handover;
@@ -113,6 +112,7 @@ pub fn adopt(
         )));
     }
     let legacy = legacy_devices(&vm, cfg, opts, Some(state))?;
+    let bus = Bus::new(&kvm, &vm, state.pci)?;
     mark("legacy devices", &mut lap);
     let ram_ranges = RamRanges(
         ram.mem
@@ -167,11 +167,11 @@ pub fn adopt(
         let acked = t.active.then_some(t.acked_features);
         let dev = VhostUserDevice::adopt(&d.frontend, front, ram.mem.clone(), acked)
             .map_err(|e| BuildError::Backend(format!("device '{}': cannot take over", d.id), e))?;
-        wire_device(&vm, &dev, i, true)?;
+        wire_device(&vm, &dev, i, true, state.pci)?;
         let name = process
             .as_ref()
             .map_or_else(|| format!("device '{}'", d.id), |p| p.name.clone());
-        let mut transport = MmioTransport::new(Box::new(dev), name, ram_ranges.clone());
+        let mut transport = transport(Box::new(dev), name, ram_ranges.clone(), &bus, i, true)?;
         transport.restore(t).map_err(BuildError::Restore)?;
         transports.push(Mutex::new(transport));
         mark("a vhost-user device", &mut lap);
@@ -211,6 +211,7 @@ pub fn adopt(
             legacy,
             transports,
             devices,
+            pci: state.pci,
         },
         cfg,
         Vcpus::Restore(state),

@@ -3,14 +3,14 @@
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::BuildError;
 use crate::device_binary::DeviceBinary;
 use crate::device_process::DeviceProcess;
 use crate::devices::metrics_page::MetricsPage;
-use crate::devices::virtio::vhost_user::{DeviceKind, VhostUserDevice};
+use crate::devices::virtio::vhost_user::{connect_with_retry, DeviceKind, VhostUserDevice};
 use crate::tap::TapFd;
 
 /// The seccomp choice as device processes get it: `--seccomp-filter FILE` becomes an fd
@@ -123,6 +123,25 @@ pub fn negotiate(
     }
 }
 
+/// Connects to the external vhost-user backend `name` (qemu-storage-daemon, a user's own
+/// skiff-blk, ...) listening on `socket`, which may still be starting, and negotiates with
+/// it. A backend that stops answering later fails the request instead of hanging a vCPU
+/// ([`BACKEND_TIMEOUT`] on reads and writes).
+pub fn connect_external(
+    name: &str,
+    kind: DeviceKind,
+    socket: &Path,
+    max_queues: usize,
+    mem: vm_memory::GuestMemoryMmap,
+) -> Result<VhostUserDevice, BuildError> {
+    let stream = connect_with_retry(socket, BACKEND_TIMEOUT, || Ok(()))
+        .map_err(|e| BuildError::Backend(format!("{name} is not reachable"), e))?;
+    let _ = stream.set_read_timeout(Some(BACKEND_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(BACKEND_TIMEOUT));
+    VhostUserDevice::new(kind, stream, max_queues, mem)
+        .map_err(|e| BuildError::Backend(format!("{name}: vhost-user negotiation failed"), e))
+}
+
 /// How `p` ended, if it has or does within `grace` (its pidfd becomes readable).
 fn ended_within(p: &mut DeviceProcess, grace: Duration) -> Option<String> {
     crate::wait_readable(p.pidfd.as_raw_fd(), grace);
@@ -178,9 +197,12 @@ mod tests {
     use crate::device_binary::BinaryDir;
     use std::path::Path;
 
+    /// bash, not sh: the socket's fd number is whatever the test process has free, often
+    /// 10 or more under parallel tests, and dash reads only one-digit fds in redirections
+    /// (`exec 12>&-` runs a command named 12 and exits 127).
     fn sh() -> DeviceBinary {
         let dir = BinaryDir::open(Some(Path::new("/bin"))).expect("/bin");
-        dir.resolve(Path::new("sh")).expect("sh")
+        dir.resolve(Path::new("bash")).expect("bash")
     }
 
     fn start(script: &str) -> (DeviceProcess, UnixStream) {

@@ -1,9 +1,12 @@
-//! Devices the VMM emulates itself (serial, i8042) and the virtio-mmio transport that
-//! fronts vhost-user device processes, plus the port-I/O and MMIO dispatch for vCPU exits.
+//! Devices the VMM emulates itself (serial, i8042), the virtio transports (MMIO, PCI) that
+//! front vhost-user device processes, the PCI bus and MSI routing, plus the port-I/O and
+//! MMIO dispatch for vCPU exits.
 
 pub mod bus;
 pub mod i8042;
 pub mod metrics_page;
+pub mod msi;
+pub mod pci;
 pub mod serial;
 pub mod virtio;
 

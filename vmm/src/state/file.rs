@@ -6,13 +6,18 @@
 //! renamed or re-shaped one) raises [`VERSION`] and adds a step to [`migrate`], which
 //! rewrites an older state, as JSON, into the next version's shape; fields added with
 //! `#[serde(default)]` need no new version. A file from a newer skiff is refused.
+//!
+//! Version 2: the devices may be on PCI (`--enable-pci`). An older skiff would drop the PCI
+//! fields it does not know and rebuild the VM on virtio-mmio, leaving the guest without its
+//! devices, so such a state is written as version 2, which it refuses; a VM on virtio-mmio
+//! is still written as version 1, which every skiff reads (a rollback keeps working).
 
 use super::VmState;
 
 /// "SKIFFVMS".
 const MAGIC: [u8; 8] = *b"SKIFFVMS";
-/// The version this skiff writes.
-pub const VERSION: u32 = 1;
+/// The newest version this skiff reads and writes.
+pub const VERSION: u32 = 2;
 /// The oldest version this skiff reads.
 pub const MIN_VERSION: u32 = 1;
 /// The largest state accepted (a 32-vCPU VM's state is about 1 MiB).
@@ -67,10 +72,19 @@ pub enum StateFileError {
     Encode(#[source] serde_json::Error),
 }
 
+/// The version a state is written as: 2 for a VM on PCI, else 1 (see the module's doc).
+pub fn version_for(pci: bool) -> u32 {
+    if pci {
+        2
+    } else {
+        1
+    }
+}
+
 /// The file's bytes for `state`.
 pub fn encode(state: &VmState) -> Result<Vec<u8>, StateFileError> {
     let payload = serde_json::to_vec(state).map_err(StateFileError::Encode)?;
-    Ok(frame(VERSION, &payload))
+    Ok(frame(version_for(state.pci), &payload))
 }
 
 /// Frames `payload` as a state file of `version`.
@@ -143,7 +157,8 @@ pub fn decode(bytes: &[u8]) -> Result<VmState, StateFileError> {
 fn migrate(version: u32, value: serde_json::Value) -> Result<serde_json::Value, StateFileError> {
     match version {
         VERSION => Ok(value),
-        // Version 1 is the first; the first change adds `1 => migrate(2, v1_to_v2(value))`.
+        // Version 2 only adds what a version-1 state reads as absent (no PCI).
+        1 => migrate(2, value),
         other => Err(StateFileError::TooOld(other)),
     }
 }
@@ -210,6 +225,20 @@ mod tests {
             .all(|d| d.transport.active && !d.rings.is_empty()));
         assert!(!s.vcpus[0].msrs.is_empty());
         assert_eq!(s.vcpus[1].index, 1);
+        // Written before ACPI: its guest has no power button, whatever today's default is.
+        assert!(!s.acpi);
+        // And before virtio-pci: its devices are on virtio-mmio.
+        assert!(!s.pci && s.devices.iter().all(|d| d.transport.pci.is_none()));
+    }
+
+    #[test]
+    fn a_vm_on_pci_is_written_as_version_2_and_one_on_mmio_as_version_1() {
+        let mut s = decode(FIXTURE_V1).expect("fixture");
+        assert_eq!(le_u32(&encode(&s).expect("encode")[8..]), 1);
+        s.pci = true;
+        let v2 = encode(&s).expect("encode");
+        assert_eq!(le_u32(&v2[8..]), 2);
+        assert!(decode(&v2).expect("decode").pci);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialRegs;
-use crate::devices::virtio::mmio::MmioState;
+use crate::devices::virtio::transport::TransportState;
 use crate::devices::virtio::vhost_user::{DeviceKind, RingPosition};
 pub use kvm::{KvmStateError, KvmVmState, VcpuState};
 
@@ -36,6 +36,14 @@ pub struct VmState {
     pub i8042: I8042State,
     /// Every virtio device, in transport order.
     pub devices: Vec<DeviceState>,
+    /// Whether the guest booted with ACPI (and so has the power button's GED). A state from a
+    /// skiff before ACPI lacks the field: those guests booted without ACPI tables.
+    #[serde(default)]
+    pub acpi: bool,
+    /// Whether the devices are on PCI (`--enable-pci`). Absent in states from a skiff
+    /// before virtio-pci: those are virtio-mmio.
+    #[serde(default)]
+    pub pci: bool,
 }
 
 /// One virtio device: its transport's registers and where its rings stand.
@@ -45,8 +53,8 @@ pub struct DeviceState {
     pub id: String,
     /// Block or net.
     pub kind: DeviceKind,
-    /// The virtio-mmio registers.
-    pub transport: MmioState,
+    /// The transport's registers (virtio-mmio, or virtio-pci with its PCI function).
+    pub transport: TransportState,
     /// The running rings (empty when the driver has not started the device).
     pub rings: Vec<RingPosition>,
     /// The device's config space as the guest saw it (capacity, MAC, ...).

@@ -1,6 +1,11 @@
-//! virtio 1.x over MMIO, with device models that live in vhost-user device processes.
+//! virtio 1.x over MMIO or PCI, with device models that live in vhost-user device
+//! processes.
 
 pub mod mmio;
+pub mod pci;
+#[cfg(test)]
+pub(crate) mod test_device;
+pub mod transport;
 pub mod vhost_user;
 
 /// What the driver configured for one virtqueue.

@@ -1,0 +1,108 @@
+//! The synthetic guest driver's side of a split virtqueue (virtio 1.x, 2.7): the
+//! descriptor table, available and used rings in guest memory, as a guest driver writes and
+//! reads them. Shared by the benchmarks that play the guest on the rings (included with
+//! `#[path]`); the device side they drive is skiff's shipped code or a peer's backend.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::devices::virtio::QueueConfig;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Ring size the driver chooses.
+pub const QSIZE: u16 = 256;
+/// Descriptor flag: the chain goes on at `next`.
+pub const F_NEXT: u16 = 1;
+/// Descriptor flag: the device writes this buffer.
+pub const F_WRITE: u16 = 2;
+const MIB: u64 = 1 << 20;
+
+/// A split ring's guest-physical addresses.
+#[derive(Clone, Copy)]
+pub struct Ring {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl Ring {
+    /// Ring `n`'s place in guest memory (64 KiB each from 1 MiB; at most 112 rings below
+    /// the 8 MiB where the benchmarks' buffers start).
+    pub const fn at(n: u64) -> Ring {
+        let base = MIB + n * 0x10000;
+        Ring {
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+        }
+    }
+
+    /// What the driver writes to the transport for this ring (queue size `QSIZE`, ready).
+    pub fn queue_config(&self, max_size: u16) -> QueueConfig {
+        QueueConfig {
+            max_size,
+            size: QSIZE,
+            ready: true,
+            desc: self.desc,
+            avail: self.avail,
+            used: self.used,
+        }
+    }
+
+    /// Writes descriptor `i`.
+    pub fn set_desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let at = GuestAddress(self.desc + 16 * u64::from(i));
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        let _ = mem.write_slice(&d, at);
+    }
+
+    /// Puts `head` at available position `pos` and publishes `pos + 1`.
+    pub fn make_available(&self, mem: &GuestMemoryMmap, pos: u16, head: u16) {
+        let slot = GuestAddress(self.avail + 4 + 2 * u64::from(pos % QSIZE));
+        let _ = mem.write_obj(head, slot);
+        let _ = mem.store(
+            pos.wrapping_add(1),
+            GuestAddress(self.avail + 2),
+            Ordering::Release,
+        );
+    }
+
+    /// The used ring's index as the device last published it.
+    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.load(GuestAddress(self.used + 2), Ordering::Acquire)
+            .unwrap_or(0)
+    }
+
+    /// The head of the chain at used position `pos`.
+    pub fn used_head(&self, mem: &GuestMemoryMmap, pos: u16) -> u16 {
+        let at = GuestAddress(self.used + 4 + 8 * u64::from(pos % QSIZE));
+        mem.read_obj::<u32>(at).unwrap_or(u32::MAX) as u16
+    }
+}
+
+/// Waits up to `ms` for the device's interrupt (its call eventfd, KVM's irqfd in skiff) and
+/// clears it; returns whether it came.
+pub fn wait_call(call: &EventFd, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd that lives across the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, ms) } > 0;
+    let _ = call.read();
+    ready
+}
