@@ -200,6 +200,12 @@ impl Drop for TestDir {
     }
 }
 
+/// How long a booting guest's console may stay silent before the boot is given up as
+/// stalled ([`TestVm::wait_ready`]). Good boots in the nested test host print at least every
+/// few seconds, 8 vCPUs and 3 GiB of RAM included; a stalled one used to hold a test for the
+/// whole boot limit (60 s) before its retry.
+const BOOT_SILENCE: Duration = Duration::from_secs(30);
+
 /// How skiff reports a guest that triple-faulted (the nested test host's known fault).
 pub const TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
 
@@ -568,6 +574,51 @@ impl TestVm {
         }
     }
 
+    /// [`TestVm::wait_for`], but gives up as soon as the console has printed nothing for
+    /// `silence`: a booting guest prints all along, and one that went quiet has stalled (the
+    /// nested test host's guests do), so its retry need not wait for the whole `timeout`.
+    pub fn wait_for_unless_silent(
+        &mut self,
+        pat: &str,
+        timeout: Duration,
+        silence: Duration,
+    ) -> Result {
+        let from = self.cursor;
+        let begun = Instant::now();
+        let deadline = begun + timeout;
+        let (mut seen, mut quiet_since) = (self.console.len(), begun);
+        loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1));
+            if let Some(pos) = self
+                .console
+                .wait(slice, from, |b| find_bytes(b, pat.as_bytes()))
+            {
+                self.cursor = from + pos + pat.len();
+                return Ok(());
+            }
+            let now = Instant::now();
+            let len = self.console.len();
+            if len != seen {
+                (seen, quiet_since) = (len, now);
+            }
+            let quiet = now - quiet_since;
+            if self.console.closed() || now >= deadline || quiet >= silence {
+                let why = if quiet >= silence && !self.console.closed() {
+                    format!(": the console stayed silent for {} s", quiet.as_secs())
+                } else {
+                    String::new()
+                };
+                return Err(format!(
+                    "{pat:?} did not appear on the console within {:?}{why}{}",
+                    now - begun,
+                    self.diagnostics()
+                ));
+            }
+        }
+    }
+
     /// Waits for the guest's `GUEST-READY` line and its shell, then turns off kernel console
     /// messages so command output is only what commands print.
     ///
@@ -577,7 +628,7 @@ impl TestVm {
     /// init reboots. The echoed command line never matches the XBEG/XEND markers [`TestVm::run`]
     /// looks for (it holds `XBEG%s`, not the token), so it is not part of any output.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result {
-        self.wait_for("GUEST-READY", timeout)?;
+        self.wait_for_unless_silent("GUEST-READY", timeout, BOOT_SILENCE)?;
         self.wait_for("guest:", timeout)?;
         let (_, code) = self.run("dmesg -n 1", Duration::from_secs(60))?;
         crate::ensure!(

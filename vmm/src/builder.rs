@@ -36,10 +36,12 @@ use crate::vcpu::{Vcpu, VcpuGate};
 mod adopt;
 mod legacy;
 mod spawn;
+mod steps;
 mod wire;
 pub use adopt::{adopt, prepare, Prepared};
 pub(crate) use legacy::{legacy_devices, Legacy};
 pub use spawn::{blk_args, connect_external, negotiate, net_args, spawn_connected, DeviceSeccomp};
+pub use steps::BuildSteps;
 pub(crate) use wire::{transport, wire_device, Bus};
 
 /// Errors building the VM.
@@ -60,6 +62,9 @@ pub enum BuildError {
     /// Kernel loading.
     #[error(transparent)]
     Loader(#[from] loader::LoaderError),
+    /// The thread loading the kernel panicked.
+    #[error("the thread loading the kernel panicked")]
+    LoaderPanicked,
     /// MP table.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
@@ -144,6 +149,8 @@ pub struct BuiltVm {
     /// The virtio devices, drives first, in transport order: each with its transport, its
     /// device process and what it hands that process.
     pub devices: Vec<DeviceSlot>,
+    /// Where the build's time went.
+    pub steps: BuildSteps,
 }
 
 impl BuiltVm {
@@ -324,6 +331,46 @@ fn start_device_processes(
     Ok(pending)
 }
 
+/// The guest kernel (and initrd) loading into guest RAM on a thread of its own.
+enum KernelLoad {
+    Thread(std::thread::JoinHandle<Result<loader::LoadedKernel, loader::LoaderError>>),
+    /// The thread could not be started: loaded on the caller's.
+    Done(Result<loader::LoadedKernel, loader::LoaderError>),
+}
+
+impl KernelLoad {
+    fn start(ram: &GuestRam, cfg: &VmConfig) -> KernelLoad {
+        let (mem, kernel, initrd) = (ram.mem.clone(), cfg.kernel.clone(), cfg.initrd.clone());
+        let load = move || loader::load_kernel(&mem, &kernel, initrd.as_deref());
+        // The closure moves into the thread only when it starts; a failed start returns the
+        // error alone, so the loading then happens here from a second copy.
+        match std::thread::Builder::new()
+            .name("kernel-loader".into())
+            .spawn(load)
+        {
+            Ok(h) => KernelLoad::Thread(h),
+            Err(e) => {
+                log::warn!("cannot start a thread to load the kernel ({e}); loading it inline");
+                KernelLoad::Done(loader::load_kernel(
+                    &ram.mem,
+                    &cfg.kernel,
+                    cfg.initrd.as_deref(),
+                ))
+            }
+        }
+    }
+
+    fn wait(self) -> Result<loader::LoadedKernel, BuildError> {
+        match self {
+            KernelLoad::Thread(h) => match h.join() {
+                Ok(r) => Ok(r?),
+                Err(_) => Err(BuildError::LoaderPanicked),
+            },
+            KernelLoad::Done(r) => Ok(r?),
+        }
+    }
+}
+
 fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, BuildError> {
     let vm = kvm
         .create_vm()
@@ -409,25 +456,27 @@ pub fn build(
         }
     };
 
-    // Device processes start first so that their start-up overlaps the kernel load.
+    let mut steps = BuildSteps::default();
+    // Device processes start first, so that their start-up overlaps everything up to their
+    // negotiation.
     let pending = start_device_processes(cfg, opts, processes)?;
+    steps.mark("device processes");
 
     let ram = match ram {
         Some(r) => r,
         None => create_guest_ram(mem_bytes)?,
     };
-    let vm = create_vm(&kvm, &ram)?;
+    steps.mark("guest RAM");
+    // The kernel (tens of MiB copied into fresh guest pages) loads on a thread of its own
+    // while KVM and the devices are set up.
     let kernel = match saved {
-        None => Some(loader::load_kernel(
-            &ram.mem,
-            &cfg.kernel,
-            cfg.initrd.as_deref(),
-        )?),
+        None => Some(KernelLoad::start(&ram, cfg)),
         Some(_) => None,
     };
-
+    let vm = create_vm(&kvm, &ram)?;
     let legacy = legacy_devices(&vm, cfg, opts, saved)?;
     let bus = Bus::new(&kvm, &vm, pci)?;
+    steps.mark("KVM VM");
 
     let ram_ranges = RamRanges(
         ram.mem
@@ -504,6 +553,9 @@ pub fn build(
         });
     }
 
+    steps.mark("devices");
+    let kernel = kernel.map(KernelLoad::wait).transpose()?;
+    steps.mark("kernel");
     if let Some(kernel) = &kernel {
         // The devices are described both ways, as Firecracker does: in the DSDT (a stock
         // kernel, whose virtio_mmio cannot take command-line declarations, finds them there)
@@ -522,6 +574,7 @@ pub fn build(
         mptable::setup(&ram.mem, cfg.vcpus as u8)?;
     }
 
+    steps.mark("boot tables");
     let mut started: Vec<Option<DeviceProcess>> = processes.drain(..).map(Some).collect();
     for (slot, idx) in devices.iter_mut().zip(owner) {
         slot.process = idx.and_then(|i| started.get_mut(i).and_then(Option::take));
@@ -535,6 +588,7 @@ pub fn build(
             transports,
             devices,
             pci,
+            steps,
         },
         cfg,
         match (saved, kernel) {
@@ -558,6 +612,8 @@ pub(crate) struct Parts {
     devices: Vec<DeviceSlot>,
     /// The devices are on PCI.
     pci: bool,
+    /// Where the build's time went so far.
+    pub(crate) steps: BuildSteps,
 }
 
 /// How the vCPUs begin.
@@ -582,6 +638,7 @@ pub(crate) fn finish(
         transports,
         devices,
         pci,
+        mut steps,
     } = parts;
     let Legacy {
         serial,
@@ -663,6 +720,7 @@ pub(crate) fn finish(
                 .map_err(BuildError::Restore)?;
         }
     }
+    steps.mark("vCPUs");
     Ok(BuiltVm {
         vm,
         ram,
@@ -677,6 +735,7 @@ pub(crate) fn finish(
         serial_metrics,
         power_button,
         devices,
+        steps,
     })
 }
 

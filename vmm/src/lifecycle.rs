@@ -35,6 +35,9 @@ impl Vmm {
         }
         let cfg = self.vm_config();
         let built = self.build_vm(&cfg, Origin::Boot)?;
+        // Before the vCPUs run: tools/launchbench reads it from a VMM it ends at their first
+        // KVM_RUN.
+        log::info!("VM built in {}", built.steps);
         self.run_built(built, None)?;
         log::info!("VM started: {} vCPU(s), {} MiB", cfg.vcpus, cfg.mem_mib);
         Ok(())

@@ -13,7 +13,7 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use super::{
     check_restorable, create_vm, finish, legacy_devices, transport, wire_device, BuildError,
-    BuildOptions, BuiltVm, Bus, DeviceSlot, Parts, Vcpus,
+    BuildOptions, BuildSteps, BuiltVm, Bus, DeviceSlot, Parts, Vcpus,
 };
 use crate::config::VmConfig;
 use crate::device_process::DeviceProcess;
@@ -79,13 +79,7 @@ pub fn adopt(
     prepared: Prepared,
 ) -> Result<(BuiltVm, Option<OwnedFd>), BuildError> {
     // Where the time goes (the pause of a live upgrade is mostly this): one log line.
-    let t0 = Instant::now();
-    let mut steps: Vec<(&str, u128)> = Vec::new();
-    let mut mark = |name: &'static str, since: &mut Instant| {
-        steps.push((name, since.elapsed().as_micros()));
-        *since = Instant::now();
-    };
-    let mut lap = t0;
+    let mut steps = BuildSteps::default();
     let state = &h.state;
     let mem_bytes = cfg.mem_mib << 20;
     check_restorable(cfg, state, mem_bytes)?;
@@ -113,7 +107,7 @@ pub fn adopt(
     }
     let legacy = legacy_devices(&vm, cfg, opts, Some(state))?;
     let bus = Bus::new(&kvm, &vm, state.pci)?;
-    mark("legacy devices", &mut lap);
+    steps.mark("legacy devices");
     let ram_ranges = RamRanges(
         ram.mem
             .iter()
@@ -174,7 +168,7 @@ pub fn adopt(
         let mut transport = transport(Box::new(dev), name, ram_ranges.clone(), &bus, i, true)?;
         transport.restore(t).map_err(BuildError::Restore)?;
         transports.push(Mutex::new(transport));
-        mark("a vhost-user device", &mut lap);
+        steps.mark("a vhost-user device");
         devices.push(DeviceSlot {
             id: d.id.clone(),
             kind: d.frontend.kind,
@@ -212,16 +206,11 @@ pub fn adopt(
             transports,
             devices,
             pci: state.pci,
+            steps,
         },
         cfg,
         Vcpus::Restore(state),
     )?;
-    mark("vCPUs", &mut lap);
-    let detail: Vec<String> = steps.iter().map(|(n, us)| format!("{n} {us}")).collect();
-    log::info!(
-        "adopted the VM in {} us ({})",
-        t0.elapsed().as_micros(),
-        detail.join(", ")
-    );
+    log::info!("adopted the VM in {}", built.steps.micros());
     Ok((built, listener))
 }
