@@ -102,7 +102,9 @@ pub struct Drive {
     /// `Unsafe` or `Writeback`: skiff always honours guest flushes, so both are accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_type: Option<String>,
-    /// Only `Sync` (the default) is accepted.
+    /// `Sync` (the default: skiff-blk's worker threads read and write the image) or `Async`
+    /// (skiff-blk keeps each queue's requests in flight together through io_uring), as in
+    /// Firecracker; only for `path_on_host` drives, whose skiff-blk skiff starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
     /// Rate limiter; not supported.
@@ -541,6 +543,11 @@ impl MachineConfig {
 }
 
 impl Drive {
+    /// Whether skiff-blk serves this drive through io_uring (`io_engine: Async`).
+    pub fn io_uring(&self) -> bool {
+        self.io_engine.as_deref() == Some("Async")
+    }
+
     /// Rejects Firecracker options skiff does not implement.
     pub fn check_supported(&self) -> Result<(), ModelsError> {
         let at = |f: &str| format!("drives[{}].{f}", self.drive_id);
@@ -552,10 +559,16 @@ impl Drive {
                 return Err(unsupported(at("cache_type"), c.clone()));
             }
         }
-        if let Some(e) = &self.io_engine {
-            if e != "Sync" {
-                return Err(unsupported(at("io_engine"), e.clone()));
+        match self.io_engine.as_deref() {
+            None | Some("Sync") => {}
+            Some("Async") if self.socket.is_some() => {
+                return Err(unsupported(
+                    at("io_engine"),
+                    "Async with socket: an external backend's engine is its own",
+                ))
             }
+            Some("Async") => {}
+            Some(e) => return Err(unsupported(at("io_engine"), e.to_string())),
         }
         if self.rate_limiter.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(unsupported(at("rate_limiter"), "rate limiting"));
@@ -670,6 +683,35 @@ mod tests {
         let text = FC_EXAMPLE.replace("\"is_read_only\": false", "\"partuuid\": \"abc\"");
         let err = VmConfigFile::from_json(&text).unwrap_err().to_string();
         assert!(err.contains("drives[rootfs].partuuid"), "{err}");
+    }
+
+    #[test]
+    fn io_engine_async_is_taken_for_images_only() {
+        let with = |engine: &str| {
+            FC_EXAMPLE.replace(
+                "\"is_read_only\": false",
+                &format!("\"is_read_only\": false, \"io_engine\": \"{engine}\""),
+            )
+        };
+        let f = VmConfigFile::from_json(&with("Async")).expect("Async");
+        assert!(f.drives[0].io_uring());
+        let f = VmConfigFile::from_json(&with("Sync")).expect("Sync");
+        assert!(!f.drives[0].io_uring());
+        let err = VmConfigFile::from_json(&with("Uring"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("drives[rootfs].io_engine") && err.contains("Uring"),
+            "{err}"
+        );
+        let mut d: Drive = serde_json::from_str(
+            r#"{"drive_id": "d", "socket": "/s", "is_root_device": false, "io_engine": "Async"}"#,
+        )
+        .expect("drive");
+        let err = d.check_supported().unwrap_err().to_string();
+        assert!(err.contains("external backend"), "{err}");
+        d.io_engine = None;
+        assert!(d.check_supported().is_ok());
     }
 
     #[test]

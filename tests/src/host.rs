@@ -227,6 +227,16 @@ pub fn read_stat(path: &str) -> Option<ProcStat> {
     })
 }
 
+/// How many io_uring instances process `pid` holds open.
+pub fn io_urings(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| {
+        dir.flatten()
+            .filter_map(|e| fs::read_link(e.path()).ok())
+            .filter(|t| t.as_os_str() == "anon_inode:[io_uring]")
+            .count()
+    })
+}
+
 /// Every pid in /proc.
 pub fn pids() -> Vec<i32> {
     fs::read_dir("/proc").map_or_else(

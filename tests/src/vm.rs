@@ -22,6 +22,8 @@ pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 nomodule 825
 pub struct DriveSpec {
     pub path: PathBuf,
     pub read_only: bool,
+    /// `io_engine: Async` (skiff-blk through io_uring).
+    pub io_uring: bool,
 }
 
 /// A network interface backed by a TAP device.
@@ -83,6 +85,7 @@ impl VmConfig {
             drives.push(json!({
                 "drive_id": format!("data{i}"), "path_on_host": d.path,
                 "is_root_device": false, "is_read_only": d.read_only,
+                "io_engine": if d.io_uring { "Async" } else { "Sync" },
             }));
         }
         let nets: Vec<Value> = self

@@ -419,6 +419,7 @@ fn readonly_drive_refuses_writes() -> Result {
     cfg.drives.push(DriveSpec {
         path: img.clone(),
         read_only: true,
+        io_uring: false,
     });
     let mut vm = boot(&cfg, &dir)?;
     let ro = vm.run_ok("cat /sys/block/vdb/ro", CMD)?;
@@ -463,9 +464,11 @@ fn data_drive_size_and_64m_roundtrip() -> Result {
     cfg.mem_mib = 512;
     let size = 80 * MIB + 1536; // a whole number of sectors, not of pages
     let img = dir.sparse_image("data.img", size)?;
+    // Through io_uring (`io_engine: Async`): the whole path from the API to skiff-blk's rings.
     cfg.drives.push(DriveSpec {
         path: img.clone(),
         read_only: false,
+        io_uring: true,
     });
     let mut vm = boot(&cfg, &dir)?;
     let got = vm.run_ok("blockdev --getsize64 /dev/vdb", CMD)?;
@@ -496,6 +499,21 @@ fn data_drive_size_and_64m_roundtrip() -> Result {
     ensure!(
         back == src,
         "64 MiB read back from /dev/vdb has sha256 {back}, written {src}"
+    );
+    // The root drive's skiff-blk is sync, the data drive's has one ring (one queue).
+    let rings: Vec<(String, usize)> = host::device_processes()
+        .iter()
+        .filter(|p| {
+            host::read_stat(&format!("/proc/{}/stat", p.pid)).is_some_and(|s| s.ppid == vm.pid())
+        })
+        .map(|p| (p.cmdline.clone(), host::io_urings(p.pid)))
+        .collect();
+    ensure!(
+        rings.iter().map(|r| r.1).sum::<usize>() == 1
+            && rings
+                .iter()
+                .all(|(cmd, n)| (*n == 1) == cmd.contains("--io-engine io-uring")),
+        "want one io_uring, in the skiff-blk started with --io-engine io-uring: {rings:?}"
     );
     vm.reboot_and_wait(EXIT)?;
     let on_host = host::sha256_file(&img, 8 * MIB, Some(64 * MIB))?;
@@ -740,6 +758,7 @@ fn missing_drive_image() -> Result {
     cfg.drives.push(DriveSpec {
         path: dir.join("no-such-disk.img"),
         read_only: false,
+        io_uring: false,
     });
     let tap = format!("skt{}m", std::process::id() % 100_000);
     cfg.nets.push(NetSpec {
@@ -756,6 +775,7 @@ fn same_image_twice_read_write() -> Result {
         cfg.drives.push(DriveSpec {
             path: root,
             read_only: false,
+            io_uring: false,
         });
         Ok(())
     })

@@ -179,6 +179,8 @@ pub struct DeviceSlot {
     pub backing: String,
     /// Read-only drive.
     pub read_only: bool,
+    /// skiff-blk serves the drive through io_uring (`--io-engine io-uring`).
+    pub io_uring: bool,
     /// Times the device process was replaced.
     pub restarts: u32,
     /// Times its process died (crash restarts are among `restarts`).
@@ -241,6 +243,7 @@ struct PendingDevice {
     binary: Option<PathBuf>,
     backing: String,
     read_only: bool,
+    io_uring: bool,
     max_queues: usize,
     metrics: Option<Arc<MetricsPage>>,
     tap: Option<Arc<TapFd>>,
@@ -274,7 +277,7 @@ fn start_device_processes(
                         .map_err(|e| BuildError::Image(d.id.clone(), e))?,
                 );
                 let page = Arc::new(MetricsPage::create(&d.id)?);
-                let args = blk_args(&file, d.read_only, &page, &opts.seccomp);
+                let args = blk_args(&file, d.read_only, d.io_uring, &page, &opts.seccomp);
                 let mut fds = vec![file.as_fd(), page.fd()];
                 fds.extend(opts.seccomp.fd());
                 let (process, stream) = spawn_connected(name.clone(), &blk, &args, &fds)?;
@@ -296,6 +299,7 @@ fn start_device_processes(
             binary,
             backing,
             read_only: d.read_only,
+            io_uring: d.io_uring,
             max_queues: cfg.vcpus.max(1) as usize,
             metrics,
             tap: None,
@@ -320,6 +324,7 @@ fn start_device_processes(
             binary: Some(net.path().to_path_buf()),
             backing: n.tap.clone(),
             read_only: false,
+            io_uring: false,
             metrics: Some(page),
             tap: Some(tap),
             mac: n.mac.clone(),
@@ -457,22 +462,20 @@ pub fn build(
     };
 
     let mut steps = BuildSteps::default();
-    // Device processes start first, so that their start-up overlaps everything up to their
-    // negotiation.
-    let pending = start_device_processes(cfg, opts, processes)?;
-    steps.mark("device processes");
-
     let ram = match ram {
         Some(r) => r,
         None => create_guest_ram(mem_bytes)?,
     };
-    steps.mark("guest RAM");
-    // The kernel (tens of MiB copied into fresh guest pages) loads on a thread of its own
-    // while KVM and the devices are set up.
+    // The kernel (tens of MiB copied into fresh guest pages, the longest step) loads on a
+    // thread of its own while the device processes start and KVM and the devices are set
+    // up; the device processes' own start-up overlaps everything up to their negotiation.
     let kernel = match saved {
         None => Some(KernelLoad::start(&ram, cfg)),
         Some(_) => None,
     };
+    steps.mark("guest RAM");
+    let pending = start_device_processes(cfg, opts, processes)?;
+    steps.mark("device processes");
     let vm = create_vm(&kvm, &ram)?;
     let legacy = legacy_devices(&vm, cfg, opts, saved)?;
     let bus = Bus::new(&kvm, &vm, pci)?;
@@ -542,6 +545,7 @@ pub fn build(
             binary: p.binary,
             backing: p.backing,
             read_only: p.read_only,
+            io_uring: p.io_uring,
             restarts: 0,
             crashes: 0,
             last_exit: None,

@@ -79,6 +79,8 @@ pub struct DriveConfig {
     pub is_root: bool,
     /// Read-only.
     pub read_only: bool,
+    /// skiff-blk serves it through io_uring (`io_engine: Async`; `--io-engine io-uring`).
+    pub io_uring: bool,
 }
 
 /// One network interface.
@@ -151,6 +153,7 @@ impl VmConfig {
                 },
                 is_root: d.is_root_device,
                 read_only: d.is_read_only.unwrap_or(false),
+                io_uring: d.io_uring(),
             })
             .collect();
         let nets = file
@@ -207,6 +210,7 @@ impl VmConfig {
                     },
                     is_root_device: d.is_root,
                     is_read_only: Some(d.read_only),
+                    io_engine: d.io_uring.then(|| "Async".to_string()),
                     ..Default::default()
                 })
                 .collect(),
@@ -489,6 +493,7 @@ mod tests {
                 backend: DriveBackend::Image("/proc/self/exe".into()),
                 is_root: false,
                 read_only: false,
+                io_uring: false,
             });
         }
         assert!(c
@@ -509,6 +514,7 @@ mod tests {
             backend: DriveBackend::Image("x".into()),
             is_root: true,
             read_only: false,
+            io_uring: false,
         });
         let line = c.cmdline(&["virtio_mmio.device=4K@0xd0000000:5".into()], false);
         assert!(line.starts_with(DEFAULT_CMDLINE));

@@ -101,6 +101,9 @@ pub struct DeviceHandover {
     pub backing: String,
     /// Read-only drive.
     pub read_only: bool,
+    /// skiff-blk serves it through io_uring (absent from a skiff before 2026-12-07: sync).
+    #[serde(default)]
+    pub io_uring: bool,
     /// Times its process was replaced.
     pub restarts: u32,
     /// Times its process died.

@@ -130,6 +130,18 @@ struct RunArgs {
     /// Network interface: tap=NAME[,mac=MAC][,id=ID] (repeatable).
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+    /// How skiff-blk does the I/O of every image drive (--rootfs and --drive path=): sync
+    /// (its worker threads read and write the image) or async (each queue's requests in
+    /// flight together through io_uring; the API's `io_engine: Async`, as in Firecracker).
+    #[arg(long, value_enum, default_value_t = IoEngine::Sync)]
+    io_engine: IoEngine,
+}
+
+/// `run --io-engine`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum IoEngine {
+    Sync,
+    Async,
 }
 
 fn parse_kv(spec: &str, what: &str) -> Result<Vec<(String, String)>, String> {
@@ -151,6 +163,7 @@ fn config_from_run(a: RunArgs, console: ConsoleConfig) -> Result<VmConfig, Strin
             backend: DriveBackend::Image(root),
             is_root: true,
             read_only: a.rootfs_ro,
+            io_uring: a.io_engine == IoEngine::Async,
         });
     }
     for (i, spec) in a.drive.iter().enumerate() {
@@ -159,6 +172,7 @@ fn config_from_run(a: RunArgs, console: ConsoleConfig) -> Result<VmConfig, Strin
             backend: DriveBackend::Image(PathBuf::new()),
             is_root: false,
             read_only: false,
+            io_uring: false,
         };
         let mut have_backend = false;
         for (k, v) in parse_kv(spec, "drive")? {
@@ -183,6 +197,7 @@ fn config_from_run(a: RunArgs, console: ConsoleConfig) -> Result<VmConfig, Strin
         if !have_backend {
             return Err(format!("--drive '{spec}': needs path=IMAGE or socket=SOCK"));
         }
+        d.io_uring = a.io_engine == IoEngine::Async && matches!(d.backend, DriveBackend::Image(_));
         drives.push(d);
     }
     let mut nets = Vec::new();

@@ -160,9 +160,13 @@ impl Vmm {
             (DeviceKind::Net, _) => None,
         };
         let args = match (slot.kind, &slot.tap, &slot.metrics, &image_file) {
-            (DeviceKind::Block, _, Some(page), Some(file)) => {
-                blk_args(file, slot.read_only, page, &self.opts.seccomp)
-            }
+            (DeviceKind::Block, _, Some(page), Some(file)) => blk_args(
+                file,
+                slot.read_only,
+                slot.io_uring,
+                page,
+                &self.opts.seccomp,
+            ),
             (DeviceKind::Net, Some(tap), Some(page), _) => {
                 net_args(tap, slot.mac.as_deref(), page, &self.opts.seccomp)
             }

@@ -194,6 +194,7 @@ impl Vmm {
                 socket: slot.socket.clone(),
                 backing: slot.backing.clone(),
                 read_only: slot.read_only,
+                io_uring: slot.io_uring,
                 restarts: slot.restarts,
                 crashes: slot.crashes,
                 last_exit: slot.last_exit.clone(),

@@ -311,6 +311,7 @@ pub fn pci_with_too_many_devices() -> Result {
         cfg.drives.push(DriveSpec {
             path: dir.sparse_image(&format!("d{i}.img"), MIB)?,
             read_only: true,
+            io_uring: false,
         });
     }
     let file = dir.join("vm.json");

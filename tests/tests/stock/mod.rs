@@ -154,6 +154,7 @@ pub fn acpi_devices_and_poweroff() -> Result {
     cfg.drives.push(DriveSpec {
         path: dir.sparse_image("data.img", size)?,
         read_only: false,
+        io_uring: false,
     });
     let mut vm = boot(&cfg, &dir)?;
     let devs = acpi_devices(&mut vm)?;

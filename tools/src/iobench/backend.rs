@@ -101,13 +101,17 @@ impl Running {
                     .map_err(|e| BenchError::Vmm("the image", e.into()))?;
                 let page = MetricsPage::create("bench")
                     .map_err(|e| BenchError::Vmm("the metrics page", e.into()))?;
-                let mut args = blk_args(&image, false, &page, c.seccomp);
-                args.extend([
-                    "--num-queues".to_string(),
-                    queues.to_string(),
-                    "--io-engine".to_string(),
-                    c.skiff_io_engine.to_string(),
-                ]);
+                let uring = match c.skiff_io_engine {
+                    "io-uring" => true,
+                    "sync" => false,
+                    other => {
+                        return Err(BenchError::Usage(format!(
+                            "--skiff-io-engine {other}: sync or io-uring"
+                        )))
+                    }
+                };
+                let mut args = blk_args(&image, false, uring, &page, c.seccomp);
+                args.extend(["--num-queues".to_string(), queues.to_string()]);
                 if direct {
                     args.push("--direct".into());
                 }

@@ -107,6 +107,7 @@ impl Trace {
                 return Err(TraceError::NoEvent(name));
             }
         }
+        remove_stale(&root.join("instances"));
         let dir = root
             .join("instances")
             .join(format!("skiff-launchbench-{}", std::process::id()));
@@ -165,6 +166,30 @@ impl Drop for Trace {
             "could not remove the ftrace instance {}",
             self.dir.display()
         );
+    }
+}
+
+/// Removes the instances of earlier runs that were killed before they could (their pid
+/// gone), so that none keeps tracing.
+fn remove_stale(instances: &Path) {
+    let Ok(entries) = fs::read_dir(instances) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name.strip_prefix("skiff-launchbench-") else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        for f in [
+            "events/syscalls/sys_enter_ioctl/enable",
+            "events/sched/sched_process_exec/enable",
+        ] {
+            let _ = fs::write(e.path().join(f), "0");
+        }
+        let _ = fs::remove_dir(e.path());
     }
 }
 

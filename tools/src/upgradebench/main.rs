@@ -218,7 +218,7 @@ fn run_device(
                 kind: DeviceKind::Block,
                 process_name: "skiff-blk for drive 'bench'".into(),
                 bin: bins.resolve(Path::new("skiff-blk"))?,
-                args: blk_args(&image, false, &page, seccomp),
+                args: blk_args(&image, false, false, &page, seccomp),
                 fds,
                 // What skiff asks of skiff-blk for a 1-vCPU guest.
                 max_queues: 1,

@@ -178,6 +178,7 @@ pub fn adopt(
             binary: d.binary.clone(),
             backing: d.backing.clone(),
             read_only: d.read_only,
+            io_uring: d.io_uring,
             restarts: d.restarts,
             crashes: d.crashes,
             last_exit: d.last_exit.clone(),

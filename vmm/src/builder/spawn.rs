@@ -148,11 +148,13 @@ fn ended_within(p: &mut DeviceProcess, grace: Duration) -> Option<String> {
     p.check_alive().err()
 }
 
-/// skiff-blk's arguments for serving the image open on `image`, counting in `page` (the
-/// connection, `--socket-fd`, is added by [`spawn_connected`]).
+/// skiff-blk's arguments for serving the image open on `image` (through io_uring with
+/// `io_uring`), counting in `page` (the connection, `--socket-fd`, is added by
+/// [`spawn_connected`]).
 pub fn blk_args(
     image: &File,
     read_only: bool,
+    io_uring: bool,
     page: &MetricsPage,
     seccomp: &DeviceSeccomp,
 ) -> Vec<String> {
@@ -164,6 +166,9 @@ pub fn blk_args(
     ];
     if read_only {
         args.push("--read-only".into());
+    }
+    if io_uring {
+        args.extend(["--io-engine".into(), "io-uring".into()]);
     }
     args.extend(seccomp.args());
     args
@@ -252,6 +257,22 @@ mod tests {
             )),
             "{chain}"
         );
+    }
+
+    #[test]
+    fn blk_args_ask_for_io_uring_only_when_told() {
+        let image = File::open("/proc/self/exe").expect("image");
+        let page = MetricsPage::create("t").expect("page");
+        let seccomp = DeviceSeccomp::new(&sandbox::SeccompChoice::Off).expect("seccomp");
+        let sync = blk_args(&image, true, false, &page, &seccomp);
+        assert!(!sync.contains(&"--io-engine".to_string()), "{sync:?}");
+        assert!(sync.contains(&"--read-only".to_string()), "{sync:?}");
+        let uring = blk_args(&image, false, true, &page, &seccomp);
+        let at = uring
+            .iter()
+            .position(|a| a == "--io-engine")
+            .expect("--io-engine");
+        assert_eq!(uring[at + 1], "io-uring");
     }
 
     #[test]
