@@ -35,6 +35,16 @@ const ALIVE_EVERY: Duration = Duration::from_secs(5);
 /// 2026-12-07 lost its third nested host (its kernel double-faulted in the scheduler under a
 /// vCPU's halt) with 55 tests passed and 7 left, none failed.
 const RESTARTS: usize = 3;
+/// A fresh nested host for the rest of the run, at most this many times per run, when a test's
+/// attempts keep failing on the nested host's own faults (its guests triple-fault or stall):
+/// a CI rehearsal on 2026-12-07 saw `jailed_vmm_upgrades_under_io` fail 5 attempts in a row
+/// that way, and its sibling overrun with the runner inside stuck, in a nested host that had
+/// run 20 tests; in the fresh nested host that replaced it the sibling passed at once. Not
+/// counted among [`RESTARTS`].
+const REFRESHES: usize = 3;
+/// The progress line by which the runner inside asks for a fresh nested host: this prefix
+/// and the name of the test that is to run again in it.
+const REFRESH_LINE: &str = "refresh ";
 /// The environment variable that names the progress file inside.
 const PROGRESS_ENV: &str = "SKIFF_NESTED_PROGRESS";
 
@@ -63,6 +73,20 @@ impl Progress {
     pub fn start(&self, name: &str, limit: Duration) {
         if let Some(p) = &self.0 {
             append(p, &format!("start {name} {}", limit.as_secs()));
+        }
+    }
+
+    /// Whether the runner outside can start a fresh nested host for the rest of the run
+    /// (it has a progress file and a refresh left: `SKIFF_NESTED_REFRESH=1`).
+    pub fn can_refresh(&self) -> bool {
+        self.0.is_some() && std::env::var("SKIFF_NESTED_REFRESH").is_ok_and(|v| v == "1")
+    }
+
+    /// Asks the runner outside for a fresh nested host in which `name` and the tests after
+    /// it run (see [`REFRESH_LINE`]).
+    pub fn refresh(&self, name: &str) {
+        if let Some(p) = &self.0 {
+            append(p, &format!("{REFRESH_LINE}{name}"));
         }
     }
 
@@ -130,6 +154,8 @@ struct Attempt {
     failure: Option<String>,
     /// A test that ran past its limit without the runner inside ending it.
     overdue: Option<String>,
+    /// The test for which the runner inside asked for a fresh nested host.
+    refresh: Option<String>,
 }
 
 /// Runs `names` (exact test names) inside the nested test host, in new nested hosts again
@@ -141,8 +167,9 @@ pub(crate) fn run(names: &[&str], ignored: bool, only_guest: bool) -> Counts {
     // broken (its userspace answered, its runner's kills and reports did not finish), so
     // the test runs once more in a new one; a second overrun fails it.
     let mut overran: Vec<String> = Vec::new();
-    for attempt in 0..=RESTARTS {
-        let a = match run_once(&remaining, ignored, only_guest) {
+    let (mut restarts, mut refreshes) = (0, 0);
+    loop {
+        let a = match run_once(&remaining, ignored, only_guest, refreshes < REFRESHES) {
             Ok(a) => a,
             Err(e) => {
                 println!("error: {e}");
@@ -182,16 +209,26 @@ pub(crate) fn run(names: &[&str], ignored: bool, only_guest: bool) -> Counts {
             );
             return counts;
         }
-        if attempt == RESTARTS {
+        if let Some(name) = a.refresh.filter(|_| refreshes < REFRESHES) {
+            refreshes += 1;
+            counts.retried += 1;
+            println!(
+                "RETRY (nested host): {name} kept failing on the nested host's own faults; running it and the {} test(s) after it in a fresh nested host ({refreshes} of at most {REFRESHES} such)",
+                remaining.len().saturating_sub(1)
+            );
+            continue;
+        }
+        if restarts == RESTARTS {
             println!(
                 "error: {why}; {} test(s) did not run to the end in {} nested hosts: {}",
                 remaining.len(),
-                RESTARTS + 1,
+                restarts + refreshes + 1,
                 remaining.join(", ")
             );
             counts.failed += remaining.len();
             return counts;
         }
+        restarts += 1;
         counts.retried += 1;
         println!(
             "RETRY (nested host): {why}; running the {} test(s) it had not finished in a new nested host: {}",
@@ -199,7 +236,6 @@ pub(crate) fn run(names: &[&str], ignored: bool, only_guest: bool) -> Counts {
             remaining.join(", ")
         );
     }
-    counts
 }
 
 /// The test the progress file says is running (a `start` line with no `end` after it): its
@@ -218,7 +254,12 @@ fn running_test(progress: &str) -> Option<(String, Duration)> {
 }
 
 /// One nested host running `names`.
-fn run_once(names: &[String], ignored: bool, only_guest: bool) -> Result<Attempt, String> {
+fn run_once(
+    names: &[String],
+    ignored: bool,
+    only_guest: bool,
+    can_refresh: bool,
+) -> Result<Attempt, String> {
     let repo = crate::repo_root();
     let runner = repo.join("resources").join("nested").join("run-nested.sh");
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
@@ -241,6 +282,9 @@ fn run_once(names: &[String], ignored: bool, only_guest: bool) -> Result<Attempt
     ));
     if only_guest {
         body.push_str("export SKIFF_TEST_KIND=guest\n");
+    }
+    if can_refresh {
+        body.push_str("export SKIFF_NESTED_REFRESH=1\n");
     }
     if let Ok(g) = crate::guest_artifacts() {
         body.push_str(&format!(
@@ -410,11 +454,16 @@ fn run_once(names: &[String], ignored: bool, only_guest: bool) -> Result<Attempt
             "the nested test run ended with {code:?} and no test result line"
         )),
     };
+    let refresh = text
+        .lines()
+        .find_map(|l| l.strip_prefix(REFRESH_LINE))
+        .map(str::to_string);
     Ok(Attempt {
         result: if failure.is_none() { result } else { None },
         ended,
         failure,
         overdue,
+        refresh,
     })
 }
 
