@@ -125,8 +125,10 @@ fn main() {
         Host false jailer_launcher_confines_devices_and_refuses_hostile_requests,
         Rig false runner_ends_a_spinning_guest,
         Rig false runner_replaces_a_frozen_nested_host,
+        Rig false runner_refreshes_a_faulting_nested_host,
         Fault false guest_spins,
         Fault false nested_host_freezes,
+        Fault false nested_host_faults_thrice,
     ])
 }
 

@@ -44,6 +44,75 @@ pub fn nested_host_freezes() -> Result {
     Ok(())
 }
 
+/// The counter file of [`nested_host_faults_thrice`] (in the repo dir, which every nested
+/// host mounts read-write at the same path).
+const COUNTER_ENV: &str = "SKIFF_RIG_COUNTER";
+
+/// Fault test: fails as a triple-faulting guest would, 3 attempts in a row (counted in the
+/// file `SKIFF_RIG_COUNTER` names, across nested hosts), then passes: the runner inside
+/// must ask for a fresh nested host after the third, and the test pass in it.
+pub fn nested_host_faults_thrice() -> Result {
+    ensure!(
+        std::env::var("SKIFF_IN_NESTED").is_ok_and(|v| v == "1"),
+        "this fault test runs only in the nested test host"
+    );
+    let path = std::env::var(COUNTER_ENV).map_err(|_| format!("{COUNTER_ENV} is not set"))?;
+    let n: u32 = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+        + 1;
+    std::fs::write(&path, n.to_string()).map_err(|e| format!("{path}: {e}"))?;
+    if n <= 3 {
+        return Err(format!(
+            "RIGFAULT attempt {n}: skiff: INFO guest rebooted or powered off (vCPU 0: {} at rip 0xfff0)",
+            tests::vm::TRIPLE_FAULT
+        ));
+    }
+    Ok(())
+}
+
+/// A nested host in which a test keeps failing on the nested host's own faults is replaced:
+/// after 3 such attempts the runner inside asks for a fresh one, and the runner outside runs
+/// the test again there.
+pub fn runner_refreshes_a_faulting_nested_host() -> Result {
+    if host::kvm_host() == host::KvmHost::Usable {
+        println!("(this host boots guests itself: there is no nested host to refresh)");
+        return Ok(());
+    }
+    let counter = tests::repo_root()
+        .join("target")
+        .join(format!(".rig-counter-{}", std::process::id()));
+    let _ = std::fs::remove_file(&counter);
+    let r = run_fault(
+        "rigfault::nested_host_faults_thrice",
+        &[(COUNTER_ENV, &counter.to_string_lossy())],
+        Duration::from_secs(300),
+        |_, _| {},
+    );
+    let count = std::fs::read_to_string(&counter).unwrap_or_default();
+    let _ = std::fs::remove_file(&counter);
+    let (out, status, took) = r?;
+    let want = [
+        "REFRESH (nested host): the guest triple-faulted during the test, 3 attempts in a row",
+        "kept failing on the nested host's own faults; running it and the 0 test(s) after it in a fresh nested host (1 of at most",
+        "test result: ok. 1 passed; 0 failed",
+    ];
+    for w in want {
+        ensure!(out.contains(w), "the runner's output lacks {w:?}:\n{out}");
+    }
+    ensure!(status.success(), "the runner exited with {status}:\n{out}");
+    ensure!(
+        count.trim() == "4",
+        "the fault test ran {count:?} times, want 4 (3 in the first nested host):\n{out}"
+    );
+    println!(
+        "(the fresh nested host's run ended {} s after the start)",
+        took.as_secs()
+    );
+    Ok(())
+}
+
 /// Runs this test binary on fault test `name` with `env`, at most `bound`; `on_line` sees each
 /// output line (stdout and stderr) as it comes with the child's pid. Returns the output, the
 /// exit status and the time it took.
