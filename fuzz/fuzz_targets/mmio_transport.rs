@@ -7,51 +7,26 @@
 //! picks the access size (4, 1, 2, 8).
 #![no_main]
 
+#[path = "common/device.rs"]
+mod device;
+
 use std::sync::{Arc, Mutex};
 
+use device::{ram, CheckingDevice};
 use libfuzzer_sys::fuzz_target;
 use vmm::devices::virtio::transport::VirtioTransport;
-use vmm::devices::virtio::{QueueConfig, RamRanges, VirtioDevice, VirtioError};
-
-/// RAM of this guest: 1 MiB low, 1 MiB above 4 GiB.
-fn ram() -> RamRanges {
-    RamRanges(vec![(0, 1 << 20), (4 << 30, (4 << 30) + (1 << 20))])
-}
-
-struct Device(Arc<Mutex<u32>>);
-
-impl VirtioDevice for Device {
-    fn device_type(&self) -> u32 {
-        2
-    }
-    fn num_queues(&self) -> usize {
-        2
-    }
-    fn queue_max_size(&self) -> u16 {
-        256
-    }
-    fn features(&self) -> u64 {
-        (1 << 32) | (1 << 29) | 0b110
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(offset as u8);
-    }
-    fn write_config(&mut self, _: u64, _: &[u8]) {}
-    fn activate(&mut self, _: u64, queues: &[QueueConfig]) -> Result<(), VirtioError> {
-        for q in queues.iter().filter(|q| q.ready) {
-            assert!(q.check(&ram()).is_ok(), "activated with a bad queue: {q:?}");
-        }
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        Ok(())
-    }
-    fn reset(&mut self) -> Result<(), VirtioError> {
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let activations = Arc::new(Mutex::new(0));
-    let mut t = VirtioTransport::new(Box::new(Device(activations)), "fuzz".into(), ram());
+    let mut t = VirtioTransport::new(
+        Box::new(CheckingDevice {
+            device_type: 2,
+            queues: 2,
+            activations,
+        }),
+        "fuzz".into(),
+        ram(),
+    );
     for r in data.chunks_exact(7) {
         let offset = u64::from(u16::from_le_bytes([r[1], r[2]])) % 0x200;
         let value = [r[3], r[4], r[5], r[6], r[3], r[4], r[5], r[6]];

@@ -9,49 +9,17 @@
 //! the device status; op >> 3 & 3 picks the access size (4, 1, 2, 8).
 #![no_main]
 
+#[path = "common/device.rs"]
+mod device;
+
 use std::sync::{Arc, Mutex, OnceLock};
 
+use device::{ram, CheckingDevice};
 use kvm_ioctls::{Kvm, VmFd};
 use libfuzzer_sys::fuzz_target;
 use vmm::devices::msi::MsiRouter;
 use vmm::devices::virtio::pci::PciFunction;
 use vmm::devices::virtio::transport::VirtioTransport;
-use vmm::devices::virtio::{QueueConfig, RamRanges, VirtioDevice, VirtioError};
-
-/// RAM of this guest: 1 MiB low, 1 MiB above 4 GiB.
-fn ram() -> RamRanges {
-    RamRanges(vec![(0, 1 << 20), (4 << 30, (4 << 30) + (1 << 20))])
-}
-
-struct Device;
-
-impl VirtioDevice for Device {
-    fn device_type(&self) -> u32 {
-        1
-    }
-    fn num_queues(&self) -> usize {
-        3
-    }
-    fn queue_max_size(&self) -> u16 {
-        256
-    }
-    fn features(&self) -> u64 {
-        (1 << 32) | (1 << 29) | 0b110
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(offset as u8);
-    }
-    fn write_config(&mut self, _: u64, _: &[u8]) {}
-    fn activate(&mut self, _: u64, queues: &[QueueConfig]) -> Result<(), VirtioError> {
-        for q in queues.iter().filter(|q| q.ready) {
-            assert!(q.check(&ram()).is_ok(), "activated with a bad queue: {q:?}");
-        }
-        Ok(())
-    }
-    fn reset(&mut self) -> Result<(), VirtioError> {
-        Ok(())
-    }
-}
 
 /// One KVM VM with an irqchip for the whole run, and its router.
 fn vm() -> &'static (Kvm, VmFd, Arc<MsiRouter>) {
@@ -70,7 +38,15 @@ static LOCK: Mutex<()> = Mutex::new(());
 fuzz_target!(|data: &[u8]| {
     let _one = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let (_, vmfd, router) = vm();
-    let mut t = VirtioTransport::new(Box::new(Device), "fuzz".into(), ram());
+    let mut t = VirtioTransport::new(
+        Box::new(CheckingDevice {
+            device_type: 1,
+            queues: 3,
+            activations: Arc::default(),
+        }),
+        "fuzz".into(),
+        ram(),
+    );
     let f = PciFunction::new(1, 0xc000_0000, 1, 3, router.clone(), true).expect("function");
     t.set_pci(f);
     for r in data.chunks_exact(7) {

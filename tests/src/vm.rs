@@ -561,20 +561,7 @@ impl TestVm {
 
     /// Waits for `pat` on the console after the previous match; fails on timeout or when skiff exits.
     pub fn wait_for(&mut self, pat: &str, timeout: Duration) -> Result {
-        let from = self.cursor;
-        match self
-            .console
-            .wait(timeout, from, |b| find_bytes(b, pat.as_bytes()))
-        {
-            Some(pos) => {
-                self.cursor = from + pos + pat.len();
-                Ok(())
-            }
-            None => Err(format!(
-                "{pat:?} did not appear on the console within {timeout:?}{}",
-                self.diagnostics()
-            )),
-        }
+        self.wait_for_unless_silent(pat, timeout, Duration::MAX)
     }
 
     /// [`TestVm::wait_for`], but gives up as soon as the console has printed nothing for
@@ -590,13 +577,19 @@ impl TestVm {
         let begun = Instant::now();
         let deadline = begun + timeout;
         let (mut seen, mut quiet_since) = (self.console.len(), begun);
+        // Without a silence limit one wait does; with one the console is looked at each second.
+        let slice = if silence == Duration::MAX {
+            timeout
+        } else {
+            Duration::from_secs(1)
+        };
         loop {
-            let slice = deadline
+            let wait = deadline
                 .saturating_duration_since(Instant::now())
-                .min(Duration::from_secs(1));
+                .min(slice);
             if let Some(pos) = self
                 .console
-                .wait(slice, from, |b| find_bytes(b, pat.as_bytes()))
+                .wait(wait, from, |b| find_bytes(b, pat.as_bytes()))
             {
                 self.cursor = from + pos + pat.len();
                 return Ok(());
@@ -607,18 +600,21 @@ impl TestVm {
                 (seen, quiet_since) = (len, now);
             }
             let quiet = now - quiet_since;
-            if self.console.closed() || now >= deadline || quiet >= silence {
-                let why = if quiet >= silence && !self.console.closed() {
-                    format!(": the console stayed silent for {} s", quiet.as_secs())
-                } else {
-                    String::new()
-                };
-                return Err(format!(
-                    "{pat:?} did not appear on the console within {:?}{why}{}",
+            let within = if self.console.closed() || now >= deadline {
+                format!("{timeout:?}")
+            } else if quiet >= silence {
+                format!(
+                    "{:?}: the console stayed silent for {} s",
                     now - begun,
-                    self.diagnostics()
-                ));
-            }
+                    quiet.as_secs()
+                )
+            } else {
+                continue;
+            };
+            return Err(format!(
+                "{pat:?} did not appear on the console within {within}{}",
+                self.diagnostics()
+            ));
         }
     }
 

@@ -27,7 +27,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{json, Value};
 
+#[path = "../stats.rs"]
+mod stats;
 mod trace;
+
+use stats::Stats;
 
 use trace::{Event, Trace};
 
@@ -364,17 +368,18 @@ fn launch(
     result
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+/// The summary of `ms` (milliseconds), as every benchmark here makes it.
+fn summary(ms: &[f64]) -> Option<Stats> {
+    let d: Vec<Duration> = ms
+        .iter()
+        .map(|m| Duration::from_secs_f64(m.max(0.0) / 1e3))
+        .collect();
+    Stats::of(&d)
+}
+
+/// The median (nearest rank) of `ms`, in ms; NaN when empty.
+fn median(ms: &[f64]) -> f64 {
+    summary(ms).map_or(f64::NAN, |s| s.p50 / 1e3)
 }
 
 /// The figures of one VMM.
@@ -412,7 +417,7 @@ fn measure(
     }
     let steps = reported
         .into_iter()
-        .map(|(n, vs)| (n, median(vs)))
+        .map(|(n, vs)| (n, median(&vs)))
         .collect();
     let rate = if args.burst > 0 {
         let times = launch(args, vmm, bin, args.burst, events, &mut seq)?;
@@ -422,7 +427,12 @@ fn measure(
             .map(|t| t.run)
             .fold(f64::NEG_INFINITY, f64::max);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let each = median(times.iter().map(|t| (t.run - t.exec) * 1e3).collect());
+        let each = median(
+            &times
+                .iter()
+                .map(|t| (t.run - t.exec) * 1e3)
+                .collect::<Vec<_>>(),
+        );
         Some((times.len() as f64 / (last - first) / cores, each))
     } else {
         None
@@ -498,9 +508,10 @@ fn report(args: &Args, all: &[Figures]) -> Result<(), LaunchError> {
     );
     let mut json_rows = Vec::new();
     for f in all {
-        let med = median(f.ms.clone());
+        let st = summary(&f.ms);
+        let med = st.map_or(f64::NAN, |s| s.p50 / 1e3);
         let best = f.ms.iter().copied().fold(f64::INFINITY, f64::min);
-        let worst = f.ms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let worst = st.map_or(f64::NAN, |s| s.max / 1e3);
         let (rate, burst) = f.rate.map_or(("-".into(), "-".into()), |(r, b)| {
             (format!("{r:.1}"), format!("{b:.1} ms"))
         });
@@ -512,6 +523,7 @@ fn report(args: &Args, all: &[Figures]) -> Result<(), LaunchError> {
             "vmm": f.vmm.name(),
             "ms": f.ms,
             "median_ms": med,
+            "summary": st.map(|s| s.json()),
             "rate_per_core_per_s": f.rate.map(|r| r.0),
             "burst": args.burst,
             "burst_median_ms": f.rate.map(|r| r.1),
@@ -534,12 +546,12 @@ fn report(args: &Args, all: &[Figures]) -> Result<(), LaunchError> {
         }
     }
     if let Some(s) = skiff {
-        let s_med = median(s.ms.clone());
+        let s_med = median(&s.ms);
         for f in all.iter().filter(|f| f.vmm != Vmm::Skiff) {
             println!(
                 "ratio launch skiff/{} = {:.2}",
                 f.vmm.name(),
-                s_med / median(f.ms.clone())
+                s_med / median(&f.ms)
             );
         }
     }

@@ -20,6 +20,8 @@ use std::time::Duration;
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
 const KVM_RUN: u32 = 0xae80;
 const TRACEFS: &str = "/sys/kernel/tracing";
+/// The events recorded, as tracefs names them (`events/<this>/`).
+const EVENTS: [&str; 2] = ["sched/sched_process_exec", "syscalls/sys_enter_ioctl"];
 
 /// Errors setting up the trace.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +33,7 @@ pub enum TraceError {
     #[error("{0}: {1}")]
     Write(PathBuf, #[source] std::io::Error),
     /// The kernel lacks an event.
-    #[error("the kernel has no {0} trace event (CONFIG_FTRACE_SYSCALLS / tracepoints)")]
+    #[error("the kernel has no {0} trace event (events/{0} in tracefs; CONFIG_FTRACE_SYSCALLS, tracepoints)")]
     NoEvent(&'static str),
 }
 
@@ -99,13 +101,11 @@ impl Trace {
                 ));
             }
         }
-        for (event, name) in [
-            ("sched/sched_process_exec", "sched:sched_process_exec"),
-            ("syscalls/sys_enter_ioctl", "syscalls:sys_enter_ioctl"),
-        ] {
-            if !root.join("events").join(event).is_dir() {
-                return Err(TraceError::NoEvent(name));
-            }
+        if let Some(missing) = EVENTS
+            .iter()
+            .find(|e| !root.join("events").join(e).is_dir())
+        {
+            return Err(TraceError::NoEvent(missing));
         }
         remove_stale(&root.join("instances"));
         let dir = root
@@ -126,8 +126,7 @@ impl Trace {
             "events/syscalls/sys_enter_ioctl/filter",
             &format!("cmd == {KVM_RUN:#x}"),
         )?;
-        trace.write("events/syscalls/sys_enter_ioctl/enable", "1")?;
-        trace.write("events/sched/sched_process_exec/enable", "1")?;
+        enable(&trace.dir, true)?;
         trace.write("tracing_on", "1")?;
         let pipe = trace.dir.join("trace_pipe");
         let file = std::fs::OpenOptions::new()
@@ -150,8 +149,7 @@ impl Trace {
 impl Drop for Trace {
     fn drop(&mut self) {
         let _ = self.write("tracing_on", "0");
-        let _ = self.write("events/syscalls/sys_enter_ioctl/enable", "0");
-        let _ = self.write("events/sched/sched_process_exec/enable", "0");
+        let _ = enable(&self.dir, false);
         self.stop.store(true, Ordering::Relaxed);
         if let Some(r) = self.reader.take() {
             let _ = r.join();
@@ -169,6 +167,15 @@ impl Drop for Trace {
     }
 }
 
+/// Turns [`EVENTS`] on or off in the instance at `dir`.
+fn enable(dir: &Path, on: bool) -> Result<(), TraceError> {
+    for e in EVENTS {
+        let path = dir.join("events").join(e).join("enable");
+        fs::write(&path, if on { "1" } else { "0" }).map_err(|err| TraceError::Write(path, err))?;
+    }
+    Ok(())
+}
+
 /// Removes the instances of earlier runs that were killed before they could (their pid
 /// gone), so that none keeps tracing.
 fn remove_stale(instances: &Path) {
@@ -183,12 +190,7 @@ fn remove_stale(instances: &Path) {
         if Path::new("/proc").join(pid).exists() {
             continue;
         }
-        for f in [
-            "events/syscalls/sys_enter_ioctl/enable",
-            "events/sched/sched_process_exec/enable",
-        ] {
-            let _ = fs::write(e.path().join(f), "0");
-        }
+        let _ = enable(&e.path(), false);
         let _ = fs::remove_dir(e.path());
     }
 }
