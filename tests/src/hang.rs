@@ -105,6 +105,29 @@ pub fn diagnostics() -> String {
     s
 }
 
+/// [`diagnostics`], given up after `limit`: reading a process's /proc entries blocks while the
+/// kernel holds that process (its command line needs its memory map's lock), and a runner
+/// stuck there ended no test (a guest test overran its limit by 3 minutes that way in the
+/// nested test host, 2026-12-07).
+pub fn diagnostics_within(limit: Duration) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("hang-diagnostics".into())
+        .spawn(move || {
+            let _ = tx.send(diagnostics());
+        });
+    match spawned {
+        Ok(_) => rx.recv_timeout(limit).unwrap_or_else(|_| {
+            format!(
+                "(the diagnostics did not finish within {} s: a process's /proc entries did not \
+                 answer, as when the kernel holds that process; left behind)",
+                limit.as_secs()
+            )
+        }),
+        Err(e) => format!("(cannot start the diagnostics: {e})"),
+    }
+}
+
 /// SIGKILLs every descendant of this process (children first, so that none is re-parented
 /// and missed) and waits up to `grace` for them to go.
 pub fn kill_descendants(grace: Duration) {

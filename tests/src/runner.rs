@@ -256,7 +256,7 @@ fn run_one(t: &Test, deadline: Instant) -> Result {
         Err(RecvTimeoutError::Timeout) => {
             // Show where everything is stuck before killing it; the kills end the test's
             // own waits (console reads, process waits), so its thread can finish.
-            let diag = hang::diagnostics();
+            let diag = hang::diagnostics_within(Duration::from_secs(30));
             hang::kill_descendants(Duration::from_secs(10));
             let late = match done.recv_timeout(Duration::from_secs(60)) {
                 Ok(_) => String::new(),
@@ -289,6 +289,7 @@ fn run_tests(tests: &[&Test]) -> Counts {
         let limit = time_limit(t.kind);
         let deadline = start + limit;
         progress.start(t.name, limit);
+        let unkillable = crate::vm::unkillable_seen();
         let mut result = run_naming_triple_faults(t, deadline);
         // Known issue (see tests/tests/guest.rs `boot`): in the nested test host a guest
         // occasionally triple-faults (skiff reports KVM_EXIT_SHUTDOWN). Evidence for the cause
@@ -325,11 +326,19 @@ fn run_tests(tests: &[&Test]) -> Counts {
                 println!("NO RETRY (nested host): {why}, but less than {} s of the test's {} s limit is left", MIN_RERUN.as_secs(), limit.as_secs());
                 break;
             }
-            if attempt > REFRESH_AFTER && progress.can_refresh() {
+            // A VMM of this test that SIGKILL did not end: the nested host's kernel holds
+            // it, and the next attempt would meet the same kernel.
+            let held = crate::vm::unkillable_seen() > unkillable;
+            if (attempt > REFRESH_AFTER || held) && progress.can_refresh() {
                 // This nested host may be the trouble (see nested::REFRESHES): the runner
                 // outside runs this test and the rest in a fresh one. Nothing of this one is
                 // needed any more; its end powers it off.
-                println!("REFRESH (nested host): {why}, {} attempts in a row; asking for a fresh nested host. Failed attempt:\n{e}", attempt - 1);
+                let times = if held {
+                    "and a VMM of it did not end after SIGKILL".to_string()
+                } else {
+                    format!("{} attempts in a row", attempt - 1)
+                };
+                println!("REFRESH (nested host): {why}, {times}; asking for a fresh nested host. Failed attempt:\n{e}");
                 progress.refresh(t.name);
                 let _ = std::io::stdout().flush();
                 std::process::exit(REFRESH_EXIT);

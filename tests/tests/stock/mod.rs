@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use api_server::models::{BootSource, Drive, MachineConfig, NetworkInterface};
-use tests::{ensure, Result, TestDir, TestVm};
+use tests::{ensure, Result, TestDir, TestVm, DEFAULT_BOOT_ARGS};
 
 use super::api::{fault, ApiVm};
 use super::{boot, last_line, rejected_config, vmlinux, CMD, EXIT, MIB};
@@ -46,9 +46,9 @@ fn no_acpi_errors(dmesg: &str) -> Result {
     Ok(())
 }
 
-/// Configures `a` through the API: 2 vCPUs, `mem` MiB, `kernel` and `initrd` with skiff's
-/// default command line (the harness's adds `nomodule`, which a kernel that loads its drivers
-/// from modules cannot take), and `drives` as (id, image, root, read-only).
+/// Configures `a` through the API: 2 vCPUs, `mem` MiB, `kernel` and `initrd` with the harness's
+/// command line less its `nomodule` (which a kernel that loads its drivers from modules cannot
+/// take), and `drives` as (id, image, root, read-only).
 pub(crate) fn configure(
     a: &mut ApiVm,
     kernel: &Path,
@@ -65,7 +65,9 @@ pub(crate) fn configure(
     .map_err(|e| format!("PUT /machine-config: {e}"))?;
     api.put_boot_source(&BootSource {
         kernel_image_path: kernel.display().to_string(),
-        boot_args: None,
+        // The harness's base without `nomodule`: these kernels load their drivers from
+        // modules.
+        boot_args: Some(DEFAULT_BOOT_ARGS.replace(" nomodule", "")),
         initrd_path: Some(initrd.display().to_string()),
     })
     .map_err(|e| format!("PUT /boot-source: {e}"))?;
