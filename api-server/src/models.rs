@@ -61,7 +61,8 @@ pub struct MachineConfig {
     /// CPU template; not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
-    /// Huge pages; only `"None"` is supported.
+    /// Guest RAM's page size, as Firecracker names it: `"None"` (the host's normal pages,
+    /// the default) or `"2M"` (hugetlbfs 2 MiB pages, from the host's pool: `vm.nr_hugepages`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
 }
@@ -534,11 +535,16 @@ impl MachineConfig {
             }
         }
         if let Some(h) = &self.huge_pages {
-            if h != "None" {
+            if h != "None" && h != "2M" {
                 return Err(unsupported("machine-config.huge_pages", h.clone()));
             }
         }
         Ok(())
+    }
+
+    /// Whether guest RAM is on 2 MiB huge pages (`huge_pages: "2M"`).
+    pub fn huge_pages_2m(&self) -> bool {
+        self.huge_pages.as_deref() == Some("2M")
     }
 }
 

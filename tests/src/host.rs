@@ -237,6 +237,16 @@ pub fn io_urings(pid: i32) -> usize {
     })
 }
 
+/// KiB of hugetlb pages `pid` maps (`HugetlbPages` of /proc/PID/status; 0 when unreadable).
+pub fn hugetlb_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status")).map_or(0, |s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("HugetlbPages:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 /// Every pid in /proc.
 pub fn pids() -> Vec<i32> {
     fs::read_dir("/proc").map_or_else(

@@ -51,6 +51,8 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     pub vcpus: u32,
     pub mem_mib: u64,
+    /// Guest RAM on 2 MiB huge pages (`huge_pages: "2M"`).
+    pub huge_pages: bool,
     /// Parameters appended to [`DEFAULT_BOOT_ARGS`].
     pub extra_cmdline: String,
     pub drives: Vec<DriveSpec>,
@@ -67,6 +69,7 @@ impl VmConfig {
             initrd: None,
             vcpus: 1,
             mem_mib: 256,
+            huge_pages: false,
             extra_cmdline: String::new(),
             drives: Vec::new(),
             nets: Vec::new(),
@@ -108,7 +111,12 @@ impl VmConfig {
             .collect();
         json!({
             "boot-source": boot,
-            "machine-config": { "vcpu_count": self.vcpus, "mem_size_mib": self.mem_mib, "smt": false },
+            "machine-config": {
+                "vcpu_count": self.vcpus,
+                "mem_size_mib": self.mem_mib,
+                "smt": false,
+                "huge_pages": if self.huge_pages { "2M" } else { "None" },
+            },
             "drives": drives,
             "network-interfaces": nets,
         })

@@ -464,6 +464,12 @@ fn data_drive_size_and_64m_roundtrip() -> Result {
     let dir = TestDir::new("datadrive")?;
     let mut cfg = dir.config(&vmlinux()?)?;
     cfg.mem_mib = 512;
+    // Guest RAM on 2 MiB huge pages (`huge_pages: "2M"`): skiff-blk's rings and buffers live
+    // in hugetlbfs pages it maps through vhost-user. The host's pool is grown for the test
+    // and put back after it.
+    cfg.huge_pages = true;
+    let _pool = vmm::memory::HugePool::with_room(cfg.mem_mib / 2)
+        .map_err(|e| format!("the huge page pool: {e}"))?;
     let size = 80 * MIB + 1536; // a whole number of sectors, not of pages
     let img = dir.sparse_image("data.img", size)?;
     // Through io_uring (`io_engine: Async`): the whole path from the API to skiff-blk's rings.
@@ -501,6 +507,23 @@ fn data_drive_size_and_64m_roundtrip() -> Result {
     ensure!(
         back == src,
         "64 MiB read back from /dev/vdb has sha256 {back}, written {src}"
+    );
+    // skiff and both skiff-blks map the guest's huge pages.
+    let mapped: Vec<(i32, u64)> = std::iter::once(vm.pid())
+        .chain(
+            host::device_processes()
+                .iter()
+                .map(|p| p.pid)
+                .filter(|&pid| {
+                    host::read_stat(&format!("/proc/{pid}/stat"))
+                        .is_some_and(|s| s.ppid == vm.pid())
+                }),
+        )
+        .map(|pid| (pid, host::hugetlb_kib(pid)))
+        .collect();
+    ensure!(
+        mapped.len() == 3 && mapped.iter().all(|&(_, kib)| kib >= 2048),
+        "want skiff and its two skiff-blks each mapping hugetlb pages (pid, KiB): {mapped:?}"
     );
     // The root drive's skiff-blk is sync, the data drive's has one ring (one queue).
     let rings: Vec<(String, usize)> = host::device_processes()

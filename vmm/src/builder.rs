@@ -27,7 +27,7 @@ use crate::devices::virtio::RamRanges;
 use crate::devices::IrqLine;
 use crate::exit::VmExit;
 use crate::layout::*;
-use crate::memory::{create_guest_ram, GuestRam, MemoryError};
+use crate::memory::{create_guest_ram_on, GuestRam, MemoryError};
 use crate::metrics::{SerialMetrics, VcpuMetrics};
 use crate::state::VmState;
 use crate::tap::{TapError, TapFd};
@@ -464,7 +464,7 @@ pub fn build(
     let mut steps = BuildSteps::default();
     let ram = match ram {
         Some(r) => r,
-        None => create_guest_ram(mem_bytes)?,
+        None => create_guest_ram_on(mem_bytes, cfg.huge_pages)?,
     };
     // The kernel (tens of MiB copied into fresh guest pages, the longest step) loads on a
     // thread of its own while the device processes start and KVM and the devices are set

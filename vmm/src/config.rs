@@ -116,6 +116,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// RAM in MiB.
     pub mem_mib: u64,
+    /// Guest RAM on 2 MiB hugetlbfs pages (`huge_pages: "2M"`).
+    pub huge_pages: bool,
     /// Drives, root first.
     pub drives: Vec<DriveConfig>,
     /// Network interfaces.
@@ -172,6 +174,7 @@ impl VmConfig {
             extra_args: None,
             vcpus: file.machine_config.vcpu_count,
             mem_mib: file.machine_config.mem_size_mib,
+            huge_pages: file.machine_config.huge_pages_2m(),
             drives,
             nets,
             console: ConsoleConfig::Stdio,
@@ -193,6 +196,7 @@ impl VmConfig {
             machine_config: MachineConfig {
                 vcpu_count: self.vcpus,
                 mem_size_mib: self.mem_mib,
+                huge_pages: self.huge_pages.then(|| "2M".to_string()),
                 ..Default::default()
             },
             drives: self
@@ -322,6 +326,13 @@ impl VmConfig {
         if self.mem_mib == 0 {
             return invalid("mem_size_mib is 0: a VM needs memory".into());
         }
+        if self.huge_pages && !self.mem_mib.is_multiple_of(2) {
+            return invalid(format!(
+                "mem_size_mib {} is not a multiple of 2: with huge_pages \"2M\" guest RAM is \
+                 made of 2 MiB pages",
+                self.mem_mib
+            ));
+        }
         let bytes = self.mem_mib.checked_mul(1 << 20);
         if let (Some(host), b) = (host_mem, bytes) {
             if b.is_none_or(|b| b > host) {
@@ -448,6 +459,7 @@ mod tests {
             extra_args: Some("quiet".into()),
             vcpus: 1,
             mem_mib: 128,
+            huge_pages: false,
             drives: vec![],
             nets: vec![],
             console: ConsoleConfig::Stdio,
@@ -482,6 +494,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("more than the host"));
+        c.mem_mib = 129;
+        c.huge_pages = true;
+        assert!(c
+            .validate(8, None)
+            .unwrap_err()
+            .to_string()
+            .contains("mem_size_mib 129 is not a multiple of 2"));
+        c.mem_mib = 130;
+        assert!(c.validate(8, None).is_ok());
     }
 
     #[test]

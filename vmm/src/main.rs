@@ -135,6 +135,19 @@ struct RunArgs {
     /// flight together through io_uring; the API's `io_engine: Async`, as in Firecracker).
     #[arg(long, value_enum, default_value_t = IoEngine::Sync)]
     io_engine: IoEngine,
+    /// Guest RAM's pages: none (the host's normal pages) or 2M (2 MiB hugetlbfs pages from
+    /// the host's pool, vm.nr_hugepages; the machine-config's `huge_pages`, as in
+    /// Firecracker). --memory must then be a multiple of 2.
+    #[arg(long, value_enum, default_value_t = HugePages::None)]
+    huge_pages: HugePages,
+}
+
+/// `run --huge-pages`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum HugePages {
+    None,
+    #[value(name = "2M")]
+    TwoM,
 }
 
 /// `run --io-engine`.
@@ -231,6 +244,7 @@ fn config_from_run(a: RunArgs, console: ConsoleConfig) -> Result<VmConfig, Strin
         extra_args: a.cmdline,
         vcpus: a.vcpus,
         mem_mib: a.memory,
+        huge_pages: a.huge_pages == HugePages::TwoM,
         drives,
         nets,
         console,

@@ -222,6 +222,14 @@ impl Vmm {
         let state = crate::state::file::read(Path::new(&p.snapshot_path))
             .map_err(|e| bad(format!("snapshot {}: {}", p.snapshot_path, error_chain(&e))))?;
         let mut spec = state.config.clone();
+        if spec.machine_config.huge_pages_2m() {
+            // The memory file is copied into the new guest RAM with file writes, which
+            // hugetlbfs does not take; loading onto normal pages would change the VM.
+            return Err(bad(format!(
+                "snapshot {}: its VM ran on 2 MiB huge pages (machine-config huge_pages                  \"2M\"), and skiff loads snapshots onto normal pages only (as Firecracker                  without its Uffd backend)",
+                p.snapshot_path
+            )));
+        }
         for o in &p.network_overrides {
             let Some(n) = spec
                 .network_interfaces

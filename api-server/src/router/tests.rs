@@ -361,7 +361,7 @@ fn unsupported_options() {
     assert_fault(
         "PATCH",
         "/machine-config",
-        r#"{"huge_pages": "2M"}"#,
+        r#"{"huge_pages": "1G"}"#,
         400,
         &["machine-config.huge_pages", "not supported"],
     );

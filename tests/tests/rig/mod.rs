@@ -80,9 +80,11 @@ pub fn runner_refreshes_a_faulting_nested_host() -> Result {
         println!("(this host boots guests itself: there is no nested host to refresh)");
         return Ok(());
     }
-    let counter = tests::repo_root()
-        .join("target")
-        .join(format!(".rig-counter-{}", std::process::id()));
+    // In the repository (the one directory both nested hosts share read-write), whatever
+    // CARGO_TARGET_DIR says: target/ may not exist there.
+    let dir = tests::repo_root().join("target");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let counter = dir.join(format!(".rig-counter-{}", std::process::id()));
     let _ = std::fs::remove_file(&counter);
     let r = run_fault(
         "rigfault::nested_host_faults_thrice",

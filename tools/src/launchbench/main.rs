@@ -34,6 +34,7 @@ mod trace;
 use stats::Stats;
 
 use trace::{Event, Trace};
+use vmm::memory::HugePool;
 
 /// Time to the first KVM_RUN of skiff, Firecracker and QEMU, side by side.
 #[derive(Debug, Parser)]
@@ -57,6 +58,11 @@ struct Args {
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 256)]
     mem_mib: u64,
+    /// Guest RAM on 2 MiB huge pages for every VMM (skiff `--huge-pages 2M`, Firecracker's
+    /// `huge_pages: "2M"`, QEMU a hugetlb memfd backend). The host's pool is grown for the
+    /// run when it is short, and put back afterwards.
+    #[arg(long)]
+    huge_pages: bool,
     /// VMMs to measure, in this order: skiff, firecracker, qemu. Firecracker is left out,
     /// with a note, when its binary is not found.
     #[arg(long, value_delimiter = ',', default_value = "skiff,firecracker,qemu")]
@@ -97,6 +103,8 @@ enum LaunchError {
     TraceGone,
     #[error(transparent)]
     Trace(#[from] trace::TraceError),
+    #[error(transparent)]
+    Pool(#[from] vmm::memory::MemoryError),
 }
 
 /// One VMM under test.
@@ -148,6 +156,9 @@ fn command(args: &Args, vmm: Vmm, bin: &Path, dir: &Path) -> Result<Command, Lau
             .args(["--console", "none", "--vcpus", "1", "--memory", &mem])
             .arg("--device-bin-dir")
             .arg(&args.bin_dir);
+            if args.huge_pages {
+                cmd.args(["--huge-pages", "2M"]);
+            }
         }
         Vmm::Firecracker => {
             let config = json!({
@@ -161,7 +172,11 @@ fn command(args: &Args, vmm: Vmm, bin: &Path, dir: &Path) -> Result<Command, Lau
                     "is_root_device": true,
                     "is_read_only": true,
                 }],
-                "machine-config": { "vcpu_count": 1, "mem_size_mib": args.mem_mib },
+                "machine-config": {
+                    "vcpu_count": 1,
+                    "mem_size_mib": args.mem_mib,
+                    "huge_pages": if args.huge_pages { "2M" } else { "None" },
+                },
             });
             let path = dir.join("firecracker.json");
             std::fs::write(&path, config.to_string())
@@ -176,7 +191,16 @@ fn command(args: &Args, vmm: Vmm, bin: &Path, dir: &Path) -> Result<Command, Lau
                     "host".into()
                 }
             });
-            cmd.args(["-M", "microvm", "-accel", "kvm", "-cpu", &cpu, "-smp", "1"])
+            if args.huge_pages {
+                cmd.arg("-object")
+                    .arg(format!(
+                        "memory-backend-memfd,id=ram,size={mem}M,hugetlb=on,hugetlbsize=2M"
+                    ))
+                    .args(["-M", "microvm,memory-backend=ram"]);
+            } else {
+                cmd.args(["-M", "microvm"]);
+            }
+            cmd.args(["-accel", "kvm", "-cpu", &cpu, "-smp", "1"])
                 .args(["-m", &mem, "-kernel", &kernel])
                 .args(["-append", "console=ttyS0 reboot=k panic=1 root=/dev/vda ro"])
                 .args(["-nodefaults", "-no-user-config", "-display", "none"])
@@ -483,6 +507,12 @@ fn run(args: &Args) -> Result<(), LaunchError> {
         }
     }
     std::fs::create_dir_all(&args.dir).map_err(|e| LaunchError::Io(args.dir.clone(), e))?;
+    // A burst's VMs hold their RAM at once; a margin for the pages others reserved.
+    let _pool = if args.huge_pages {
+        HugePool::with_room(args.burst.max(1) as u64 * args.mem_mib.div_ceil(2))?
+    } else {
+        None
+    };
     let (_trace, events) = Trace::start()?;
     let mut all = Vec::new();
     for (vmm, bin) in &vmms {
@@ -499,8 +529,14 @@ fn run(args: &Args) -> Result<(), LaunchError> {
 
 fn report(args: &Args, all: &[Figures]) -> Result<(), LaunchError> {
     println!(
-        "\nexec to first KVM_RUN, 1 vCPU, {} MiB, native (this host's KVM), {} runs each:",
-        args.mem_mib, args.runs
+        "\nexec to first KVM_RUN, 1 vCPU, {} MiB{}, native (this host's KVM), {} runs each:",
+        args.mem_mib,
+        if args.huge_pages {
+            " on 2 MiB huge pages"
+        } else {
+            ""
+        },
+        args.runs
     );
     println!(
         "{:<12} {:>10} {:>10} {:>10}   {:>18} {:>14}",
@@ -560,6 +596,7 @@ fn report(args: &Args, all: &[Figures]) -> Result<(), LaunchError> {
             "kernel": args.kernel,
             "rootfs": args.rootfs,
             "mem_mib": args.mem_mib,
+            "huge_pages": args.huge_pages,
             "runs": args.runs,
             "vmms": json_rows,
         });

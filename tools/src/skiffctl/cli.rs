@@ -272,7 +272,7 @@ pub struct MachineExtra {
     /// CPU template (skiff: only None).
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<String>,
-    /// Huge pages (skiff: only None).
+    /// Guest RAM pages: None or 2M (2 MiB huge pages from the host's pool).
     #[arg(long, value_name = "NAME")]
     huge_pages: Option<String>,
 }
