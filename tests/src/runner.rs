@@ -161,6 +161,10 @@ pub const NEVER_USERSPACE: &str = "the guest never reached userspace";
 /// How `TestVm::diagnostics` marks a guest that spins with its console silent (how the
 /// nested test host's guests stall).
 pub const GUEST_SPINS: &str = "STALL: the guest spins with its console silent";
+/// How `TestVm`'s waits report a guest whose kernel printed a soft lockup (a CPU stuck in
+/// the kernel for over 20 s: in the nested test host a udev worker of the Debian image spun
+/// so, printing it every 28 s while the boot stood still, 2026-12-07).
+pub const SOFT_LOCKUP: &str = "SOFT LOCKUP: the guest's kernel reported a CPU stuck";
 
 /// How `TestVm`'s nudge marks a guest of a peer VMM (QEMU in the interop tests) that had
 /// lost an interrupt of the peer's own devices and woke on a console newline (seen in a CI
@@ -314,6 +318,8 @@ fn run_tests(tests: &[&Test]) -> Counts {
                 "the guest never reached userspace"
             } else if e.contains(GUEST_SPINS) {
                 "the guest stalled (a vCPU spinning, its console silent)"
+            } else if e.contains(SOFT_LOCKUP) {
+                "the guest's kernel reported a soft lockup"
             } else if e.contains(PEER_LOST_INTERRUPT) {
                 "a peer VMM's guest lost an interrupt"
             } else {

@@ -13,17 +13,19 @@ use serde_json::{json, Value};
 use crate::{artifacts, host, Result};
 
 /// The harness's kernel command line base: skiff's default (docs/CONTRACTS.md) with `nomodule`
-/// and `loglevel=4`. A config file's `boot_args` replaces skiff's, so the harness always writes
+/// and `loglevel=5`. A config file's `boot_args` replaces skiff's, so the harness always writes
 /// its own out in full.
 ///
-/// `loglevel=4` (the kernel's `quiet` level: errors and worse reach the console, the rest stays
-/// in the guest's log buffer, where `dmesg` reads it): every console byte is a port write that
-/// exits to skiff, and in the nested test host each exit is emulated by TCG. With the full boot
-/// log a 1-2 vCPU boot to userspace took 26-38 s there, with `quiet` 8.6-17 s (8 boots each,
-/// one nested host after the other, 2026-12-07); that is most of what the guest tests'
-/// boots cost in CI.
+/// `loglevel=5`: warnings and worse reach the console, with their stack traces (a stack dump's
+/// lines are printed at the default level, 4); notices and information stay in the guest's
+/// log buffer, where `dmesg` reads them. Every console byte is a port write that exits to
+/// skiff, and in the nested test host each exit is emulated by TCG: with the full boot log a
+/// 1-2 vCPU boot to userspace took 26-38 s there, with `quiet` (level 4) 8.6-17 s (8 boots
+/// each, one nested host after the other, 2026-12-07), most of what the guest tests' boots
+/// cost in CI. Level 5 adds the nested host's one XSAVE warning per boot (README) and keeps
+/// the stack of a soft lockup or an oops, which level 4 hid.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 nomodule 8250.nr_uarts=1 \
-                                     i8042.noaux i8042.nomux i8042.dumbkbd loglevel=4";
+                                     i8042.noaux i8042.nomux i8042.dumbkbd loglevel=5";
 
 /// An extra data drive (/dev/vdb, /dev/vdc, ... in order).
 #[derive(Debug, Clone)]
@@ -218,7 +220,7 @@ impl Drop for TestDir {
 }
 
 /// How long a booting guest's console may stay silent before the boot is given up as
-/// stalled ([`TestVm::wait_ready`]). With the harness's `loglevel=4` a good boot prints
+/// stalled ([`TestVm::wait_ready`]). With the harness's `loglevel=5` a good boot prints
 /// nothing before its init's `GUEST-READY` (in the nested test host 8.6-17 s after start for
 /// 1-2 vCPUs); a stalled one used to hold a test for the whole boot limit (60 s) before its
 /// retry.
@@ -605,12 +607,8 @@ impl TestVm {
         let begun = Instant::now();
         let deadline = begun + timeout;
         let (mut seen, mut quiet_since) = (self.console.len(), begun);
-        // Without a silence limit one wait does; with one the console is looked at each second.
-        let slice = if silence == Duration::MAX {
-            timeout
-        } else {
-            Duration::from_secs(1)
-        };
+        // The console is looked at each second: for silence, and for a soft lockup.
+        let slice = Duration::from_secs(1);
         loop {
             let wait = deadline
                 .saturating_duration_since(Instant::now())
@@ -628,7 +626,17 @@ impl TestVm {
                 (seen, quiet_since) = (len, now);
             }
             let quiet = now - quiet_since;
-            let within = if self.console.closed() || now >= deadline {
+            let locked = self
+                .console
+                .wait(Duration::ZERO, from, |b| find_bytes(b, b"BUG: soft lockup"))
+                .is_some();
+            let within = if locked {
+                format!(
+                    "{:?}: {} (\"BUG: soft lockup\" on the console)",
+                    now - begun,
+                    crate::runner::SOFT_LOCKUP
+                )
+            } else if self.console.closed() || now >= deadline {
                 format!("{timeout:?}")
             } else if quiet >= silence {
                 format!(
