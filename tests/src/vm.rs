@@ -13,19 +13,19 @@ use serde_json::{json, Value};
 use crate::{artifacts, host, Result};
 
 /// The harness's kernel command line base: skiff's default (docs/CONTRACTS.md) with `nomodule`
-/// and `loglevel=5`. A config file's `boot_args` replaces skiff's, so the harness always writes
+/// and `loglevel=4`. A config file's `boot_args` replaces skiff's, so the harness always writes
 /// its own out in full.
 ///
-/// `loglevel=5`: warnings and worse reach the console, with their stack traces (a stack dump's
-/// lines are printed at the default level, 4); notices and information stay in the guest's
-/// log buffer, where `dmesg` reads them. Every console byte is a port write that exits to
-/// skiff, and in the nested test host each exit is emulated by TCG: with the full boot log a
-/// 1-2 vCPU boot to userspace took 26-38 s there, with `quiet` (level 4) 8.6-17 s (8 boots
-/// each, one nested host after the other, 2026-12-07), most of what the guest tests' boots
-/// cost in CI. Level 5 adds the nested host's one XSAVE warning per boot (README) and keeps
-/// the stack of a soft lockup or an oops, which level 4 hid.
+/// `loglevel=4` (the kernel's `quiet` level): errors and worse reach the console (a panic, a
+/// soft lockup's first line); the rest stays in the guest's log buffer, where `dmesg` reads
+/// it. Every console byte is a port write that exits to skiff, and in the nested test host
+/// each exit is emulated by TCG: with the full boot log a 1-2 vCPU boot to userspace took
+/// 26-38 s there, with `quiet` 8.6-17 s (8 boots each, one nested host after the other,
+/// 2026-12-07), most of what the guest tests' boots cost in CI. Level 5 was tried: it also
+/// prints the nested host's XSAVE warning with its stack and a CPUID dump, about 50 lines on
+/// every boot there.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 nomodule 8250.nr_uarts=1 \
-                                     i8042.noaux i8042.nomux i8042.dumbkbd loglevel=5";
+                                     i8042.noaux i8042.nomux i8042.dumbkbd loglevel=4";
 
 /// An extra data drive (/dev/vdb, /dev/vdc, ... in order).
 #[derive(Debug, Clone)]
@@ -220,7 +220,7 @@ impl Drop for TestDir {
 }
 
 /// How long a booting guest's console may stay silent before the boot is given up as
-/// stalled ([`TestVm::wait_ready`]). With the harness's `loglevel=5` a good boot prints
+/// stalled ([`TestVm::wait_ready`]). With the harness's `loglevel=4` a good boot prints
 /// nothing before its init's `GUEST-READY` (in the nested test host 8.6-17 s after start for
 /// 1-2 vCPUs); a stalled one used to hold a test for the whole boot limit (60 s) before its
 /// retry.

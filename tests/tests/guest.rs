@@ -672,7 +672,7 @@ fn init_exit_panics_exits_3() -> Result {
     let mut vm = TestVm::start(&cfg, &dir)?;
     // Known: a guest can stall in early boot in the nested test host (see `boot`); the runner
     // re-runs the test there when it says so.
-    // The panic is printed at the emergency level, which the harness's `loglevel=5` keeps.
+    // The panic is printed at the emergency level, which the harness's `loglevel=4` keeps.
     if let Err(e) = vm.wait_for("Attempted to kill init", BOOT) {
         return Err(format!("{}: {e}", runner::NEVER_USERSPACE));
     }
