@@ -491,21 +491,6 @@ pub fn debian_image_boots_with_cloud_init() -> Result {
             ("cidata", &seed, false, true),
         ],
     )?;
-    // In the nested test host, 1 vCPU: there both of today's 2-vCPU boots that stalled stood
-    // still with CPU 1 stuck in the kernel (a udev worker's soft lockup, an RCU stall on CPU 1
-    // that CPU 0 detected; 2026-12-07), and the nested host loses interrupts between a
-    // guest's vCPUs (resources/nested/README.md). On a VT-x/AMD-V host the image boots with 2.
-    let vcpus = if std::env::var("SKIFF_IN_NESTED").is_ok_and(|v| v == "1") {
-        1
-    } else {
-        2
-    };
-    a.api
-        .patch_machine_config(&api_server::models::MachineConfigUpdate {
-            vcpu_count: Some(vcpus),
-            ..Default::default()
-        })
-        .map_err(|e| format!("PATCH /machine-config: {e}"))?;
     a.api
         .action(api_server::models::ActionType::InstanceStart)
         .map_err(|e| format!("InstanceStart: {e}{}", a.vm.diagnostics()))?;
@@ -535,11 +520,10 @@ pub fn debian_image_boots_with_cloud_init() -> Result {
         "echo host=$(hostname) file=$(cat /etc/skiff-user-data) nproc=$(nproc) vdb=$(cat /sys/block/vdb/size)",
         CMD,
     )?;
-    let nproc = format!("nproc={vcpus}");
     for want in [
         "host=skiff-guest",
         "file=from-skiff-cidata",
-        nproc.as_str(),
+        "nproc=2",
         "vdb=4096",
     ] {
         ensure!(
