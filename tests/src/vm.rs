@@ -607,8 +607,11 @@ impl TestVm {
         let begun = Instant::now();
         let deadline = begun + timeout;
         let (mut seen, mut quiet_since) = (self.console.len(), begun);
-        // The console is looked at each second: for silence, and for a soft lockup.
+        // The console is looked at each second: for silence, and for a soft lockup in what
+        // arrived since the last look.
         let slice = Duration::from_secs(1);
+        const LOCKUP: &[u8] = b"BUG: soft lockup";
+        let mut unscanned = from;
         loop {
             let wait = deadline
                 .saturating_duration_since(Instant::now())
@@ -628,8 +631,10 @@ impl TestVm {
             let quiet = now - quiet_since;
             let locked = self
                 .console
-                .wait(Duration::ZERO, from, |b| find_bytes(b, b"BUG: soft lockup"))
+                .wait(Duration::ZERO, unscanned, |b| find_bytes(b, LOCKUP))
                 .is_some();
+            // A report split across two looks is found by the next one.
+            unscanned = len.saturating_sub(LOCKUP.len() - 1).max(from);
             let within = if locked {
                 format!(
                     "{:?}: {} (\"BUG: soft lockup\" on the console)",

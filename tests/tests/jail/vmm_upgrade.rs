@@ -13,7 +13,7 @@ use api_server::client::{ApiClient, ClientError};
 use api_server::models::{SnapshotCreateParams, VmStateChange};
 use tests::{ensure, host, runner, Result, TestDir, TestVm};
 
-use super::super::upgrade::{check_fio, fio_cmd};
+use super::super::upgrade::{check_fio, fio_cmd, no_io_errors};
 use super::super::{last_line, stream_to_guest_across, CMD, EXIT, MIB};
 use super::booted::{boot_guest, guest_io, skiff_pid};
 use super::kept_alive::{Chatter, KeptAlive};
@@ -183,7 +183,7 @@ const TCP_UPGRADES: usize = 3;
 const FIO_SECS: u64 = 8;
 
 /// What the guest does across every other upgrade.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Busy {
     /// fio: random 4 KiB writes at queue depth 32, verified as it goes (the soak).
     Fio,
@@ -228,12 +228,7 @@ impl Busy {
                         && rounds.is_some_and(|n| n > 0),
                     "the write/read-back loop {what}:\n{out}"
                 );
-                let ioerr = vm.run("dmesg | grep -ci 'i/o error'", CMD)?.0;
-                ensure!(
-                    last_line(&ioerr) == "0",
-                    "the guest logged I/O errors {what}: {ioerr}"
-                );
-                Ok(())
+                no_io_errors(vm, what)
             }
         }
     }

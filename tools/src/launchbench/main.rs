@@ -507,7 +507,7 @@ fn run(args: &Args) -> Result<(), LaunchError> {
         }
     }
     std::fs::create_dir_all(&args.dir).map_err(|e| LaunchError::Io(args.dir.clone(), e))?;
-    // A burst's VMs hold their RAM at once; a margin for the pages others reserved.
+    // A burst's VMs hold their RAM at once (pages others hold are not counted as room).
     let _pool = if args.huge_pages {
         HugePool::with_room(args.burst.max(1) as u64 * args.mem_mib.div_ceil(2))?
     } else {
