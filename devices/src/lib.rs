@@ -16,7 +16,6 @@ pub mod logger;
 pub mod metrics;
 pub mod net;
 pub mod net_backend;
-pub mod tap;
 #[cfg(test)]
 mod test_ring;
 pub mod uring;

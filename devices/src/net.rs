@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::chain::{self, ChainError, MAX_DESCRIPTORS};
 use crate::iov::{self, GuestSegment};
-use crate::tap::VNET_HDR_LEN;
+use tapdev::VNET_HDR_LEN;
 
 /// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;

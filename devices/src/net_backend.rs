@@ -29,10 +29,10 @@ use crate::backend_common::{
 };
 use crate::metrics::{self, MetricsError};
 use crate::net::{self, NetError, NetMetrics};
-use crate::tap::{offload_flags, Tap, TapError};
 use crate::vring::{Vring, VringError};
 use crate::vu_proxy::{self, ProxyError};
 use crate::vu_socket::{SocketSource, VuSocketError};
+use tapdev::{offload_flags, Tap, TapError};
 
 /// Vring type used by the net backend.
 pub type NetVring = Vring;

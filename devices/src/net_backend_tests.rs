@@ -199,8 +199,8 @@ mod rings {
     use crate::metrics::MetricsPage;
     use crate::net::NetMetrics;
     use crate::net_backend::{NetBackend, NetVring};
-    use crate::tap::{Tap, VNET_HDR_LEN};
     use crate::test_ring::{err_eventfd, eventfd_count, memory, within, Ring, BUFFERS};
+    use tapdev::{Tap, VNET_HDR_LEN};
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
@@ -371,9 +371,9 @@ mod connected {
     use crate::metrics::MetricsPage;
     use crate::net::NetMetrics;
     use crate::net_backend::NetBackend;
-    use crate::tap::Tap;
     use crate::vu_proxy::{self, ProxyError};
     use crate::vu_socket::FrontendSocket;
+    use tapdev::Tap;
 
     const GET_INFLIGHT_FD: u32 = 31;
     const VERSION_1: u64 = 1 << 32;

@@ -29,6 +29,20 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ),
     ("vmm", &["tests", "tools"]),
     (
+        "tapdev",
+        &[
+            "vmm",
+            "devices",
+            "api-server",
+            "jailer",
+            "sandbox",
+            "kvm-ioctls",
+            "kvm-bindings",
+            "tests",
+            "tools",
+        ],
+    ),
+    (
         "sandbox",
         &[
             "vmm",
@@ -44,7 +58,14 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
 ];
 
 /// Production crates: only normal dependencies count, and they must not reach tests/ or tools/ at all.
-const PRODUCTION: &[&str] = &["vmm", "devices", "api-server", "jailer", "sandbox"];
+const PRODUCTION: &[&str] = &[
+    "vmm",
+    "devices",
+    "api-server",
+    "jailer",
+    "sandbox",
+    "tapdev",
+];
 
 fn metadata() -> Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -126,7 +147,7 @@ fn workspace_members(meta: &Value) -> BTreeSet<String> {
 fn design_arrows_hold() {
     let meta = metadata();
     let members = workspace_members(&meta);
-    for expected in ["vmm", "devices", "api-server", "sandbox", "tests"] {
+    for expected in ["vmm", "devices", "api-server", "sandbox", "tapdev", "tests"] {
         assert!(
             members.contains(expected),
             "workspace has no `{expected}` crate (members: {members:?})"

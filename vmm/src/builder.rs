@@ -30,8 +30,8 @@ use crate::layout::*;
 use crate::memory::{create_guest_ram_on, GuestRam, MemoryError};
 use crate::metrics::{SerialMetrics, VcpuMetrics};
 use crate::state::VmState;
-use crate::tap::{TapError, TapFd};
 use crate::vcpu::{Vcpu, VcpuGate};
+use tapdev::{Tap, TapError};
 
 mod adopt;
 mod legacy;
@@ -190,7 +190,7 @@ pub struct DeviceSlot {
     /// The page the device process counts in (kept across its replacements).
     pub metrics: Option<Arc<MetricsPage>>,
     /// The TAP device (net), opened by the VMM and handed to each skiff-net it starts.
-    pub tap: Option<Arc<TapFd>>,
+    pub tap: Option<Arc<Tap>>,
     /// The guest MAC (net).
     pub mac: Option<String>,
     /// The maximum number of queues asked of the backend.
@@ -246,7 +246,7 @@ struct PendingDevice {
     io_uring: bool,
     max_queues: usize,
     metrics: Option<Arc<MetricsPage>>,
-    tap: Option<Arc<TapFd>>,
+    tap: Option<Arc<Tap>>,
     mac: Option<String>,
     image: Option<Arc<File>>,
 }
@@ -309,7 +309,7 @@ fn start_device_processes(
     }
     for n in &cfg.nets {
         let name = format!("skiff-net for interface '{}' (TAP {})", n.id, n.tap);
-        let tap = Arc::new(TapFd::open(&n.tap).map_err(|e| BuildError::Tap(n.id.clone(), e))?);
+        let tap = Arc::new(Tap::open(&n.tap).map_err(|e| BuildError::Tap(n.id.clone(), e))?);
         let page = Arc::new(MetricsPage::create(&n.id)?);
         let args = net_args(&tap, n.mac.as_deref(), &page, &opts.seccomp);
         let mut fds = vec![tap.as_fd(), page.fd()];

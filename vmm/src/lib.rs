@@ -24,7 +24,6 @@ pub mod report;
 mod snapshot;
 pub mod state;
 mod successor;
-pub mod tap;
 pub mod terminal;
 pub mod upgrade;
 pub mod vcpu;

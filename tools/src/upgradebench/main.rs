@@ -4,7 +4,7 @@
 //! The VMM's side is the VMM's shipped code, linked from the `vmm` crate, so the figures time
 //! the code that runs in skiff: guest RAM is one sealed memfd from
 //! `vmm::memory::create_guest_ram`; the image is opened and locked by
-//! `vmm::image::open_locked` and the TAP by `vmm::tap::TapFd`; each device process runs a
+//! `vmm::image::open_locked` and the TAP by `tapdev::Tap`; each device process runs a
 //! binary checked by `vmm::device_binary::BinaryDir`, with skiff's arguments
 //! (`vmm::builder::blk_args` / `net_args`: image or TAP, metrics page, seccomp choice), and
 //! is started by `vmm::builder::spawn_connected` (a `vmm::device_process::DeviceProcess`
@@ -50,13 +50,13 @@ use std::process::Command;
 
 use clap::Parser;
 use serde_json::{json, Value};
+use tapdev::{Tap, TapError};
 use vmm::builder::{blk_args, net_args, DeviceSeccomp};
 use vmm::device_binary::{BinaryDir, DeviceBinaryError};
 use vmm::devices::metrics_page::{MetricsPage, MetricsPageError};
 use vmm::devices::virtio::vhost_user::DeviceKind;
 use vmm::error_chain;
 use vmm::image::ImageError;
-use vmm::tap::{TapError, TapFd};
 
 mod device;
 mod driver;
@@ -237,7 +237,7 @@ fn run_device(
                     io::Error::last_os_error(),
                 ));
             }
-            let tap = TapFd::open("skbench0")?;
+            let tap = Tap::open("skbench0")?;
             link_up(tap.name())?;
             let page = MetricsPage::create("eth0")?;
             let mut fds = vec![tap.as_fd(), page.fd()];

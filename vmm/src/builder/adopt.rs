@@ -22,7 +22,7 @@ use crate::devices::virtio::vhost_user::{FrontendFds, VhostUserDevice};
 use crate::devices::virtio::RamRanges;
 use crate::handover::Handover;
 use crate::memory::{map_guest_ram, GuestRam};
-use crate::tap::TapFd;
+use tapdev::Tap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 fn short() -> BuildError {
@@ -132,7 +132,7 @@ pub fn adopt(
             false => None,
         };
         let tap = match d.tap {
-            true => Some(Arc::new(TapFd::adopt(&d.backing, File::from(next()?)))),
+            true => Some(Arc::new(Tap::adopt(&d.backing, File::from(next()?)))),
             false => None,
         };
         let image = match d.image {

@@ -11,7 +11,7 @@ use crate::device_binary::DeviceBinary;
 use crate::device_process::DeviceProcess;
 use crate::devices::metrics_page::MetricsPage;
 use crate::devices::virtio::vhost_user::{connect_with_retry, DeviceKind, VhostUserDevice};
-use crate::tap::TapFd;
+use tapdev::Tap;
 
 /// The seccomp choice as device processes get it: `--seccomp-filter FILE` becomes an fd
 /// skiff opened at start (`--seccomp-filter /proc/self/fd/N`, N inherited), so that a
@@ -177,7 +177,7 @@ pub fn blk_args(
 /// skiff-net's arguments for serving the TAP `tap`, counting in `page` (the connection,
 /// `--socket-fd`, is added by [`spawn_connected`]).
 pub fn net_args(
-    tap: &TapFd,
+    tap: &Tap,
     mac: Option<&str>,
     page: &MetricsPage,
     seccomp: &DeviceSeccomp,

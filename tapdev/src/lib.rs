@@ -1,27 +1,36 @@
-//! TAP devices with a 12-byte virtio-net header: opened through /dev/net/tun by name
-//! (`--tap`), or inherited already open from the VMM (`--tap-fd`).
+//! TAP devices with a 12-byte virtio-net header, the one copy of TAP handling that the VMM,
+//! skiff-net and the benchmarks link (DESIGN.md: a mechanism two crates need lives once, in a
+//! small crate below both).
 //!
-//! Neither path ever calls TUNSETPERSIST: a TAP that `--tap` created disappears when
-//! skiff-net exits, a persistent one stays; an inherited fd is only closed, so the
-//! interface stays as long as the VMM (or its persist flag) keeps it.
+//! - The VMM opens each network interface's TAP itself ([`Tap::open`]) and hands the fd to
+//!   the skiff-net it starts (`--tap-fd`). Keeping the fd lets a replacement skiff-net take
+//!   over the same TAP during a live upgrade: a TAP without IFF_MULTI_QUEUE accepts one
+//!   attached file only, so a second open would fail while the old process still has it. A
+//!   VMM that replaces another takes the fd over with [`Tap::adopt`].
+//! - skiff-net opens a TAP by name (`--tap`, [`Tap::open`]) or takes over the inherited fd
+//!   (`--tap-fd`, [`Tap::from_fd`]).
+//!
+//! Nothing here ever calls TUNSETPERSIST: a TAP that an open created disappears when the
+//! last fd on it closes (the VMM's and its device processes'), as with Firecracker; a
+//! persistent one stays.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// `_IOW('T', 202, int)`
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+pub const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// `_IOR('T', 210, unsigned int)`, fills a `struct ifreq` with the name and flags.
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+pub const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 /// `_IOW('T', 208, unsigned int)`
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// `_IOW('T', 216, int)`
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TUN: libc::c_short = 0x0001;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
+pub const IFF_TUN: libc::c_short = 0x0001;
+pub const IFF_TAP: libc::c_short = 0x0002;
+pub const IFF_NO_PI: libc::c_short = 0x1000;
+pub const IFF_VNET_HDR: libc::c_short = 0x4000;
 /// Offload flags for TUNSETOFFLOAD.
 pub const TUN_F_CSUM: u32 = 0x01;
 /// TCPv4 segmentation offload.
@@ -32,7 +41,8 @@ pub const TUN_F_TSO6: u32 = 0x04;
 pub const TUN_F_UFO: u32 = 0x10;
 /// Size of `struct virtio_net_hdr_v1` (VERSION_1, no hash report).
 pub const VNET_HDR_LEN: usize = 12;
-const IFNAMSIZ: usize = 16;
+/// Longest interface name plus its NUL.
+pub const IFNAMSIZ: usize = 16;
 
 /// Errors raised while opening or configuring a TAP.
 #[derive(Debug, thiserror::Error)]
@@ -91,11 +101,56 @@ pub enum TapError {
     FdFlagsSet(RawFd, #[source] io::Error),
 }
 
+/// `struct ifreq` as TUNSETIFF and TUNGETIFF use it: a name and flags, padded to 40 bytes.
 #[repr(C)]
-struct IfReq {
-    name: [u8; IFNAMSIZ],
-    flags: libc::c_short,
+pub struct IfReq {
+    /// The interface name, NUL-terminated.
+    pub name: [u8; IFNAMSIZ],
+    /// IFF_* flags.
+    pub flags: libc::c_short,
     _pad: [u8; 22],
+}
+
+impl IfReq {
+    /// A request for interface `name` (at most 15 bytes, not checked here) with `flags`.
+    pub fn new(name: &str, flags: libc::c_short) -> Self {
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags,
+            _pad: [0; 22],
+        };
+        let n = name.len().min(IFNAMSIZ - 1);
+        req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        req
+    }
+}
+
+/// Opens /dev/net/tun (non-blocking, close-on-exec) and attaches it to TAP or TUN `name` with
+/// `flags` (TUNSETIFF), creating the interface when it does not exist. [`Tap::open`] uses it
+/// with skiff's flags; a test uses it for the wrong ones.
+pub fn attach(name: &str, flags: libc::c_short) -> Result<File, TapError> {
+    if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('\0') {
+        return Err(TapError::InvalidName(name.to_string()));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(TapError::OpenTun)?;
+    let mut req = IfReq::new(name, flags);
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `IfReq` has its size and
+    // layout (16-byte name, short flags, padding to 40 bytes) and lives across the call.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return Err(match err.raw_os_error() {
+            Some(libc::EBUSY) => TapError::InUse(name.to_string()),
+            Some(libc::EPERM) | Some(libc::EACCES) => TapError::Permission(name.to_string(), err),
+            _ => TapError::SetIff(name.to_string(), err),
+        });
+    }
+    Ok(file)
 }
 
 /// An attached TAP queue. Dropping it closes the fd and nothing else.
@@ -111,34 +166,7 @@ impl Tap {
     /// Opens (or creates) TAP `name` with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, non-blocking,
     /// vnet header size 12 and no offloads.
     pub fn open(name: &str) -> Result<Self, TapError> {
-        if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('\0') {
-            return Err(TapError::InvalidName(name.to_string()));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(TapError::OpenTun)?;
-        let mut req = IfReq {
-            name: [0; IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `IfReq` has its size and
-        // layout (16-byte name, short flags, padding to 40 bytes) and lives across the call.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
-        if ret < 0 {
-            let err = io::Error::last_os_error();
-            return Err(match err.raw_os_error() {
-                Some(libc::EBUSY) => TapError::InUse(name.to_string()),
-                Some(libc::EPERM) | Some(libc::EACCES) => {
-                    TapError::Permission(name.to_string(), err)
-                }
-                _ => TapError::SetIff(name.to_string(), err),
-            });
-        }
+        let file = attach(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)?;
         Tap {
             file,
             name: name.to_string(),
@@ -164,11 +192,7 @@ impl Tap {
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
             return Err(TapError::FdNotOpen(fd, io::Error::last_os_error()));
         }
-        let mut req = IfReq {
-            name: [0; IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        };
+        let mut req = IfReq::new("", 0);
         // SAFETY: TUNGETIFF writes a `struct ifreq` (see `open`) into `req`, which lives
         // across the call; other fds reject the request number without writing.
         let ret = unsafe { libc::ioctl(fd, TUNGETIFF as _, &mut req as *mut IfReq) };
@@ -194,6 +218,16 @@ impl Tap {
             inherited: Some(fd),
         }
         .configure()
+    }
+
+    /// TAP `name` that the VMM this one replaces had open, handed over as `file` (its
+    /// device process serves it: nothing is set on it, its offloads stay as they are).
+    pub fn adopt(name: &str, file: File) -> Self {
+        Tap {
+            file,
+            name: name.to_string(),
+            inherited: None,
+        }
     }
 
     /// Vnet header size 12, no offloads (the guest's acked features set them later).
@@ -248,11 +282,11 @@ impl Tap {
     }
 }
 
-#[cfg(test)]
+#[cfg(feature = "test-utils")]
 impl Tap {
     /// A "TAP" over any fd that reads and writes whole frames (a datagram socket), for
     /// backend tests that need no TAP device.
-    pub(crate) fn for_tests(file: File, name: &str) -> Self {
+    pub fn for_tests(file: File, name: &str) -> Self {
         Tap {
             file,
             name: name.to_string(),
@@ -318,6 +352,12 @@ impl AsRawFd for Tap {
     }
 }
 
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 /// TUN_F_* offloads matching the guest's acked virtio-net features.
 pub fn offload_flags(acked: u64) -> u32 {
     use virtio_bindings::virtio_net::{
@@ -342,5 +382,4 @@ pub fn offload_flags(acked: u64) -> u32 {
 }
 
 #[cfg(test)]
-#[path = "tap_tests.rs"]
 mod tests;

@@ -10,11 +10,9 @@ use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use clap::Parser;
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
-use crate::net_backend::{check_taps, open_taps, NetArgs, NetOptions, TapSpec};
 
 /// `_IOW('T', 203, int)`
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
@@ -83,7 +81,12 @@ fn tap_fd_refuses_std_closed_and_non_tun_fds() {
     let fd = tmp.as_file().as_raw_fd();
     let err = Tap::from_fd(fd).expect_err("regular file");
     assert!(matches!(err, TapError::FdNotTun(f, _) if f == fd), "{err}");
-    let msg = crate::error_chain(&err);
+    let msg = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    );
     assert!(
         msg.starts_with(&format!(
             "--tap-fd {fd} is not a TUN/TAP file descriptor (TUNGETIFF failed): "
@@ -118,7 +121,7 @@ fn in_ci() -> bool {
 }
 
 /// Whether this test may create TAPs: root. Not root: a failure under CI, else a loud skip.
-pub(crate) fn can_create_taps(test: &str) -> bool {
+fn can_create_taps(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
@@ -145,17 +148,12 @@ pub(crate) struct VmmTap {
 
 impl VmmTap {
     /// Creates TAP `sktfd<pid><tag>` with `flags`; it is deleted when the last fd closes.
-    pub(crate) fn create(tag: &str, flags: libc::c_short) -> Self {
+    fn create(tag: &str, flags: libc::c_short) -> Self {
         let name = format!("sktfd{}{tag}", std::process::id());
         assert!(name.len() < IFNAMSIZ, "{name}");
         assert!(!exists(&name), "{name} exists already");
         let file = open_tun();
-        let mut req = IfReq {
-            name: [0; IFNAMSIZ],
-            flags,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let mut req = IfReq::new(&name, flags);
         // SAFETY: as in `Tap::open`.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
         assert_eq!(ret, 0, "TUNSETIFF {name}: {}", io::Error::last_os_error());
@@ -166,7 +164,7 @@ impl VmmTap {
         }
     }
 
-    pub(crate) fn name(&self) -> &str {
+    fn name(&self) -> &str {
         &self.name
     }
 
@@ -185,11 +183,7 @@ impl VmmTap {
 
     /// TUNGETIFF flags, through the VMM's own fd.
     fn flags(&self) -> libc::c_short {
-        let mut req = IfReq {
-            name: [0; IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        };
+        let mut req = IfReq::new("", 0);
         // SAFETY: as in `Tap::from_fd`.
         let ret = unsafe {
             libc::ioctl(
@@ -203,7 +197,7 @@ impl VmmTap {
     }
 
     /// A new fd on the same open file, without FD_CLOEXEC: what a device process inherits.
-    pub(crate) fn inherited(&self) -> RawFd {
+    fn inherited(&self) -> RawFd {
         // SAFETY: dup of an fd we own; the result is checked.
         let fd = unsafe { libc::dup(self.file.as_raw_fd()) };
         assert!(fd >= 0, "dup: {}", io::Error::last_os_error());
@@ -236,7 +230,7 @@ fn open_tun() -> File {
         .expect("open /dev/net/tun")
 }
 
-pub(crate) fn exists(name: &str) -> bool {
+fn exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
@@ -251,8 +245,8 @@ fn fd_flags(fd: RawFd) -> (libc::c_int, libc::c_int) {
 }
 
 #[test]
-fn inherited_tap_fd_through_parsing_and_opening() {
-    if !can_create_taps("inherited_tap_fd_through_parsing_and_opening") {
+fn inherited_tap_fd_taken_over_and_handed_on() {
+    if !can_create_taps("inherited_tap_fd_taken_over_and_handed_on") {
         return;
     }
     let vmm = VmmTap::create("a", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
@@ -260,24 +254,12 @@ fn inherited_tap_fd_through_parsing_and_opening() {
     let before = vmm.flags();
     assert_eq!(before & IFF_PERSIST, 0);
 
-    // skiff-net #1, from its command line.
+    // skiff-net #1 takes over its --tap-fd.
     let fd = vmm.inherited();
     assert_eq!(fd_flags(fd).0 & libc::O_NONBLOCK, 0);
     assert_eq!(fd_flags(fd).1 & libc::FD_CLOEXEC, 0);
-    let args = NetArgs::try_parse_from([
-        "skiff-net",
-        "--socket",
-        "/nonexistent/net.sock",
-        "--tap-fd",
-        &fd.to_string(),
-    ])
-    .expect("parse");
-    let opts = NetOptions::from(args);
-    assert_eq!(opts.taps, vec![TapSpec::Fd(fd)]);
-    check_taps(&opts.taps, opts.metrics_fd, opts.socket.fd()).expect("check");
-    let first = open_taps(&opts.taps).expect("open inherited fd");
-    assert_eq!(first.len(), 1);
-    let tap = &first[0];
+    let first = Tap::from_fd(fd).expect("open inherited fd");
+    let tap = &first;
     assert_eq!(tap.name(), name, "name from TUNGETIFF");
     assert_eq!(tap.to_string(), format!("{name} (--tap-fd {fd})"));
     assert_eq!(tap.inherited_fd(), Some(fd));
@@ -295,8 +277,8 @@ fn inherited_tap_fd_through_parsing_and_opening() {
 
     // Upgrade: skiff-net #2 takes the same TAP while #1 still has it.
     let fd2 = vmm.inherited();
-    let second = open_taps(&[TapSpec::Fd(fd2)]).expect("second skiff-net");
-    assert_eq!(second[0].name(), name);
+    let second = Tap::from_fd(fd2).expect("second skiff-net");
+    assert_eq!(second.name(), name);
 
     // #1 exits: its fd is closed, the TAP stays, unchanged.
     drop(first);
