@@ -276,6 +276,11 @@ impl Tap {
         &self.name
     }
 
+    /// The open TAP, for an API that takes a file (vhost-net's VHOST_NET_SET_BACKEND).
+    pub fn as_file(&self) -> &File {
+        &self.file
+    }
+
     /// The `--tap-fd` number when the fd was inherited, None when opened by name.
     pub fn inherited_fd(&self) -> Option<RawFd> {
         self.inherited

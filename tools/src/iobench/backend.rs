@@ -290,15 +290,3 @@ fn stop(p: Process) -> String {
 fn vmm_err(e: BuildError) -> BenchError {
     BenchError::Backend("skiff-blk".into(), Box::new(e))
 }
-
-/// CPU time of every thread of process `pid` so far (`/proc/PID/task/*/schedstat`, ns).
-pub fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}

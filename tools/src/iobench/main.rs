@@ -33,13 +33,17 @@ mod backend;
 mod host;
 mod load;
 mod plot;
+#[path = "../proc_cpu.rs"]
+#[allow(dead_code)] // threads_cpu_ns is netbench's
+mod proc_cpu;
 #[path = "../split_ring.rs"]
 mod split_ring;
 #[path = "../stats.rs"]
 mod stats;
 
-use backend::{cpu_ns, Common, Running, Which};
+use backend::{Common, Running, Which};
 use load::{Contents, Device, Pattern, BLOCK, MAX_BS, MAX_QD, MAX_QUEUES};
+use proc_cpu::cpu_ns;
 use stats::Stats;
 
 /// Block I/O through skiff-blk, qemu-storage-daemon and the host, side by side.
