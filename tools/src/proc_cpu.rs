@@ -20,3 +20,32 @@ pub fn threads_cpu_ns(pid: u32, keep: impl Fn(&str) -> bool) -> u64 {
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// CPU time so far of the kernel's vhost worker of process `pid`, ns: on Linux 6.4 and
+/// later a thread of that process named `vhost-PID`, before that a kernel thread of the same
+/// name (`threads_cpu_ns` of the process misses that one). Also whether it is a thread of
+/// the process (so that the process's own CPU time already counts it).
+pub fn vhost_worker_cpu_ns(pid: u32) -> (u64, bool) {
+    let name = format!("vhost-{pid}");
+    let own = threads_cpu_ns(pid, |c| c == name);
+    if own > 0 {
+        return (own, true);
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return (0, false);
+    };
+    let kthread = procs
+        .flatten()
+        .filter(|p| {
+            p.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|p| {
+            std::fs::read_to_string(p.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .filter_map(|p| std::fs::read_to_string(p.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    (kthread, false)
+}

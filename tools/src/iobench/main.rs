@@ -34,7 +34,7 @@ mod host;
 mod load;
 mod plot;
 #[path = "../proc_cpu.rs"]
-#[allow(dead_code)] // threads_cpu_ns is netbench's
+#[allow(dead_code)] // the vhost worker's CPU is netbench's
 mod proc_cpu;
 #[path = "../split_ring.rs"]
 mod split_ring;

@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::driver::{Rings, RAM, RX, TX};
 use crate::frames::Kind;
-use crate::proc_cpu::{cpu_ns, threads_cpu_ns};
+use crate::proc_cpu::{cpu_ns, vhost_worker_cpu_ns};
 use crate::split_ring::QSIZE;
 use crate::wire::bring_up;
 use crate::BenchError;
@@ -205,21 +205,22 @@ impl Running {
     pub fn device_cpu_ns(&self) -> Option<u64> {
         match &self.device {
             Device::SkiffNet { process, .. } => Some(cpu_ns(process.pid())),
-            // The vhost worker is a thread of this process named vhost-PID.
-            Device::VhostNet(_) => Some(threads_cpu_ns(std::process::id(), |c| {
-                c.starts_with("vhost-")
-            })),
+            Device::VhostNet(_) => Some(vhost_worker_cpu_ns(std::process::id()).0),
             Device::Tap => None,
         }
     }
 
-    /// CPU time of everything the run uses so far (this process, with the driver, the far
-    /// end and a vhost worker; skiff-net), ns.
+    /// CPU time of everything the run uses so far (this process, with the driver and the
+    /// far end; skiff-net; the vhost worker), ns.
     pub fn total_cpu_ns(&self) -> u64 {
         let own = cpu_ns(std::process::id());
         match &self.device {
             Device::SkiffNet { process, .. } => own + cpu_ns(process.pid()),
-            _ => own,
+            Device::VhostNet(_) => match vhost_worker_cpu_ns(std::process::id()) {
+                (_, true) => own,
+                (kthread, false) => own + kthread,
+            },
+            Device::Tap => own,
         }
     }
 

@@ -386,7 +386,7 @@ fn report(a: &Args, rows: &[Row]) -> Result<(), BenchError> {
             }
         }
         if let (Some(sc), Some(o)) = (s.device_cpu_ns, find(w, "vhost-net")) {
-            if let Some(oc) = o.device_cpu_ns {
+            if let Some(oc) = o.device_cpu_ns.filter(|&n| n > 0) {
                 let r = s.per_frame(sc) / o.per_frame(oc).max(f64::MIN_POSITIVE);
                 println!("cpu {w} skiff-net/vhost-net = {r:.2}");
                 ratios.push(json!({"workload": w, "of": "skiff-net/vhost-net",
