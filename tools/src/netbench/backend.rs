@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::driver::{Rings, RAM, RX, TX};
 use crate::frames::Kind;
-use crate::proc_cpu::{cpu_ns, vhost_worker_cpu_ns};
+use crate::proc_cpu::{cpu_ns, own_cpu_ns, vhost_worker_cpu_ns};
 use crate::split_ring::QSIZE;
 use crate::wire::bring_up;
 use crate::BenchError;
@@ -213,7 +213,7 @@ impl Running {
     /// CPU time of everything the run uses so far (this process, with the driver and the
     /// far end; skiff-net; the vhost worker), ns.
     pub fn total_cpu_ns(&self) -> u64 {
-        let own = cpu_ns(std::process::id());
+        let own = own_cpu_ns();
         match &self.device {
             Device::SkiffNet { process, .. } => own + cpu_ns(process.pid()),
             Device::VhostNet(_) => match vhost_worker_cpu_ns(std::process::id()) {

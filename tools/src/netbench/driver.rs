@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::frames::{Kind, Template, GSO_TCPV4, VNET_HDR};
@@ -140,7 +140,6 @@ pub fn receive(
     let mut used = 0u16;
     let mut credited = 0u64;
     let _ = r.kicks[0].write(1);
-    let mut buf = vec![0u8; SLOT as usize];
     let want_gso = if t.kind == Kind::Tso { GSO_TCPV4 } else { 0 };
     while Instant::now() < w.end {
         let now_used = RX.used_idx(mem);
@@ -154,12 +153,9 @@ pub fn receive(
                 out.corrupt += 1;
                 continue;
             }
-            let frame = &mut buf[..len];
-            let read = mem.read_slice(frame, GuestAddress(slot(0, head)));
-            if read.is_err() || frame[1] != want_gso {
-                out.corrupt += 1;
-            } else {
-                out.note(t, &frame[VNET_HDR..], at, &w);
+            match in_place(mem, slot(0, head), len) {
+                Some(frame) if frame[1] == want_gso => out.note(t, &frame[VNET_HDR..], at, &w),
+                _ => out.corrupt += 1,
             }
             RX.make_available(mem, avail, head);
             avail = avail.wrapping_add(1);
@@ -248,4 +244,16 @@ fn raise(credited: u64, next: u64, received: &AtomicU64, credit: &EventFd) -> u6
     received.store(next, Ordering::Release);
     let _ = credit.write(1);
     next
+}
+
+/// The `len` bytes at `addr` in guest RAM, read where they are (a guest's driver hands the
+/// buffer up without copying it either), or None outside guest RAM.
+fn in_place(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Option<&[u8]> {
+    let slice = mem.get_slice(GuestAddress(addr), len).ok()?;
+    let ptr = slice.ptr_guard();
+    // SAFETY: get_slice checked that the `len` bytes lie in one mapped region of `mem`,
+    // which stays mapped while `mem` is borrowed. The device wrote them and gave the buffer
+    // back through the used ring (its index read with Acquire), and does not write it again
+    // until the driver makes it available again, after this slice is gone.
+    Some(unsafe { std::slice::from_raw_parts(ptr.as_ptr(), len) })
 }
