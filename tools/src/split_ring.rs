@@ -113,6 +113,29 @@ impl Ring {
     }
 }
 
+impl Ring {
+    /// VIRTIO_RING_F_EVENT_IDX: asks for an interrupt once the device has used the entry at
+    /// used index `idx` (the avail ring's `used_event`).
+    #[allow(dead_code)] // netbench's
+    pub fn set_used_event(&self, mem: &GuestMemoryMmap, idx: u16) {
+        let at = GuestAddress(self.avail + 4 + 2 * u64::from(QSIZE));
+        let _ = mem.store(idx, at, Ordering::Release);
+    }
+
+    /// VIRTIO_RING_F_EVENT_IDX: whether the device wants a kick now that the driver has
+    /// moved its available index from `old` to `new` (the used ring's `avail_event`, read
+    /// after a full barrier; `vring_need_event` of the specification, 2.7.10).
+    #[allow(dead_code)] // netbench's
+    pub fn needs_kick(&self, mem: &GuestMemoryMmap, old: u16, new: u16) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let at = GuestAddress(self.used + 4 + 8 * u64::from(QSIZE));
+        let event: u16 = mem
+            .load(at, Ordering::Relaxed)
+            .unwrap_or(new.wrapping_sub(1));
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+}
+
 /// Waits up to `ms` for the device's interrupt (its call eventfd, KVM's irqfd in skiff) and
 /// clears it; returns whether it came.
 pub fn wait_call(call: &EventFd, ms: i32) -> bool {

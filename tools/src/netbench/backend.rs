@@ -21,6 +21,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_TSO4,
 };
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm::builder::{negotiate, net_args, spawn_connected, BuildError, DeviceSeccomp};
 use vmm::device_binary::BinaryDir;
@@ -60,10 +61,14 @@ impl Which {
     }
 }
 
-/// The virtio-net features the driver acks for frames of `kind`: VERSION_1, and for TSO
-/// frames checksum and TCPv4 segmentation offload both ways, as a Linux guest acks them.
-pub fn driver_features(kind: Kind) -> u64 {
+/// The virtio-net features the driver acks for frames of `kind`: VERSION_1, EVENT_IDX when
+/// `event_idx`, and for TSO frames checksum and TCPv4 segmentation offload both ways, as a
+/// Linux guest acks them.
+pub fn driver_features(kind: Kind, event_idx: bool) -> u64 {
     let mut f = 1u64 << VIRTIO_F_VERSION_1;
+    if event_idx {
+        f |= 1 << VIRTIO_RING_F_EVENT_IDX;
+    }
     if kind == Kind::Tso {
         for bit in [
             VIRTIO_NET_F_CSUM,
@@ -83,6 +88,8 @@ pub struct Common<'a> {
     pub bins: &'a BinaryDir,
     /// skiff-net's seccomp choice, as skiff passes it.
     pub seccomp: &'a DeviceSeccomp,
+    /// The driver negotiates VIRTIO_RING_F_EVENT_IDX.
+    pub event_idx: bool,
 }
 
 enum Device {
@@ -105,6 +112,7 @@ pub struct Running {
     pub ifindex: libc::c_int,
     /// Guest RAM, shared with the device.
     pub ram: GuestRam,
+    event_idx: bool,
     kicks: [EventFd; 2],
     call: EventFd,
     device: Device,
@@ -130,7 +138,7 @@ impl Running {
         let tap = Tap::open(tap_name).map_err(|e| BenchError::Vmm("the TAP", e.into()))?;
         let ifindex = bring_up(tap_name)?;
         let ram = create_guest_ram(RAM).map_err(|e| BenchError::Vmm("guest RAM", e.into()))?;
-        let features = driver_features(kind);
+        let features = driver_features(kind, c.event_idx);
         let configs = [RX.queue_config(QSIZE), TX.queue_config(QSIZE)];
         let (device, kicks, call) = match which {
             Which::SkiffNet => {
@@ -186,6 +194,7 @@ impl Running {
             tap,
             ifindex,
             ram,
+            event_idx: c.event_idx,
             kicks,
             call,
             device,
@@ -198,6 +207,7 @@ impl Running {
             mem: &self.ram.mem,
             kicks: [&self.kicks[0], &self.kicks[1]],
             call: &self.call,
+            event_idx: self.event_idx,
         }
     }
 
@@ -265,12 +275,13 @@ fn vhost_net(
     net.set_owner().map_err(err("VHOST_SET_OWNER"))?;
     let offered = net.get_features().map_err(err("VHOST_GET_FEATURES"))?;
     // vhost-net moves the header to and from the TAP; the offloads are the TAP's.
-    let vhost_features = features & offered;
-    if vhost_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-        return Err(BenchError::Usage(
-            "vhost-net does not offer VIRTIO_F_VERSION_1".into(),
-        ));
+    let ring_features = features & ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX));
+    if offered & ring_features != ring_features {
+        return Err(BenchError::Usage(format!(
+            "vhost-net does not offer the features the driver needs ({ring_features:#x})"
+        )));
     }
+    let vhost_features = ring_features;
     net.set_features(vhost_features)
         .map_err(err("VHOST_SET_FEATURES"))?;
     let regions: Vec<VhostUserMemoryRegionInfo> = mem
