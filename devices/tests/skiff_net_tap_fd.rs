@@ -15,7 +15,7 @@ use std::time::Duration;
 use vmm_sys_util::tempdir::TempDir;
 
 mod common;
-use common::can_create_taps;
+use tapdev::test_utils::can_create_taps;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skiff-net");
 

@@ -386,5 +386,36 @@ pub fn offload_flags(acked: u64) -> u32 {
     flags
 }
 
+/// For the tests of the crates that use TAPs (feature `test-utils`).
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils {
+    use std::io::Write;
+
+    /// Whether CI is set (root-only tests then fail instead of skipping).
+    pub fn in_ci() -> bool {
+        std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+    }
+
+    /// Whether this test may create TAPs: root. Not root: a failure under CI, else a loud
+    /// skip.
+    pub fn can_create_taps(test: &str) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            return true;
+        }
+        assert!(
+            !in_ci(),
+            "{test} needs root to create TAP devices and CI is set: run the tests as root"
+        );
+        // Straight to fd 2, not eprintln!: libtest hides a passing test's captured output.
+        let msg = format!(
+            "!!!!! SKIPPED {test}: needs root to create TAP devices \
+             (run as root; with CI=true this is a failure) !!!!!\n"
+        );
+        let _ = std::io::stderr().write_all(msg.as_bytes());
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests;

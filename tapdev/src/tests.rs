@@ -5,13 +5,13 @@
 //! so is deleted by the kernel when its last fd closes, even if the test panics.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use vmm_sys_util::tempfile::TempFile;
 
+use super::test_utils::can_create_taps;
 use super::*;
 
 /// `_IOW('T', 203, int)`
@@ -114,29 +114,6 @@ fn pipe() -> (File, File) {
             File::from(OwnedFd::from_raw_fd(fds[1])),
         )
     }
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// Whether this test may create TAPs: root. Not root: a failure under CI, else a loud skip.
-fn can_create_taps(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        !in_ci(),
-        "{test} needs root to create TAP devices and CI is set: run the devices tests as root"
-    );
-    // Straight to fd 2, not eprintln!: libtest hides a passing test's captured output.
-    let msg = format!(
-        "!!!!! SKIPPED {test}: needs root to create TAP devices \
-         (run as root; with CI=true this is a failure) !!!!!\n"
-    );
-    let _ = io::stderr().write_all(msg.as_bytes());
-    false
 }
 
 /// A TAP as the VMM holds it: opened by name on /dev/net/tun, close-on-exec.

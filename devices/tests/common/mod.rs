@@ -4,7 +4,7 @@
 
 pub mod frontend;
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -91,28 +91,4 @@ impl Drop for ChildGuard {
 pub fn stop(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// Whether CI is set (root-only tests then fail instead of skipping).
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// Whether this test may create TAPs: root. Not root: a failure under CI, else a loud skip.
-pub fn can_create_taps(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        !in_ci(),
-        "{test} needs root to create TAP devices and CI is set: run the devices tests as root"
-    );
-    // Straight to fd 2, not eprintln!: libtest hides a passing test's captured output.
-    let msg = format!(
-        "!!!!! SKIPPED {test}: needs root to create TAP devices \
-         (run as root; with CI=true this is a failure) !!!!!\n"
-    );
-    let _ = io::stderr().write_all(msg.as_bytes());
-    false
 }
