@@ -1,12 +1,11 @@
 //! skiff-net `--tap-fd` as a process: exit status and stderr for bad fds, and (as root) a
 //! TAP opened here, inherited by skiff-net, that outlives it. Root-only parts fail when CI
-//! is set and are skipped loudly otherwise (see devices/src/tap_tests.rs). The TAP is
+//! is set and are skipped loudly otherwise (see tapdev::test_utils). The TAP is
 //! named `sktfd<pid>x`, non-persistent, deleted by the kernel when its last fd closes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::mpsc;
@@ -16,6 +15,7 @@ use vmm_sys_util::tempdir::TempDir;
 
 mod common;
 use tapdev::test_utils::can_create_taps;
+use tapdev::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR};
 
 const BIN: &str = env!("CARGO_BIN_EXE_skiff-net");
 
@@ -65,49 +65,23 @@ fn tap_and_tap_fd_are_exclusive() {
     assert!(err.contains("<--tap <NAME>|--tap-fd <N>>"), "{err}");
 }
 
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-
-/// Opens (creating) TAP `name` as the VMM does, close-on-exec.
+/// Opens (creating) TAP `name` as the VMM does (non-blocking, close-on-exec).
 fn vmm_tap(name: &str, flags: libc::c_short) -> File {
-    assert!(name.len() < 16);
     assert!(!exists(name), "{name} exists already");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .expect("open /dev/net/tun");
-    let mut req = IfReq {
-        name: [0; 16],
-        flags,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes, as IfReq).
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
-    assert_eq!(ret, 0, "TUNSETIFF {name}: {}", io::Error::last_os_error());
-    file
+    tapdev::attach(name, flags).expect("TUNSETIFF")
 }
 
 fn tap_flags(file: &File) -> libc::c_short {
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: 0,
-        _pad: [0; 22],
+    let mut req = tapdev::IfReq::new("", 0);
+    // SAFETY: TUNGETIFF writes a `struct ifreq` (40 bytes, as IfReq) into `req`, which
+    // lives across the call.
+    let ret = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            tapdev::TUNGETIFF as _,
+            &mut req as *mut tapdev::IfReq,
+        )
     };
-    // SAFETY: TUNGETIFF writes a `struct ifreq`.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNGETIFF as _, &mut req as *mut IfReq) };
     assert_eq!(ret, 0, "TUNGETIFF: {}", io::Error::last_os_error());
     req.flags
 }

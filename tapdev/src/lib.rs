@@ -27,9 +27,13 @@ pub const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// `_IOW('T', 216, int)`
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// `IFF_TUN`: A TUN device (IP packets).
 pub const IFF_TUN: libc::c_short = 0x0001;
+/// `IFF_TAP`: A TAP device (Ethernet frames).
 pub const IFF_TAP: libc::c_short = 0x0002;
+/// `IFF_NO_PI`: No packet-information prefix before each frame.
 pub const IFF_NO_PI: libc::c_short = 0x1000;
+/// `IFF_VNET_HDR`: A virtio-net header before each frame.
 pub const IFF_VNET_HDR: libc::c_short = 0x4000;
 /// Offload flags for TUNSETOFFLOAD.
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -127,7 +131,8 @@ impl IfReq {
 
 /// Opens /dev/net/tun (non-blocking, close-on-exec) and attaches it to TAP or TUN `name` with
 /// `flags` (TUNSETIFF), creating the interface when it does not exist. [`Tap::open`] uses it
-/// with skiff's flags; a test uses it for the wrong ones.
+/// with skiff's flags; skiff-net's tests use it as the VMM does, with the right flags and the
+/// wrong ones.
 pub fn attach(name: &str, flags: libc::c_short) -> Result<File, TapError> {
     if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('\0') {
         return Err(TapError::InvalidName(name.to_string()));
@@ -193,7 +198,7 @@ impl Tap {
             return Err(TapError::FdNotOpen(fd, io::Error::last_os_error()));
         }
         let mut req = IfReq::new("", 0);
-        // SAFETY: TUNGETIFF writes a `struct ifreq` (see `open`) into `req`, which lives
+        // SAFETY: TUNGETIFF writes a `struct ifreq` (see `attach`) into `req`, which lives
         // across the call; other fds reject the request number without writing.
         let ret = unsafe { libc::ioctl(fd, TUNGETIFF as _, &mut req as *mut IfReq) };
         if ret < 0 {

@@ -131,7 +131,7 @@ impl VmmTap {
         assert!(!exists(&name), "{name} exists already");
         let file = open_tun();
         let mut req = IfReq::new(&name, flags);
-        // SAFETY: as in `Tap::open`.
+        // SAFETY: as in `attach`: TUNSETIFF on a `struct ifreq` that lives across the call.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
         assert_eq!(ret, 0, "TUNSETIFF {name}: {}", io::Error::last_os_error());
         VmmTap {

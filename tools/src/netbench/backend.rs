@@ -119,7 +119,8 @@ pub struct Running {
 }
 
 fn eventfd() -> Result<EventFd, BenchError> {
-    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BenchError::Host("an eventfd".into(), e))
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| BenchError::Host("an eventfd".into(), e))
 }
 
 fn dup(e: &EventFd) -> Result<EventFd, BenchError> {
@@ -231,6 +232,14 @@ impl Running {
                 (kthread, false) => own + kthread,
             },
             Device::Tap => own,
+        }
+    }
+
+    /// How skiff-net ended, when it has (killed by its seccomp filter, a crash).
+    pub fn ended(&mut self) -> Option<String> {
+        match &mut self.device {
+            Device::SkiffNet { process, .. } => process.check_alive().err(),
+            _ => None,
         }
     }
 

@@ -101,9 +101,12 @@ pub enum BenchError {
     /// A device failed to start or to take its rings.
     #[error("{0}")]
     Backend(String, #[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The checks found frames corrupted, out of order or kept.
+    /// The checks found frames corrupted, out of order, lost or kept, or none at all.
     #[error("{0}")]
     Checks(String),
+    /// One workload on one path failed.
+    #[error("{0} on {1}")]
+    Run(&'static str, &'static str, #[source] Box<BenchError>),
 }
 
 /// The workloads: name, frames, guest to host.
@@ -217,7 +220,13 @@ fn run(a: &Args) -> Result<(), BenchError> {
     let all: Vec<(&'static str, (Kind, bool))> =
         WORKLOADS.iter().map(|&(n, k, tx)| (n, (k, tx))).collect();
     let workloads = pick(&a.workloads, &all, "workload")?;
-    let secs = Duration::from_secs_f64(a.secs.unwrap_or(if a.quick { 0.5 } else { 5.0 }));
+    let secs = a.secs.unwrap_or(if a.quick { 0.5 } else { 5.0 });
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err(BenchError::Usage(format!(
+            "--secs {secs}: from 0.1 to 3600"
+        )));
+    }
+    let secs = Duration::from_secs_f64(secs);
     let warmup = Duration::from_millis(if a.quick { 200 } else { 1000 });
     let bins = BinaryDir::open(a.device_bin_dir.as_deref())
         .map_err(|e| BenchError::Vmm("the device binary directory", e.into()))?;
@@ -247,20 +256,43 @@ fn run(a: &Args) -> Result<(), BenchError> {
         if rounds > 1 {
             println!("round {} of {rounds}", round + 1);
         }
+        // Each round starts with another path, so that none always runs first.
+        let mut order = which.clone();
+        order.rotate_left(round % which.len().max(1));
         for (i, &(name, (kind, tx))) in workloads.iter().enumerate() {
-            for (j, &w) in which.iter().enumerate() {
+            for (j, &w) in order.iter().enumerate() {
                 let tap = format!("nb{round}x{i}x{j}");
-                let r = Running::start(w, &tap, kind, &common)?;
+                let context = |e: BenchError| BenchError::Run(name, w.name(), Box::new(e));
+                let mut r = Running::start(w, &tap, kind, &common).map_err(context)?;
                 let out = run_one(&r, kind, tx, warmup, secs);
                 let broken = r.broken_rings();
+                let ended = r.ended();
                 r.stop();
-                let mut row = out?;
+                if let Some(how) = ended {
+                    return Err(context(BenchError::Checks(format!(
+                        "skiff-net ended: {how}"
+                    ))));
+                }
+                let mut row = out.map_err(context)?;
                 row.workload = name;
                 print_row(&row);
                 if broken > 0 {
-                    return Err(BenchError::Checks(format!(
-                        "{name}: skiff-net marked a ring broken"
+                    return Err(context(BenchError::Checks(
+                        "skiff-net marked a ring broken".into(),
                     )));
+                }
+                if row.got.frames == 0 {
+                    return Err(context(BenchError::Checks(
+                        "no frame arrived in the measured window".into(),
+                    )));
+                }
+                // The source never runs further ahead than the TAP's queue holds: a frame
+                // lost on the way to the guest was lost by the path.
+                if !tx && row.got.order.lost > 0 {
+                    return Err(context(BenchError::Checks(format!(
+                        "{} frames sent to the guest never reached it",
+                        row.got.order.lost
+                    ))));
                 }
                 rows.push(row);
             }
@@ -291,6 +323,15 @@ fn run(a: &Args) -> Result<(), BenchError> {
         }
     }
     report(a, &rows)
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Of every workload's rows on one path, the one of median throughput; in the order they
@@ -351,6 +392,8 @@ fn run_one(
         });
         let got = if tx {
             let sink = s.spawn(|| wire::sink(&sock, &t, w, &stop));
+            // The sink stops however the driver ends, a panic included.
+            let _stop = StopOnDrop(&stop);
             let sent = match r.which {
                 Which::Tap => driver::tap_transmit(r.tap.as_raw_fd(), &t, w),
                 _ => driver::transmit(&rings, &t, w),

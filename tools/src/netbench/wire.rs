@@ -43,8 +43,14 @@ pub fn private_netns() -> Result<(), BenchError> {
     let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     check(ret, "unshare(CLONE_NEWNET) (netbench needs root)")?;
     for conf in ["all", "default"] {
-        // A kernel without IPv6 has no such file, and sends no IPv6 either.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1");
+        let path = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+        match std::fs::write(&path, "1") {
+            // A kernel without IPv6 has no such file, and sends no IPv6 either.
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(BenchError::Host(path, e));
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -250,9 +256,11 @@ pub struct Received {
 }
 
 impl Received {
-    /// Counts one frame that arrived at `at`.
-    pub fn note(&mut self, t: &Template, frame: &[u8], at: Instant, w: &Window) {
+    /// Counts one frame that arrived at `at`; `header_ok` says whether the virtio-net
+    /// header that came with it was what the frame's kind calls for.
+    pub fn note(&mut self, t: &Template, frame: &[u8], header_ok: bool, at: Instant, w: &Window) {
         match t.check(frame) {
+            Check::Seq(_) if !header_ok => self.corrupt += 1,
             Check::Seq(seq) => {
                 if self.order.arrived(seq) && w.has(at) {
                     self.frames += 1;
@@ -306,7 +314,7 @@ pub fn sink(sock: &PacketSocket, t: &Template, w: Window, stop: &AtomicBool) -> 
                 out.corrupt += 1;
                 continue;
             }
-            out.note(t, &bufs[i * size..i * size + len], at, &w);
+            out.note(t, &bufs[i * size..i * size + len], true, at, &w);
         }
     }
     out
