@@ -118,7 +118,8 @@ pub struct Running {
     device: Device,
 }
 
-fn eventfd() -> Result<EventFd, BenchError> {
+/// A non-blocking, close-on-exec eventfd.
+pub fn eventfd() -> Result<EventFd, BenchError> {
     EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(|e| BenchError::Host("an eventfd".into(), e))
 }

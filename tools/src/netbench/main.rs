@@ -27,7 +27,6 @@ use clap::Parser;
 use serde_json::{json, Value};
 use vmm::builder::DeviceSeccomp;
 use vmm::device_binary::BinaryDir;
-use vmm_sys_util::eventfd::EventFd;
 
 mod backend;
 mod driver;
@@ -375,8 +374,7 @@ fn run_one(
     let rings = r.rings();
     let stop = AtomicBool::new(false);
     let received = AtomicU64::new(0);
-    let credit =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BenchError::Host("an eventfd".into(), e))?;
+    let credit = backend::eventfd()?;
     let sock = if tx {
         PacketSocket::sink(r.ifindex, kind.ethertype())?
     } else {
